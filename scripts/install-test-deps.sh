@@ -1,0 +1,47 @@
+#!/bin/sh
+# Install the real external peers the end-to-end tests drive: Node.js + npm (for the ws echo backend
+# and wscat in tests/fixtures/node), openssl and the OpenSSH client.
+#
+# Idempotent and non-interactive: system packages are installed only when their command is missing
+# (needs root then), and `npm ci` runs only when node_modules does not match package-lock.json.
+# Usage: scripts/install-test-deps.sh   (from any directory; no stdin needed)
+set -eu
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+fixtures="$root/tests/fixtures/node"
+stamp="$fixtures/node_modules/.wsgate-package-lock.sha256"
+
+# command -> Debian package providing it
+missing=""
+for pair in node:nodejs npm:npm openssl:openssl ssh:openssh-client; do
+    cmd=${pair%%:*}
+    pkg=${pair#*:}
+    if ! command -v "$cmd" >/dev/null 2>&1; then
+        missing="$missing $pkg"
+    fi
+done
+
+if [ -n "$missing" ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "install-test-deps: missing packages:$missing; run as root to install them" >&2
+        exit 1
+    fi
+    echo "install-test-deps: installing$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update </dev/null
+    # shellcheck disable=SC2086  # word splitting of the package list is intended
+    apt-get install -y --no-install-recommends $missing </dev/null
+else
+    echo "install-test-deps: node, npm, openssl and ssh already installed"
+fi
+
+lock_sum=$(sha256sum "$fixtures/package-lock.json" | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$lock_sum" ] && [ -x "$fixtures/node_modules/.bin/wscat" ]; then
+    echo "install-test-deps: tests/fixtures/node/node_modules is up to date"
+else
+    echo "install-test-deps: npm ci in tests/fixtures/node"
+    (cd "$fixtures" && npm ci --no-audit --no-fund </dev/null)
+    echo "$lock_sum" >"$stamp"
+fi
+
+echo "install-test-deps: node $(node --version), wscat $("$fixtures/node_modules/.bin/wscat" --version)"
