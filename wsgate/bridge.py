@@ -1,0 +1,719 @@
+"""
+The data path: one client WebSocket session bridged to one backend WebSocket session.
+
+Theory of operation
+===================
+
+Three objects make a session:
+
+- :class:`ClientLeg`: an Autobahn server protocol, one per accepted client connection.
+- :class:`BackendLeg`: an Autobahn client protocol, one per backend connection.
+- :class:`Session`: owns both legs, pairs their handshakes, relays messages and closes both.
+
+States of a session::
+
+    CONNECTING --backend accepted--> OPEN --either side closes--> CLOSING --both legs gone--> CLOSED
+        |
+        +--route/servers/timeouts fail--> REFUSED (the client got an HTTP error, never a 101)
+
+Opening (``CONNECTING``).  Autobahn parses the client's upgrade request and calls
+``ClientLeg.onConnect``, which does not answer yet: the :class:`Session` matches a route (no route:
+404), asks the route's upstream for a server and opens a :class:`BackendLeg` to
+``server URL + client path?query``.  The backend handshake offers the client's subprotocols and
+carries the forwarded headers (below).  When the backend answers 101, the Deferred returned from
+``onConnect`` fires with the backend's subprotocol and only then does Autobahn send the client its
+101.  A failed attempt (refused, unreachable, TLS error, non-101, timeout) moves on to the next
+server, at most ``tries`` servers within ``try_timeout`` in all; when none works the client is
+refused with 502 (503 when no server could be tried at all, 504 when the last attempt timed out).
+A client that leaves meanwhile abandons the attempt: the pending connect is cancelled or the half
+open backend connection aborted.
+
+Relay (``OPEN``).  Each direction is a :class:`Relay` whose methods *are* the source leg's Autobahn
+message hooks (wired as instance attributes, so Autobahn calls them directly).  A message that
+arrives as a single frame of up to ``_WHOLE_FRAME`` bytes is sent on as one message; anything else
+(fragmented or large) is streamed frame by frame as it arrives, so the gate never holds a large
+message in memory.  Text stays text, binary stays binary.  Backpressure: each leg's transport has a
+:class:`_ReadThrottle` registered as its producer, which pauses reading on the *other* leg while
+this leg's send buffer is full.  Pings are hop by hop (Autobahn answers them per leg); compression
+is not negotiated on either leg.
+
+Closing (``CLOSING``).  When one leg ends, :func:`partner_close` decides what the other leg is sent:
+
+================================  =================================  ==============================
+how the leg ended                 client leg ended -> backend gets   backend leg ended -> client gets
+================================  =================================  ==============================
+its peer sent Close(code, reason) the same code and reason           the same code and reason
+its peer sent an empty Close      an empty Close                     an empty Close
+the gate failed it (1002, 1007,   1001 "client error <code>: ..."    1011 "backend error <code>: ..."
+1009: protocol error, bad UTF-8,
+too big)
+TCP dropped without a Close       1001 "client went away"            1011 "backend connection lost"
+================================  =================================  ==============================
+
+Codes travel through ``sendCloseFrame``, which (unlike Autobahn's ``sendClose``) accepts every
+code that is valid on the wire (1000-1003, 1007-1014, 3000-4999).  An operator's
+:meth:`Session.close` sends its code to the client and 1001 to the backend.  Autobahn answers a
+peer's Close itself (echoing code and reason) and drops a peer that does not answer ours within
+the close-handshake timeout, so no leg outlives its partner by more than that.
+
+Forwarded headers.  Toward the backend: the client's ``Origin``, ``Cookie``, ``Authorization`` and
+``User-Agent``; ``X-Forwarded-For`` (the client's value with the client address appended),
+``X-Forwarded-Proto`` (``https`` when the client came over TLS, else ``http``),
+``X-Forwarded-Host`` (the client's ``Host``) and ``X-Real-IP``.  ``Host`` is the backend's own.
+
+This module must not choose servers (``upstream.py`` does) or build TLS contexts (``tls.py`` does:
+the ``connect`` callable it receives opens backend connections).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
+
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from autobahn.util import encode_truncate
+from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred
+from twisted.internet.error import TimeoutError
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from wsgate.config import ServerSpec
+from wsgate.gateway import Gateway
+from wsgate.upstream import Server
+
+__all__ = [
+    "BackendLeg",
+    "ClientLeg",
+    "ClientLegFactory",
+    "Connect",
+    "Relay",
+    "Session",
+    "partner_close",
+]
+
+_OPEN = WebSocketProtocol.STATE_OPEN
+# A single-frame message up to this size is relayed as one message; larger or fragmented ones stream.
+_WHOLE_FRAME = 128 * 1024
+# How long a leg waits for its peer to answer a Close before dropping the connection.
+CLOSE_HANDSHAKE_TIMEOUT = 5.0
+# How long a client may take to send its upgrade request (until onConnect).
+CLIENT_HANDSHAKE_TIMEOUT = 10.0
+
+Connect = Callable[[ServerSpec, WebSocketClientFactory, float], Deferred]
+"""Opens a connection to a backend server with a protocol factory and a connect timeout."""
+
+_FORWARDED_AS_IS = ("cookie", "authorization")
+
+
+def partner_close(side: str, kind: str, code: int | None, reason: str) -> tuple[int | None, str]:
+    """
+    The close code and reason to send to the partner of the leg on ``side`` (``"client"`` or
+    ``"backend"``) that ended in the way ``kind`` says:
+
+    - ``"close"``: its peer sent a Close with ``code`` (None for an empty Close) and ``reason``;
+    - ``"failed"``: the gate failed that leg itself with ``code`` (protocol error, invalid UTF-8,
+      message too big);
+    - ``"dropped"``: the connection went away without a Close.
+
+    See the table in this module's docstring.
+    """
+    if kind == "close":
+        return code, reason
+    if side == "client":
+        if kind == "failed":
+            return 1001, f"client error {code}: {reason}"
+        return 1001, "client went away"
+    if kind == "failed":
+        return 1011, f"backend error {code}: {reason}"
+    return 1011, "backend connection lost"
+
+
+@implementer(IPushProducer)
+class _ReadThrottle:
+    """
+    Registered as the producer of one leg's transport: pauses and resumes reading on the other
+    leg's transport.  When the consuming transport goes away, reading resumes instead of the other
+    connection being closed (Twisted would call ``stopProducing``): the Session closes it properly,
+    with a Close frame, and it must be able to read its peer's answer.
+    """
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self.paused = False
+        self.pauses = 0
+
+    def pauseProducing(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self.pauses += 1
+            self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.paused:
+            self.paused = False
+            self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+
+class Relay:
+    """
+    One direction of a session: messages received on ``source`` are sent on ``sink``.
+
+    Its ``onMessage*`` methods replace the source leg's Autobahn hooks, so Autobahn calls them
+    directly for every frame.  ``messages``, ``bytes`` (payload bytes) and ``last`` (time of the last
+    complete message) are read by the registry, the access log and the idle timer.
+    """
+
+    def __init__(self, source: Any, sink: Any, max_size: int, now: Callable[[], float]) -> None:
+        self.source = source
+        self.sink = sink
+        self.max_size = max_size
+        self.messages = 0
+        self.bytes = 0
+        self.last = now()
+        self._now = now
+        self._binary = False
+        self._size = 0
+        self._chunks: list[bytes] | None = None
+        self._streaming = False
+        self._dropping = False
+
+    def wire(self) -> None:
+        """Take over the source leg's message hooks."""
+        src = self.source
+        src.onMessageBegin = self.onMessageBegin
+        src.onMessageFrameBegin = self.onMessageFrameBegin
+        src.onMessageFrameData = self.onMessageFrameData
+        src.onMessageFrameEnd = self.onMessageFrameEnd
+        src.onMessageEnd = self.onMessageEnd
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        self._binary = isBinary
+        self._size = 0
+        self._chunks = None
+        self._streaming = False
+        self._dropping = self.sink.state != _OPEN
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        self._size += length
+        if self._size > self.max_size > 0:
+            self._dropping = True
+            self.source._fail_connection(
+                WebSocketProtocol.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG,
+                f"message larger than {self.max_size} bytes",
+            )
+        if self._dropping:
+            return
+        if self._streaming:
+            self.sink.beginMessageFrame(length)
+        elif self.source.current_frame.fin and length <= _WHOLE_FRAME:
+            self._chunks = []
+            return
+        else:
+            self.sink.beginMessage(self._binary)
+            self.sink.beginMessageFrame(length)
+            self._streaming = True
+        if length == 0:
+            self.sink.sendMessageFrameData(b"")
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        if self._dropping:
+            return
+        self.bytes += len(payload)
+        if self._chunks is not None:
+            self._chunks.append(payload)
+        else:
+            self.sink.sendMessageFrameData(payload)
+
+    def onMessageFrameEnd(self) -> None:
+        pass
+
+    def onMessageEnd(self) -> None:
+        self.messages += 1
+        self.last = self._now()
+        if self._dropping:
+            return
+        if self._chunks is not None:
+            if self.sink.state == _OPEN:
+                chunks = self._chunks
+                self.sink.sendMessage(
+                    chunks[0] if len(chunks) == 1 else b"".join(chunks), self._binary
+                )
+            self._chunks = None
+        else:
+            self.sink.endMessage()
+
+
+class Session:
+    """
+    One client session and its backend session: the handshake pairing, the relay in both
+    directions and the close of both legs.  See the module docstring for the states.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, gateway: Gateway, connect: Connect, client: ClientLeg, request: ConnectionRequest
+    ) -> None:
+        self.id = gateway.new_session_id()
+        self.gateway = gateway
+        self.client = client
+        self.request = request
+        self.backend: BackendLeg | None = None
+        self.server: Server | None = None
+        self.route_path = ""
+        self.subprotocol: str | None = None
+        self.state = "CONNECTING"
+        self.started = gateway.clock.seconds()
+        self.up: Relay | None = None  # client -> backend
+        self.down: Relay | None = None  # backend -> client
+        self.throttles: tuple[_ReadThrottle, _ReadThrottle] | None = None
+        self.client_close: str | None = None
+        self.backend_close: str | None = None
+        self.closed_by: str | None = None
+        self._connect = connect
+        self._tried: list[Server] = []
+        self._attempt: Deferred | None = None
+        self._pending: BackendLeg | None = None
+        self._handshake: Deferred | None = None
+        self._timer: Any = None
+        self._lost: set[str] = set()
+        peer = client.transport.getPeer()
+        self.client_address = str(getattr(peer, "host", peer))
+        self.client_port = getattr(peer, "port", None)
+        self.tls = ISSLTransport.providedBy(client.transport)
+        self.target = client.http_request_uri
+
+    # -- opening ------------------------------------------------------------------------------
+
+    def start(self) -> Deferred:
+        """Route the request and start the first backend attempt; the Deferred fires with the
+        backend's subprotocol, or fails with ``ConnectionDeny``."""
+        route = self.gateway.router.match(self.request.host, self.request.path)
+        if route is None:
+            raise ConnectionDeny(404, "No route for this path")
+        self.route = route
+        self.route_path = route.path
+        self.upstream = self.gateway.upstreams[route.upstream]
+        self.client.autoPingInterval = route.ping_interval
+        self.client.autoPingTimeout = route.ping_timeout
+        self._handshake = Deferred()
+        self._timer = self.gateway.clock.callLater(
+            self.upstream.spec.try_timeout, self._try_timeout_passed
+        )
+        self._try_next(None)
+        return self._handshake
+
+    def _try_next(self, failure: tuple[int, str] | None) -> None:
+        spec = self.upstream.spec
+        server = None
+        if len(self._tried) < spec.tries:
+            server = self.upstream.pick(exclude=self._tried)
+        if server is None:
+            self._refuse(failure or (503, "No backend server available"))
+            return
+        self._tried.append(server)
+        factory = _BackendLegFactory(self, server.url + self.target)
+        self._attempt = self._connect(server.spec, factory, spec.connect_timeout)
+        self._attempt.addCallbacks(self._connected, self._connect_failed, errbackArgs=(server,))
+
+    def _connected(self, leg: BackendLeg) -> None:
+        self._attempt = None
+        self._pending = leg
+
+    def _connect_failed(self, reason: Failure, server: Server) -> None:
+        self._attempt = None
+        if self.state != "CONNECTING":
+            return
+        if reason.check(TimeoutError):
+            self._attempt_failed(server, (504, "backend connect timed out"))
+        else:
+            self._attempt_failed(
+                server, (502, f"backend connect failed: {reason.getErrorMessage()}")
+            )
+
+    def _attempt_failed(self, server: Server, failure: tuple[int, str]) -> None:
+        server.fails += 1
+        self.log.warn(
+            "backend_attempt_failed {session_id} server={server} status={status} reason={reason}",
+            session_id=self.id,
+            server=server.url,
+            status=failure[0],
+            reason=failure[1],
+        )
+        self._try_next(failure)
+
+    def _try_timeout_passed(self) -> None:
+        self._timer = None
+        self._abandon_attempt()
+        self._refuse((504, "No backend server answered in time"))
+
+    def _abandon_attempt(self) -> None:
+        """Stop the backend attempt in progress, if any."""
+        if self._attempt is not None:
+            attempt, self._attempt = self._attempt, None
+            self.state = "ABANDONING"
+            attempt.cancel()
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.transport.abortConnection()
+
+    def _refuse(self, failure: tuple[int, str]) -> None:
+        self.state = "REFUSED"
+        self._cancel_timer()
+        status, reason = failure
+        self.log.warn(
+            "session_refused {session_id} client={client} path={path} status={status} reason={reason}",
+            session_id=self.id,
+            client=self.client_address,
+            path=self.target,
+            status=status,
+            reason=reason,
+        )
+        if self._handshake is not None:
+            d, self._handshake = self._handshake, None
+            d.errback(Failure(ConnectionDeny(status, reason)))
+
+    def backend_opened(self, leg: BackendLeg) -> None:
+        """The backend accepted: answer the client's handshake with the backend's subprotocol."""
+        self._pending = None
+        if self.state != "CONNECTING":
+            leg.sendCloseFrame(1001, b"client went away")
+            return
+        self._cancel_timer()
+        self.state = "OPEN"
+        self.backend = leg
+        assert self.server is None
+        self.server = self._tried[-1]
+        self.server.active += 1
+        self.server.sessions_total += 1
+        self.subprotocol = leg.websocket_protocol_in_use
+        d, self._handshake = self._handshake, None
+        assert d is not None
+        d.callback(self.subprotocol)
+
+    def backend_handshake_failed(self, leg: BackendLeg) -> None:
+        """A backend connection ended before its handshake completed."""
+        if leg is not self._pending:
+            return
+        self._pending = None
+        if self.state != "CONNECTING":
+            return
+        if leg.timed_out:
+            failure = (504, "backend handshake timed out")
+        elif leg.refusal is not None:
+            failure = (502, f"backend refused the handshake: {leg.refusal}")
+        else:
+            failure = (502, f"backend connection lost during handshake: {leg.wasNotCleanReason}")
+        self._attempt_failed(self._tried[-1], failure)
+
+    def client_opened(self) -> None:
+        """The client got its 101: start relaying."""
+        client, backend = self.client, self.backend
+        assert backend is not None
+        now = self.gateway.clock.seconds
+        max_size = self.route.max_message_size
+        self.up = Relay(client, backend, max_size, now)
+        self.down = Relay(backend, client, max_size, now)
+        self.up.wire()
+        self.down.wire()
+        self.throttles = (_ReadThrottle(backend.transport), _ReadThrottle(client.transport))
+        client.transport.registerProducer(self.throttles[0], True)
+        backend.transport.registerProducer(self.throttles[1], True)
+        self.gateway.handshake_result("ok")
+        self.gateway.session_opened(self)
+        if self.route.idle_timeout > 0:
+            self._timer = self.gateway.clock.callLater(self.route.idle_timeout, self._check_idle)
+
+    # -- closing ------------------------------------------------------------------------------
+
+    def close(self, code: int = 1001, reason: str = "", by: str = "gate") -> None:
+        """Close both legs: ``code`` and ``reason`` to the client, 1001 and ``reason`` to the backend."""
+        if self.closed_by is None:
+            self.closed_by = by
+        _send_close(self.client, code, reason)
+        if self.backend is not None:
+            _send_close(self.backend, 1001, reason)
+
+    def _check_idle(self) -> None:
+        assert self.up is not None and self.down is not None
+        last = max(self.up.last, self.down.last)
+        remaining = last + self.route.idle_timeout - self.gateway.clock.seconds()
+        if remaining > 0:
+            self._timer = self.gateway.clock.callLater(remaining, self._check_idle)
+        else:
+            self._timer = None
+            self.close(1001, "idle timeout", by="gate (idle timeout)")
+
+    def leg_close_received(self, leg: WebSocketProtocol, code: int | None, reason: str) -> None:
+        """The peer of ``leg`` started the close handshake."""
+        self._leg_ended(leg, "close", code, reason)
+
+    def leg_lost(self, leg: WebSocketProtocol) -> None:
+        """The connection of ``leg`` is gone."""
+        side = "client" if leg is self.client else "backend"
+        if self.state in ("CONNECTING", "ABANDONING") and side == "client":
+            self.closed_by = "client"
+            self.client_close = "left during handshake"
+            self._abandon_attempt()
+            self.state = "REFUSED"
+            self._cancel_timer()
+        if self.state == "REFUSED":
+            self._finish_refused()
+            return
+        if leg.failedByMe:
+            self._leg_ended(leg, "failed", leg.localCloseCode, _text(leg.localCloseReason))
+        elif leg.wasClean:
+            self._leg_ended(leg, "close", leg.remoteCloseCode, leg.remoteCloseReason or "")
+        else:
+            self._leg_ended(leg, "dropped", None, leg.wasNotCleanReason or "")
+        self._lost.add(side)
+        if len(self._lost) == 2:
+            self._finish()
+
+    def _leg_ended(self, leg: WebSocketProtocol, kind: str, code: int | None, reason: str) -> None:
+        side = "client" if leg is self.client else "backend"
+        if getattr(self, f"{side}_close") is not None:
+            return
+        setattr(self, f"{side}_close", _describe_close(kind, code, reason))
+        if self.closed_by is None:
+            self.closed_by = side
+        partner = self.backend if side == "client" else self.client
+        if partner is not None:
+            _send_close(partner, *partner_close(side, kind, code, reason))
+
+    def _finish(self) -> None:
+        self.state = "CLOSED"
+        self._cancel_timer()
+        if self.server is not None:
+            self.server.active -= 1
+        self.gateway.session_closed(self)
+
+    def _finish_refused(self) -> None:
+        self.state = "CLOSED"
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    # -- what the registry, access log and console show -----------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        now = self.gateway.clock.seconds()
+        up, down = self.up, self.down
+        return {
+            "session_id": self.id,
+            "client": self.client_address,
+            "route": self.route_path,
+            "server": self.server.url if self.server else None,
+            "path": self.target,
+            "subprotocol": self.subprotocol,
+            "tls": self.tls,
+            "started": self.started,
+            "duration": now - self.started,
+            "idle": now - max(up.last, down.last) if up and down else 0.0,
+            "messages_up": up.messages if up else 0,
+            "bytes_up": up.bytes if up else 0,
+            "messages_down": down.messages if down else 0,
+            "bytes_down": down.bytes if down else 0,
+            "client_close": self.client_close,
+            "backend_close": self.backend_close,
+            "closed_by": self.closed_by,
+        }
+
+    def forwarded_headers(self) -> dict[str, str]:
+        """The headers the backend handshake carries on behalf of the client (module docstring)."""
+        incoming = self.request.headers
+        headers = {name.title(): incoming[name] for name in _FORWARDED_AS_IS if name in incoming}
+        xff = incoming.get("x-forwarded-for")
+        headers["X-Forwarded-For"] = f"{xff}, {self.client_address}" if xff else self.client_address
+        headers["X-Forwarded-Proto"] = "https" if self.tls else "http"
+        headers["X-Forwarded-Host"] = incoming.get("host", "")
+        headers["X-Real-IP"] = self.client_address
+        return headers
+
+
+def _send_close(leg: WebSocketProtocol, code: int | None, reason: str) -> None:
+    """Start the close handshake on ``leg`` unless it is already closing."""
+    if leg.state == _OPEN:
+        leg.sendCloseFrame(code, encode_truncate(reason, 123) if code is not None else None)
+
+
+def _describe_close(kind: str, code: int | None, reason: str) -> str:
+    if kind == "dropped":
+        return "dropped"
+    text = "empty" if code is None else str(code)
+    if reason:
+        text += f" {reason!r}"
+    return f"{text} (gate)" if kind == "failed" else text
+
+
+def _text(raw: bytes | str | None) -> str:
+    if isinstance(raw, bytes):
+        return raw.decode("utf-8", "replace")
+    return raw or ""
+
+
+class ClientLeg(WebSocketServerProtocol):
+    """The client side of a session: accepts the upgrade only once the backend has accepted."""
+
+    session: Session | None = None
+    transport: Any
+    autoPingInterval: float
+    autoPingTimeout: float
+
+    def onConnect(self, request: ConnectionRequest) -> Deferred:  # type: ignore[override]
+        # Autobahn accepts a Deferred from onConnect and answers the handshake when it fires.
+        # The request is complete: from here on the backend attempts' own timeouts apply.
+        if self.openHandshakeTimeoutCall is not None:
+            self.openHandshakeTimeoutCall.cancel()
+            self.openHandshakeTimeoutCall = None
+        self.session = Session(self.factory.gateway, self.factory.connect, self, request)
+        return self.session.start()
+
+    def onOpen(self) -> None:
+        assert self.session is not None
+        self.session.client_opened()
+
+    def onCloseFrame(self, code: int, reasonRaw: bytes) -> bool | None:
+        return _close_frame_received(self, WebSocketServerProtocol, code, reasonRaw)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self.session is not None:
+            self.session.leg_lost(self)
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        if (
+            code == 426
+            and self.factory.gateway.router.match(self.http_request_host, self.http_request_path)
+            is None
+        ):
+            code, reason = 404, "No route for this path"
+        self.factory.gateway.handshake_result(str(code))
+        super().failHandshake(reason, code, responseHeaders)
+
+    def sendHttpErrorResponse(self, code: int, reason: str, responseHeaders: Any = None) -> None:
+        """An HTTP error with its standard reason phrase and a short plain-text body."""
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "Error"
+        body = f"{code} {phrase}: {reason}\n".encode()
+        headers = [
+            ("Server", "wsgate"),
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+        ]
+        if code == 426:
+            headers += [("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")]
+        headers += list(responseHeaders or ())
+        head = f"HTTP/1.1 {code} {phrase}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
+        self.sendData(head.encode("latin-1", "replace") + b"\r\n" + body)
+
+
+def _close_frame_received(
+    leg: Any, base: Any, code: int | None, reasonRaw: bytes | None
+) -> bool | None:
+    """Let Autobahn answer the Close, then tell the session if the peer started the close."""
+    peer_started = leg.state == _OPEN
+    result = base.onCloseFrame(leg, code, reasonRaw)
+    session = leg.session
+    if peer_started and result is None and session is not None and not leg.failedByMe:
+        session.leg_close_received(leg, leg.remoteCloseCode, leg.remoteCloseReason or "")
+    return result
+
+
+class ClientLegFactory(WebSocketServerFactory):
+    """Builds a :class:`ClientLeg` per accepted connection; shared by every listener."""
+
+    protocol = ClientLeg
+
+    def __init__(self, gateway: Gateway, connect: Connect) -> None:
+        super().__init__(server="wsgate")
+        self.gateway = gateway
+        self.connect = connect
+        self.setProtocolOptions(
+            webStatus=False,
+            failByDrop=False,
+            echoCloseCodeReason=True,
+            openHandshakeTimeout=CLIENT_HANDSHAKE_TIMEOUT,
+            closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
+            maxFramePayloadSize=0,
+            maxMessagePayloadSize=0,
+        )
+
+
+class BackendLeg(WebSocketClientProtocol):
+    """The backend side of a session: reports its handshake's outcome to the session."""
+
+    transport: Any
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timed_out = False
+        self.refusal: str | None = None
+
+    @property
+    def session(self) -> Session:
+        return self.factory.session
+
+    def onOpen(self) -> None:
+        self.session.backend_opened(self)
+
+    def onOpenHandshakeTimeout(self) -> None:
+        self.timed_out = True
+        super().onOpenHandshakeTimeout()
+
+    def failHandshake(self, reason: str) -> None:
+        self.refusal = reason
+        super().failHandshake(reason)
+
+    def onCloseFrame(self, code: int, reasonRaw: bytes) -> bool | None:
+        return _close_frame_received(self, WebSocketClientProtocol, code, reasonRaw)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self.session.backend is self:
+            self.session.leg_lost(self)
+        else:
+            self.session.backend_handshake_failed(self)
+
+
+class _BackendLegFactory(WebSocketClientFactory):
+    """The handshake one session asks of one backend server."""
+
+    protocol = BackendLeg
+
+    def __init__(self, session: Session, url: str) -> None:
+        request = session.request
+        super().__init__(
+            url,
+            origin=request.origin,
+            protocols=request.protocols or None,
+            useragent=request.headers.get("user-agent", ""),
+            headers=session.forwarded_headers(),
+        )
+        self.session = session
+        route = session.route
+        self.setProtocolOptions(
+            failByDrop=False,
+            openHandshakeTimeout=session.upstream.spec.handshake_timeout,
+            closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
+            autoPingInterval=route.ping_interval,
+            autoPingTimeout=route.ping_timeout,
+            maxFramePayloadSize=0,
+            maxMessagePayloadSize=0,
+        )

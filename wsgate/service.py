@@ -1,0 +1,124 @@
+"""
+``twistd wsgate``: command-line options and the service tree.
+
+The only module that wires objects together: it reads the config, builds the :class:`Gateway`,
+the backend connector and the listeners, and returns them as one ``MultiService``.  Listeners are
+``strports`` services, so ports bind in ``privilegedStartService`` (before ``twistd --uid`` drops
+root) and a busy port fails at startup.  It must not hold logic of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import txaio
+from twisted.application import service, strports
+from twisted.logger import Logger
+from twisted.python import usage
+
+from wsgate import config as configmod
+from wsgate.bridge import ClientLegFactory
+from wsgate.demo import EchoBackendFactory
+from wsgate.gateway import Gateway
+from wsgate.tls import BackendConnector
+
+__all__ = ["Options", "makeService"]
+
+DEMO_LISTEN = "tcp:8020"
+DEMO_PORT = 8010
+
+
+class Options(usage.Options):
+    synopsis = (
+        "[--config PATH | --listen ENDPOINT --backend URL [--backend URL ...] | "
+        "--demo [--listen ENDPOINT] [--demo-port N]]"
+    )
+    longdesc = (
+        "Run the wsgate WebSocket gateway.  Clients connect to the listeners; each session is "
+        "bridged to a backend server chosen by its route's upstream.  Either from a TOML config "
+        "file (--config; check one with `python -m wsgate check PATH`), or from --listen and "
+        "--backend (one route / to a round-robin upstream), or as the self-contained demo "
+        "(--demo: the gate on tcp:8020 and an echo backend on 127.0.0.1:8010)."
+    )
+    optFlags = [
+        ["demo", None, "Run the demo: a built-in echo backend and the gate in front of it."],
+    ]
+    optParameters = [
+        ["config", "c", None, "Path of a TOML config file (see etc/wsgate.toml)."],
+        ["demo-port", None, DEMO_PORT, "Port of the demo echo backend on 127.0.0.1.", int],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["backend"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Listen on this Twisted server endpoint, e.g. tcp:8020 or tcp:8020:interface=127.0.0.1
+        (repeatable)."""
+        self["listen"].append(endpoint)
+
+    def opt_backend(self, url: str) -> None:
+        """Bridge sessions to this ws:// or wss:// server (repeatable: balanced round robin)."""
+        self["backend"].append(url)
+
+    def postOptions(self) -> None:
+        modes = [bool(self["config"]), bool(self["backend"]), bool(self["demo"])]
+        if sum(modes) != 1:
+            raise usage.UsageError("give exactly one of --config, --backend or --demo")
+        try:
+            if self["config"]:
+                if self["listen"]:
+                    raise usage.UsageError("--listen goes with --backend or --demo, not --config")
+                self["gate_config"] = configmod.load(self["config"])
+            elif self["demo"]:
+                backend = f"ws://127.0.0.1:{self['demo-port']}"
+                self["gate_config"] = configmod.from_arguments(
+                    self["listen"] or [DEMO_LISTEN], [backend]
+                )
+            else:
+                if not self["listen"]:
+                    raise usage.UsageError("--backend needs at least one --listen ENDPOINT")
+                self["gate_config"] = configmod.from_arguments(self["listen"], self["backend"])
+        except configmod.ConfigError as e:
+            raise usage.UsageError(f"invalid configuration:\n{e}") from None
+
+
+class _Announcement(service.Service):
+    """Logs a line once the service tree is running (e.g. how to connect to the demo)."""
+
+    log = Logger()
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def startService(self) -> None:
+        super().startService()
+        self.log.info("{text}", text=self.text)
+
+
+def makeService(options: Options | dict[str, Any], reactor: Any = None) -> service.MultiService:
+    if reactor is None:
+        from twisted.internet import reactor
+    config: configmod.Config = options["gate_config"]
+    # Autobahn logs every frame at debug level through txaio; twistd would format them all.
+    txaio.set_global_log_level("info")  # type: ignore[attr-defined]
+    top = service.MultiService()
+    gateway = Gateway(config, reactor)
+    top.gateway = gateway  # type: ignore[attr-defined]
+    if options.get("demo"):
+        demo: Any = EchoBackendFactory()
+        strports.service(f"tcp:{options['demo-port']}:interface=127.0.0.1", demo).setServiceParent(
+            top
+        )
+    factory: Any = ClientLegFactory(gateway, BackendConnector(reactor))
+    for listener in config.listeners:
+        strports.service(listener.endpoint, factory).setServiceParent(top)
+    if options.get("demo"):
+        port = config.listeners[0].endpoint.split(":")[1]
+        _Announcement(
+            f"wsgate demo running: connect with `wscat --connect ws://127.0.0.1:{port}`, "
+            "type a message, and the demo backend answers "
+            "'Server received from client: <message>'"
+        ).setServiceParent(top)
+    return top
