@@ -309,12 +309,12 @@ class Session:
         self.upstream = self.gateway.upstreams[route.upstream]
         self.client.autoPingInterval = route.ping_interval
         self.client.autoPingTimeout = route.ping_timeout
-        self._handshake = Deferred()
+        handshake = self._handshake = Deferred()
         self._timer = self.gateway.clock.callLater(
             self.upstream.spec.try_timeout, self._try_timeout_passed
         )
-        self._try_next(None)
-        return self._handshake
+        self._try_next(None)  # may already have refused the client, when every try fails at once
+        return handshake
 
     def _try_next(self, failure: tuple[int, str] | None) -> None:
         spec = self.upstream.spec

@@ -1,0 +1,159 @@
+"""
+Config parsing: the shipped examples, units, and errors that name file, key path and reason.
+"""
+
+from __future__ import annotations
+
+import glob
+import subprocess
+import sys
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from wsgate import config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ExampleTests(SynchronousTestCase):
+    def test_every_etc_file_parses(self) -> None:
+        """Every TOML file in etc/ is a valid config."""
+        files = glob.glob(str(ROOT / "etc" / "*.toml"))
+        self.assertTrue(files)
+        for path in files:
+            config.load(path)
+
+    def test_default_is_the_seed_scenario(self) -> None:
+        """etc/wsgate.toml listens on 8020 and sends everything to 127.0.0.1:8010."""
+        c = config.load(str(ROOT / "etc" / "wsgate.toml"))
+        self.assertEqual([li.endpoint for li in c.listeners], ["tcp:8020"])
+        self.assertEqual(c.routes[0].path, "/")
+        self.assertEqual(c.upstreams[c.routes[0].upstream].servers[0].url, "ws://127.0.0.1:8010")
+        self.assertEqual(c.routes[0].idle_timeout, 0.0)
+        self.assertEqual(c.routes[0].max_message_size, 16 * 1024 * 1024)
+
+
+class UnitTests(SynchronousTestCase):
+    def test_durations(self) -> None:
+        """Durations convert to seconds."""
+        for text, seconds in [
+            ("30s", 30.0),
+            ("250ms", 0.25),
+            ("2m", 120.0),
+            ("1h", 3600.0),
+            (5, 5.0),
+        ]:
+            self.assertEqual(config.parse_duration(text), seconds)
+        for bad in ["soon", "-1s", True, "1 d"]:
+            self.assertRaises(ValueError, config.parse_duration, bad)
+
+    def test_sizes(self) -> None:
+        """Sizes convert to bytes."""
+        for text, size in [
+            ("16MiB", 16 * 1024**2),
+            ("64KiB", 65536),
+            ("100", 100),
+            (7, 7),
+            ("1GB", 10**9),
+        ]:
+            self.assertEqual(config.parse_size(text), size)
+        for bad in ["big", "1.5MiB", False]:
+            self.assertRaises(ValueError, config.parse_size, bad)
+
+
+BAD = """
+[[listen]]
+endpoint = "tcpx:80"
+[[route]]
+upstream = "nope"
+idle_timeout = "soon"
+colour = "blue"
+[upstream.api]
+servers = [ { url = "ws://a:1" }, { url = "http://b" } ]
+tries = 0
+"""
+
+
+class ErrorTests(SynchronousTestCase):
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        Path(path).write_text(text)
+        return path
+
+    def test_every_problem_named(self) -> None:
+        """All problems are listed, each as FILE: key.path: reason."""
+        path = self.write(BAD)
+        e = self.assertRaises(config.ConfigError, config.load, path)
+        self.assertEqual(
+            sorted(p.split(": ")[1] for p in e.problems),
+            sorted(
+                [
+                    "listen[0].endpoint",
+                    "upstream.api.servers[1].url",
+                    "upstream.api.tries",
+                    "route[0].upstream",
+                    "route[0].idle_timeout",
+                    "route[0].colour",
+                ]
+            ),
+        )
+        self.assertTrue(all(p.startswith(f"{path}: ") for p in e.problems))
+        self.assertIn(f"{path}: route[0].colour: unknown key", e.problems)
+
+    def test_missing_file_and_bad_toml(self) -> None:
+        """A missing file and a TOML syntax error are reported with the file name."""
+        e = self.assertRaises(config.ConfigError, config.load, "/nonexistent/wsgate.toml")
+        self.assertIn("/nonexistent/wsgate.toml: ", e.problems[0])
+        path = self.write("[[listen]\n")
+        e = self.assertRaises(config.ConfigError, config.load, path)
+        self.assertIn("not valid TOML", e.problems[0])
+
+    def test_required_tables(self) -> None:
+        """A config with no listener, route or upstream says so."""
+        e = self.assertRaises(config.ConfigError, config.parse, {}, "x.toml")
+        self.assertEqual(
+            e.problems,
+            [
+                "x.toml: listen: at least one [[listen]] table is required",
+                "x.toml: route: at least one [[route]] table is required",
+            ],
+        )
+
+    def test_command_line_names_flags(self) -> None:
+        """Problems in --listen/--backend are reported against those flags."""
+        e = self.assertRaises(config.ConfigError, config.from_arguments, ["tcp:x"], ["http://a"])
+        self.assertEqual(len(e.problems), 2)
+        self.assertTrue(e.problems[0].startswith("command line: --listen: "))
+        self.assertTrue(e.problems[1].startswith("command line: --backend[0].url: "))
+
+    def test_check_command(self) -> None:
+        """`python -m wsgate check` prints ok / the problems with exit status 0 / 1."""
+        good = subprocess.run(
+            [sys.executable, "-m", "wsgate", "check", str(ROOT / "etc" / "wsgate.toml")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual((good.returncode, good.stdout), (0, "ok\n"))
+        path = self.write(BAD)
+        bad = subprocess.run(
+            [sys.executable, "-m", "wsgate", "check", path],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual(bad.returncode, 1)
+        self.assertEqual(len(bad.stdout.splitlines()), 6)
+        self.assertIn(f"{path}: upstream.api.tries: ", bad.stdout)
+
+
+class RouteMatchTests(SynchronousTestCase):
+    def test_prefix_and_host(self) -> None:
+        """Prefixes match at segment boundaries; a host, when given, must match."""
+        route = config.Route(path="/chat", upstream="u", host="Chat.Example.com")
+        self.assertTrue(route.matches("chat.example.com", "/chat"))
+        self.assertTrue(route.matches("chat.example.com", "/chat/room"))
+        self.assertFalse(route.matches("chat.example.com", "/chatter"))
+        self.assertFalse(route.matches("other.example.com", "/chat"))
+        self.assertTrue(config.Route(path="/", upstream="u").matches("any", "/x"))
