@@ -199,7 +199,7 @@ def start_process(
     ``case.addCleanup`` stops it and removes the directory. With ``ready_port``, return only once
     the process accepts connections on that loopback port (within ``timeout`` seconds).
 
-    Before its cleanup the process's output is printed, so pytest shows it for a failed test.
+    Under pytest, cleanup prints the process's output, which pytest shows for a failed test only.
     """
     log_dir = Path(tempfile.mkdtemp(prefix="wsgate-e2e-"))
     case.addCleanup(shutil.rmtree, log_dir, True)
@@ -223,7 +223,8 @@ def start_process(
 
 def _stop_and_report(process: Process) -> None:
     process.stop()
-    print(process.describe())
+    if "PYTEST_CURRENT_TEST" in os.environ:
+        print(process.describe())
 
 
 def node_command() -> str:
