@@ -321,3 +321,30 @@ class RelayUnitTests(SynchronousTestCase):
             ],
         )
         self.assertEqual(relay.bytes, 200)
+
+
+class PingTests(SynchronousTestCase):
+    def test_pings_find_dead_backend(self) -> None:
+        """With ping_interval set, a backend that stops answering pings is dropped and the client gets 1011."""
+        backend = BackendFactory()
+        pings: list[bytes] = []
+        backend.protocol = type(
+            "Deaf", (backend.protocol,), {"onPing": lambda s, p: pings.append(p)}
+        )
+        net = Network(make_config([A], ping_interval="10s", ping_timeout="5s"), {A: backend})
+        client = net.client()
+        net.advance(10)
+        self.assertEqual(len(pings), 1)
+        self.assertIsNone(client.close)
+        net.advance(5)
+        self.assertEqual(client.close, (1011, "backend connection lost"))
+
+    def test_pings_keep_session(self) -> None:
+        """Answered pings keep an idle session open on both legs for hours."""
+        backend = BackendFactory()
+        net = Network(make_config([A], ping_interval="10s", ping_timeout="5s"), {A: backend})
+        client = net.client()
+        for _ in range(360):
+            net.advance(10)
+        self.assertIsNone(client.close)
+        self.assertEqual(len(net.gateway.sessions), 1)
