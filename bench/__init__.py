@@ -1,0 +1,1 @@
+"""The wsgate benchmark: ``python -m bench`` (see bench/README.md)."""

@@ -1,0 +1,412 @@
+"""Turning wsload's JSON into the results tables (Markdown), ratios and checks included."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.targets import Target
+from bench.workloads import Workload
+
+__all__ = ["Outcome", "Run", "render"]
+
+NOISY_PCT = 15
+
+# Issue 8's goals for wsgate rows: (message mode, tunnel mode).
+GOALS: dict[str, tuple[float, float]] = {
+    "W1": (0.3, 0.7),
+    "W2": (0.2, 0.8),
+    "W3": (0.6, 1.0),
+    "W4": (1.0, 0.5),  # p99 within this many ms of NGINX
+    "W5": (0.3, 0.3),
+    "W5rss": (16.0, 12.0),  # KiB per held session, at most
+}
+
+
+@dataclass
+class Outcome:
+    """One workload against one target: wsload's JSON, or why there is none."""
+
+    data: dict[str, Any] | None = None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.data is not None and not self.error
+
+
+@dataclass
+class Run:
+    quick: bool
+    date: str
+    cpu: str
+    cores: int
+    mem_gib: float
+    versions: dict[str, str]
+    targets: list[Target]
+    workloads: list[Workload]
+    results: dict[str, dict[str, Outcome]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def get(self, target: str, wl: str) -> Outcome | None:
+        return self.results.get(target, {}).get(wl)
+
+
+# ---------- metrics ----------
+def primary(w: Workload, d: dict[str, Any]) -> float:
+    """The number that ranks targets on a workload (W4: p99 in ms, lower is better)."""
+    if w.key == "W3":
+        return float(d["mb_per_s"])
+    if w.key == "W4":
+        return float(d["rtt_us"]["p99"]) / 1000
+    if w.mode == "handshake":
+        return float(d["handshakes_per_s"])
+    return float(d["msgs_per_s"])
+
+
+def lower_is_better(w: Workload) -> bool:
+    return w.key == "W4"
+
+
+def rss_per_session_kib(d: dict[str, Any]) -> float | None:
+    if d.get("rss_before_kb", 0) <= 0 or not d.get("opened"):
+        return None
+    return (d["rss_held_kb"] - d["rss_before_kb"]) / d["opened"]
+
+
+def cpu_per_million(d: dict[str, Any]) -> float | None:
+    """Proxy CPU seconds per million echoed messages (each message crosses the proxy twice)."""
+    if not d.get("messages") or d.get("proxy_cpu_s", 0) <= 0:
+        return None
+    return d["proxy_cpu_s"] / d["messages"] * 1e6
+
+
+def pct(cpu_s: float, window: float) -> float | None:
+    return cpu_s / window * 100 if window > 0 else None
+
+
+def outside_pct(d: dict[str, Any]) -> float | None:
+    """CPU used during the window by anything but the proxy, the backend and the load generator
+    (other programs, interrupt handling), in % of one core: the run's noise indicator."""
+    win = d["open_s"] if d.get("mode") == "handshake" else d.get("window_s", 0)
+    if "machine_busy_s" not in d or win < 0.5:  # CPU times tick at 10 ms: too coarse below
+        return None
+    ours = d["proxy_cpu_s"] + d["backend_cpu_s"] + d["client_cpu_s"]
+    return max(0.0, (d["machine_busy_s"] - ours) / win * 100)
+
+
+def errors(d: dict[str, Any]) -> int:
+    return sum(d.get("errors", {}).values())
+
+
+# ---------- formatting ----------
+def fnum(v: float | None, digits: int = 0) -> str:
+    if v is None:
+        return "—"
+    return f"{v:,.{digits}f}"
+
+
+def fratio(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}x"
+
+
+def table(head: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def _cell(run: Run, t: Target, w: Workload, fmt: Callable[[dict[str, Any]], str]) -> str:
+    if w.key in t.skip:
+        return "not run"
+    o = run.get(t.name, w.key)
+    if o is None:
+        return "—"
+    if not o.ok:
+        return "failed"
+    assert o.data is not None
+    return fmt(o.data)
+
+
+def _ratio(run: Run, t: Target, w: Workload, other: str) -> float | None:
+    a, b = run.get(t.name, w.key), run.get(other, w.key)
+    if not (a and b and a.ok and b.ok) or t.name == other:
+        return None
+    assert a.data is not None and b.data is not None
+    pa, pb = primary(w, a.data), primary(w, b.data)
+    if lower_is_better(w):
+        return pb / pa if pa > 0 else None
+    return pa / pb if pb > 0 else None
+
+
+def _primary_fmt(w: Workload) -> Callable[[dict[str, Any]], str]:
+    digits = 2 if w.key == "W4" else 0
+    return lambda d: fnum(primary(w, d), digits)
+
+
+# ---------- sections ----------
+def _header(run: Run) -> list[str]:
+    kind = (
+        "quick (checks that the benchmark works; numbers are not meaningful)"
+        if run.quick
+        else "full"
+    )
+    out = [
+        "# wsgate benchmark results",
+        "",
+        f"- Date: {run.date}; run: {kind}",
+        f"- Machine: {run.cpu}, {run.cores} cores, {run.mem_gib:.0f} GiB",
+        "- Versions: " + "; ".join(f"{k}: {v}" for k, v in run.versions.items()),
+        "- Cores: the load generator (bench/c/wsload.c) and the echo backend (bench/c/wsecho.c) "
+        "are pinned together to core 0; every single-process proxy is pinned to core 1; the "
+        "two-worker rows (`*-2w`) run on cores 0 and 1 and so share core 0 with the load side. "
+        "Pinning with `taskset -c`.",
+        "- Messages are binary frames; the client masks every frame with a fresh key; the backend "
+        "echoes each frame. Round trip = client send to echo received. Throughput counts echoes "
+        "received in the measurement window (after a warm-up); MB/s counts echoed payload bytes.",
+        "- `proxy CPU %`: the proxy's utime+stime (all its processes) over the window; `CPU s/M`: "
+        "proxy CPU seconds per million echoed messages (each crosses the proxy twice); `core 0 %`: "
+        "load generator + backend CPU over the window (100 % means the load side is saturated); "
+        "`outside %`: CPU busy time of the whole machine not spent in those processes (other "
+        "programs, interrupts; W5: over the opening phase), the noise indicator: rows with a high "
+        "value were disturbed.",
+        "",
+        "Workloads:",
+        "",
+    ]
+    for w in run.workloads:
+        out.append(f"- **{w.key}**: {w.title} (wsgate compared with `{w.reference}`)")
+    out.append("")
+    out.append("Targets:")
+    out.append("")
+    for t in run.targets:
+        skip = f" (not run: {', '.join(t.skip)})" if t.skip else ""
+        cores = ("core " if "," not in t.cpus else "cores ") + t.cpus
+        out.append(f"- `{t.name}`: {t.description}; {cores}{skip}")
+    return out
+
+
+SUMMARY_COLS: dict[str, str] = {
+    "W1": "W1 msg/s",
+    "W2": "W2 msg/s",
+    "W3": "W3 MB/s",
+    "W4": "W4 p99 ms",
+    "W5": "W5 handshakes/s",
+    "W6": "W6 msg/s",
+}
+
+
+def _summary(run: Run) -> list[str]:
+    head = ["target"] + [SUMMARY_COLS[w.key] for w in run.workloads]
+    w5 = next((w for w in run.workloads if w.key == "W5"), None)
+    if w5:
+        head.append("W5 KiB/session")
+    rows = []
+    for t in run.targets:
+        row = [f"`{t.name}`"] + [_cell(run, t, w, _primary_fmt(w)) for w in run.workloads]
+        if w5:
+            row.append(
+                "—"
+                if t.kind == "direct"
+                else _cell(run, t, w5, lambda d: fnum(rss_per_session_kib(d), 1))
+            )
+        rows.append(row)
+    return ["## Summary", "", *table(head, rows)]
+
+
+def _versus(run: Run) -> list[str]:
+    rows = []
+    for t in run.targets:
+        if t.kind != "wsgate":
+            continue
+        col = 1 if t.goal == "tunnel" else 0
+        for w in run.workloads:
+            o, ref = run.get(t.name, w.key), run.get(w.reference, w.key)
+            if w.key in t.skip or not (o and o.ok):
+                continue
+            assert o.data is not None
+            value = primary(w, o.data)
+            goal = GOALS.get(w.key, (None, None))[col]
+            ref_txt = "failed" if ref else "not run"
+            vs_ref, met = "—", "—"
+            if ref and ref.ok:
+                assert ref.data is not None
+                rv = primary(w, ref.data)
+                ref_txt = fnum(rv, 2 if w.key == "W4" else 0)
+                if w.key == "W4":
+                    diff = value - rv
+                    vs_ref = f"{diff:+.2f} ms"
+                    met = "yes" if diff <= goal else "no"
+                else:
+                    r = _ratio(run, t, w, w.reference)
+                    vs_ref = fratio(r)
+                    if goal is not None and r is not None:
+                        met = "yes" if r >= goal else "no"
+            goal_txt = (
+                "—" if goal is None else (f"<= +{goal} ms" if w.key == "W4" else f">= {goal}x")
+            )
+            rows.append(
+                [
+                    f"`{t.name}`",
+                    f"{w.key} {SUMMARY_COLS[w.key].split(' ', 1)[1]}",
+                    fnum(value, 2 if w.key == "W4" else 0),
+                    f"{ref_txt} (`{w.reference}`)",
+                    vs_ref,
+                    goal_txt,
+                    met,
+                    fratio(_ratio(run, t, w, "direct")),
+                ]
+            )
+            if w.key == "W5":
+                kib = rss_per_session_kib(o.data)
+                rss_goal = GOALS["W5rss"][col]
+                ref_kib = rss_per_session_kib(ref.data) if ref and ref.ok and ref.data else None
+                rows.append(
+                    [
+                        f"`{t.name}`",
+                        "W5 KiB/session",
+                        fnum(kib, 1),
+                        f"{fnum(ref_kib, 1)} (`{w.reference}`)",
+                        fratio(kib / ref_kib if kib is not None and ref_kib else None),
+                        f"<= {rss_goal} KiB",
+                        "—" if kib is None else ("yes" if kib <= rss_goal else "no"),
+                        "—",
+                    ]
+                )
+    if not rows:
+        return []
+    head = ["wsgate row", "metric", "wsgate", "reference", "vs reference", "issue 8 goal", "met",
+            "vs direct"]  # fmt: skip
+    return ["## wsgate against the references", "", *table(head, rows)]
+
+
+def _scaling(run: Run) -> list[str]:
+    rows = []
+    for t in run.targets:
+        if not t.base:
+            continue
+        for w in run.workloads:
+            if w.key in ("W4",) or w.key in t.skip:
+                continue
+            rows.append([f"`{t.name}` / `{t.base}`", w.key, fratio(_ratio(run, t, w, t.base))])
+    if not rows:
+        return []
+    return ["## Gain from a second worker", "", *table(["pair", "workload", "gain"], rows)]
+
+
+def _details(run: Run, w: Workload) -> list[str]:
+    out = [f"### {w.key}: {w.title}", ""]
+    rows = []
+    for t in run.targets:
+        if w.key in t.skip:
+            continue
+        o = run.get(t.name, w.key)
+        if o is None:
+            continue
+        if not o.ok:
+            rows.append([f"`{t.name}`", f"failed: {o.error}"])
+            continue
+        d = o.data
+        assert d is not None
+        vs_ref = fratio(_ratio(run, t, w, w.reference))
+        vs_direct = fratio(_ratio(run, t, w, "direct"))
+        if w.mode == "handshake":
+            opened = d["opened"] or 1
+            rows.append(
+                [
+                    f"`{t.name}`",
+                    fnum(d["handshakes_per_s"]),
+                    fnum(d["hs_us"]["p50"] / 1000, 1),
+                    fnum(d["hs_us"]["p99"] / 1000, 1),
+                    f"{d['opened']:,}/{d['sessions']:,}",
+                    str(d["dropped_during_hold"]),
+                    "—" if t.kind == "direct" else fnum(d["rss_before_kb"] / 1024, 1),
+                    "—" if t.kind == "direct" else fnum(d["rss_held_kb"] / 1024, 1),
+                    "—" if t.kind == "direct" else fnum(rss_per_session_kib(d), 1),
+                    "—" if t.kind == "direct" else fnum(d["proxy_cpu_s"] * 1e3 / opened, 3),
+                    fnum(d["close_s"], 2),
+                    fnum(outside_pct(d)),
+                    vs_ref,
+                    vs_direct,
+                    str(errors(d)),
+                ]
+            )
+        else:
+            win = d["window_s"]
+            proxy_pct = None if t.kind == "direct" else pct(d["proxy_cpu_s"], win)
+            rows.append(
+                [
+                    f"`{t.name}`",
+                    fnum(d["msgs_per_s"]),
+                    fnum(d["mb_per_s"], 1),
+                    fnum(d["rtt_us"]["p50"]),
+                    fnum(d["rtt_us"]["p99"]),
+                    fnum(d["rtt_us"]["p999"]),
+                    fnum(proxy_pct),
+                    "—" if t.kind == "direct" else fnum(cpu_per_million(d), 2),
+                    fnum(pct(d["client_cpu_s"] + d["backend_cpu_s"], win)),
+                    fnum(outside_pct(d)),
+                    vs_ref,
+                    vs_direct,
+                    str(errors(d)),
+                ]
+            )
+    if w.mode == "handshake":
+        head = ["target", "handshakes/s", "handshake p50 ms", "p99 ms", "opened", "dropped",
+                "RSS before MiB", "RSS held MiB", "KiB/session", "CPU ms/handshake", "close s", "outside %",
+                f"vs `{w.reference}`", "vs direct", "errors"]  # fmt: skip
+    else:
+        head = ["target", "msg/s", "MB/s", "p50 µs", "p99 µs", "p99.9 µs", "proxy CPU %",
+                "CPU s/M", "core 0 %", "outside %", f"vs `{w.reference}`", "vs direct", "errors"]  # fmt: skip
+    return out + table(head, rows) + [""]
+
+
+def direct_check(run: Run) -> list[str]:
+    """Whether direct-to-backend beats every proxy on every workload (the load side is no limit)."""
+    lines = []
+    for w in run.workloads:
+        d = run.get("direct", w.key)
+        if not (d and d.ok):
+            continue
+        assert d.data is not None
+        best = primary(w, d.data)
+        losers = []
+        for t in run.targets:
+            o = run.get(t.name, w.key)
+            if t.kind == "direct" or not (o and o.ok):
+                continue
+            assert o.data is not None
+            v = primary(w, o.data)
+            if (v < best) if lower_is_better(w) else (v > best):
+                losers.append(f"`{t.name}`")
+        verdict = "yes" if not losers else "NO, beaten by " + ", ".join(losers)
+        lines.append(f"- {w.key}: direct beats every proxy: {verdict}")
+    if not lines:
+        return []
+    return ["## Is the load side fast enough?", "", *lines]
+
+
+def render(run: Run) -> str:
+    out = _header(run) + [""] + _summary(run) + [""]
+    for section in (_versus(run), _scaling(run), direct_check(run)):
+        if section:
+            out += section + [""]
+    out += ["## Details", ""]
+    for w in run.workloads:
+        out += _details(run, w)
+    notes = list(run.notes)
+    noisy = [
+        f"`{t}` {k} ({v:.0f} %)"
+        for t, r in run.results.items()
+        for k, o in r.items()
+        if o.data and (v := outside_pct(o.data) or 0) > NOISY_PCT
+    ]
+    if noisy:
+        notes.append(
+            f"Other work used more than {NOISY_PCT} % of a core during: {', '.join(noisy)}; "
+            "those rows are disturbed, run again on a quiet machine."
+        )
+    if notes:
+        out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(out)

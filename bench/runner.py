@@ -1,0 +1,195 @@
+"""``python -m bench``: build what is needed, run W1-W6 against every target, write the tables.
+
+One echo backend serves the whole run.  Each target is started fresh for W1-W4 and W6, and again
+for W5 (so the RSS per held session starts from a process that has not served traffic yet); at
+--quick one start serves all workloads.  Every load run is one bounded wsload process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench import report, tools
+from bench.procs import Proc, free_port, raise_nofile, wait_port
+from bench.targets import LOAD_CPUS, TARGETS, Env, Running, Target, start
+from bench.workloads import FULL_W5_SESSIONS, Workload, workloads
+
+__all__ = ["main"]
+
+OUT_DIR = tools.BENCH_DIR / "out"
+RESULTS = tools.BENCH_DIR / "RESULTS.md"
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    names = ", ".join(t.name for t in TARGETS)
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="WebSocket proxy benchmark: wsgate side by side with NGINX and HAProxy.",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny counts, under a minute: checks "
+                   "that the benchmark works, the numbers mean nothing")  # fmt: skip
+    p.add_argument("--only", default="", help=f"comma-separated targets (default all: {names})")
+    p.add_argument("--workloads", default="", help="comma-separated subset of W1,...,W6")
+    p.add_argument("--out", type=Path, default=None, help="where to write the Markdown table "
+                   "(default: bench/RESULTS.md for a full run of everything, else bench/out/)")  # fmt: skip
+    return p.parse_args(argv)
+
+
+def select(names: str, items: list, what: str, key) -> list:
+    if not names:
+        return items
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = {key(i): i for i in items}
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(known)})")
+    return [known[n] for n in wanted]
+
+
+def run_workload(
+    w: Workload, target: Running, wsload: Path, backend: Proc, use_tls: bool
+) -> report.Outcome:
+    port = target.tls_port if use_tls else target.port
+    argv = [
+        "taskset",
+        "-c",
+        LOAD_CPUS,
+        str(wsload),
+        *w.argv(port, target.watch_pids(), backend.pid),
+    ]
+    try:
+        r = subprocess.run(
+            argv, capture_output=True, text=True, timeout=w.time_limit(), preexec_fn=raise_nofile
+        )
+    except subprocess.TimeoutExpired:
+        return report.Outcome(error=f"wsload did not finish within {w.time_limit():.0f} s")
+    lines = r.stdout.strip().splitlines()
+    if r.returncode != 0 or not lines:
+        return report.Outcome(error=f"wsload exit {r.returncode}: {r.stderr.strip()[-300:]}")
+    data = json.loads(lines[-1])
+    if target.proc and not target.proc.alive():
+        return report.Outcome(data, f"{target.target.name} died: {target.proc.log_tail(3)}")
+    if w.mode == "handshake":
+        if not data["opened"]:
+            return report.Outcome(data, "no session opened")
+    elif not data["messages"]:
+        return report.Outcome(data, "no message echoed in the window")
+    return report.Outcome(data)
+
+
+def groups(t: Target, wls: list[Workload], quick: bool) -> list[list[Workload]]:
+    todo = [w for w in wls if w.key not in t.skip]
+    if quick:
+        return [todo] if todo else []
+    first = [w for w in todo if w.key != "W5"]
+    w5 = [w for w in todo if w.key == "W5"]
+    return [g for g in (first, w5) if g]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    targets: list[Target] = select(args.only, list(TARGETS), "target", lambda t: t.name)
+    nofile = raise_nofile()
+    wls: list[Workload] = select(
+        args.workloads, workloads(args.quick, nofile), "workload", lambda w: w.key
+    )
+    started = time.monotonic()
+    kinds = {t.kind for t in targets}
+    tools.ensure_packages(kinds, log)
+    bins = tools.build_tools(log)
+    cert, key, cert_and_key = tools.ensure_cert()
+
+    stamp = datetime.now(UTC)
+    run_dir = OUT_DIR / ("run-" + stamp.strftime("%Y%m%d-%H%M%S"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = report.Run(
+        quick=args.quick,
+        date=stamp.strftime("%Y-%m-%d %H:%M UTC"),
+        cpu=tools.cpu_model(),
+        cores=os.cpu_count() or 0,
+        mem_gib=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
+        versions=tools.versions(kinds),
+        targets=targets,
+        workloads=wls,
+    )
+    w5 = next((w for w in wls if w.key == "W5"), None)
+    if w5 and not args.quick and w5.sessions < FULL_W5_SESSIONS:
+        run.notes.append(
+            f"W5 holds {w5.sessions:,} sessions, not {FULL_W5_SESSIONS:,}: this machine's hard "
+            f"RLIMIT_NOFILE is {nofile:,} and cannot be raised here, and a proxy process needs "
+            "two descriptors per session (client and backend side)."
+        )
+
+    bport, btls = free_port(), free_port()
+    backend_argv = [str(bins["wsecho"]), "--port", str(bport), "--tls-port", str(btls)]
+    backend_argv += ["--cert", str(cert), "--key", str(key)]
+    backend = Proc("wsecho", backend_argv, LOAD_CPUS, run_dir / "wsecho.log")
+    env = Env(run_dir, bport, btls, cert, key, cert_and_key, nofile)
+    try:
+        wait_port(bport, backend)
+        wait_port(btls, backend)
+        for t in targets:
+            run.results[t.name] = {}
+            for group in groups(t, wls, args.quick):
+                log(f"{t.name}: starting for {', '.join(w.key for w in group)}")
+                try:
+                    running = start(t, env)
+                except Exception as e:  # a target that cannot start fails its workloads
+                    for w in group:
+                        run.results[t.name][w.key] = report.Outcome(error=str(e)[-300:])
+                    log(f"{t.name}: failed to start: {e}")
+                    continue
+                try:
+                    for w in group:
+                        out = run_workload(w, running, bins["wsload"], backend, w.tls)
+                        run.results[t.name][w.key] = out
+                        log(f"{t.name} {w.key}: {_brief(w, out)}")
+                        time.sleep(0.3)
+                finally:
+                    running.stop()
+    finally:
+        backend.stop()
+
+    run.notes.append(f"Run took {time.monotonic() - started:.0f} s; logs and configs in {run_dir}.")
+    text = report.render(run)
+    print(text)
+    if args.out:
+        dest = args.out
+    elif args.quick:
+        dest = OUT_DIR / "RESULTS-quick.md"
+    elif args.only or args.workloads:
+        dest = OUT_DIR / "RESULTS-partial.md"
+    else:
+        dest = RESULTS
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(text)
+    (run_dir / "results.json").write_text(
+        json.dumps({t: {k: vars(o) for k, o in r.items()} for t, r in run.results.items()})
+    )
+    log(f"wrote {dest}")
+    failed = [f"{t} {k}" for t, r in run.results.items() for k, o in r.items() if not o.ok]
+    if failed:
+        log("failed: " + ", ".join(failed))
+        return 1
+    return 0
+
+
+def _brief(w: Workload, o: report.Outcome) -> str:
+    if not o.ok or o.data is None:
+        return f"FAILED ({o.error})"
+    v = report.primary(w, o.data)
+    unit = {"W3": "MB/s", "W4": "ms p99"}.get(
+        w.key, "handshakes/s" if w.mode == "handshake" else "msg/s"
+    )
+    return f"{v:,.2f} {unit}"

@@ -1,0 +1,82 @@
+"""Workloads W1-W6 of issue 8, at full size and at --quick size, as wsload command lines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["FULL_W5_SESSIONS", "Workload", "workloads"]
+
+# The container's hard RLIMIT_NOFILE is 20,000 and cannot be raised (no CAP_SYS_RESOURCE); a proxy
+# holds two descriptors per session (client and backend), so 10,000 sessions cannot fit through one
+# proxy process.  W5 therefore holds as many as fit, rounded down; see sessions_for().
+FULL_W5_SESSIONS = 10_000
+
+
+@dataclass(frozen=True)
+class Workload:
+    key: str
+    title: str
+    mode: str  # closed | open | handshake
+    reference: str  # the NGINX target wsgate is compared with (issue 8)
+    conns: int = 0
+    size: int = 64
+    inflight: int = 1
+    rate: float = 0.0
+    tls: bool = False
+    sessions: int = 0
+    hs_inflight: int = 0
+    hold: float = 0.0
+    warmup: float = 1.0
+    duration: float = 8.0
+
+    def argv(self, port: int, watch: list[int], backend_pid: int) -> list[str]:
+        args = ["--port", str(port), "--mode", self.mode]
+        if self.mode == "handshake":
+            args += ["--sessions", str(self.sessions), "--hs-inflight", str(self.hs_inflight)]
+            args += ["--hold", str(self.hold)]
+        else:
+            args += ["--conns", str(self.conns), "--size", str(self.size)]
+            args += ["--inflight", str(self.inflight), "--warmup", str(self.warmup)]
+            args += ["--duration", str(self.duration)]
+            if self.rate:
+                args += ["--rate", str(self.rate)]
+        if self.tls:
+            args.append("--tls")
+        if watch:
+            args += ["--watch", ",".join(map(str, watch))]
+        args += ["--backend-pid", str(backend_pid)]
+        return args
+
+    def time_limit(self) -> float:
+        """Wall-clock bound for one wsload run (its own phases are bounded more tightly)."""
+        if self.mode == "handshake":
+            return 15 + 120 + self.hold + 20 + 30
+        return 15 + self.warmup + self.duration + 2 + 3 + 30
+
+
+def sessions_for(nofile: int, wanted: int) -> int:
+    """Sessions that fit through one proxy process with ``nofile`` descriptors, rounded to 100."""
+    return min(wanted, (nofile - 150) // 2 // 100 * 100)
+
+
+def workloads(quick: bool, nofile: int) -> list[Workload]:
+    if quick:
+        t = {"warmup": 0.2, "duration": 0.6}
+        w5 = {"sessions": 200, "hs_inflight": 50, "hold": 0.5}
+    else:
+        t = {"warmup": 1.0, "duration": 8.0}
+        w5 = {"sessions": sessions_for(nofile, FULL_W5_SESSIONS), "hs_inflight": 200, "hold": 30}
+    return [
+        Workload("W1", "64 B echo, 64 connections, 1 in flight each", "closed", "nginx",
+                 conns=64, size=64, inflight=1, **t),
+        Workload("W2", "1 KiB echo, 64 connections, 8 in flight each", "closed", "nginx-64k",
+                 conns=64, size=1024, inflight=8, **t),
+        Workload("W3", "64 KiB echo, 8 connections, 1 in flight each", "closed", "nginx-64k",
+                 conns=8, size=65536, inflight=1, **t),
+        Workload("W4", "open loop 2,000 msg/s over 100 connections, 64 B", "open", "nginx",
+                 conns=100, size=64, rate=2000, **t),
+        Workload("W5", f"{w5['sessions']:,} sessions, {w5['hs_inflight']} handshakes in flight, "
+                 f"held {w5['hold']:g} s, closed", "handshake", "nginx", **w5),
+        Workload("W6", "W1 over TLS (wss:// to the proxy, plain to the backend)", "closed",
+                 "nginx", conns=64, size=64, inflight=1, tls=True, **t),
+    ]  # fmt: skip

@@ -1,0 +1,67 @@
+"""
+The benchmark itself works: ``python -m bench --quick`` against the direct path and wsgate.
+
+This runs the real benchmark (it compiles its C tools and starts the echo backend and the gate on
+loopback) with tiny counts.  It checks that every workload produced numbers, never how fast they are.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 240  # the quick run takes well under a minute; gcc and a cold start get some slack
+NUMBER = re.compile(r"^-?[\d,]+(\.\d+)?$")
+
+
+def summary_table(markdown: str) -> dict[str, dict[str, str]]:
+    """The "## Summary" table as {target: {column: cell}}."""
+    section = markdown.split("## Summary", 1)[1].strip()
+    rows = section.split("\n\n", 1)[0].splitlines()
+    head = [c.strip() for c in rows[0].strip("|").split("|")]
+    table = {}
+    for line in rows[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        table[cells[0].strip("`")] = dict(zip(head[1:], cells[1:], strict=True))
+    return table
+
+
+class QuickBenchmarkTests(SynchronousTestCase):
+    def test_quick_run_has_numbers_for_every_workload(self) -> None:
+        """
+        ``python -m bench --quick --only direct,wsgate`` exits 0 within its bound and its summary
+        table has a number for each workload (W1-W6) for both targets, and an RSS per held session
+        for wsgate; no NGINX or HAProxy is needed for that.
+        """
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "RESULTS.md"
+            proc = subprocess.run(
+                [sys.executable, "-m", "bench", "--quick", "--only", "direct,wsgate"]
+                + ["--out", str(out)],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT,
+                env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            )
+            self.assertEqual(proc.returncode, 0, proc.stderr[-3000:] + proc.stdout[-3000:])
+            text = out.read_text()
+        self.assertIn("## Summary", proc.stdout)
+        table = summary_table(text)
+        self.assertEqual(sorted(table), ["direct", "wsgate"])
+        columns = [c for c in table["direct"] if c.startswith("W")]
+        self.assertEqual(
+            [c.split()[0] for c in columns], ["W1", "W2", "W3", "W4", "W5", "W6", "W5"]
+        )
+        for target, row in table.items():
+            for column in columns:
+                if target == "direct" and column == "W5 KiB/session":
+                    continue  # no proxy, no gate RSS
+                self.assertRegex(row[column], NUMBER, f"{target} {column}")
