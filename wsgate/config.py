@@ -9,6 +9,8 @@ syntax here (``service.py`` turns them into listeners).
 
 from __future__ import annotations
 
+import datetime
+import os
 import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
@@ -16,20 +18,29 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 __all__ = [
     "BALANCE_METHODS",
+    "TLS_VERSIONS",
+    "CertificateFiles",
     "Config",
     "ConfigError",
     "Listener",
+    "ListenerTLS",
+    "Redirect",
     "Route",
     "ServerSpec",
     "UpstreamSpec",
+    "certificate_problems",
     "from_arguments",
     "load",
     "parse",
 ]
 
 BALANCE_METHODS = ("round_robin",)
+TLS_VERSIONS = ("1.2", "1.3")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -57,10 +68,44 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class CertificateFiles:
+    """
+    A certificate (PEM; may be followed by its intermediates), its private key (PEM, unencrypted)
+    and optionally a separate file of intermediate certificates, as checked absolute paths.
+    """
+
+    cert: str
+    key: str
+    chain: str | None = None
+
+
+@dataclass(frozen=True)
+class ListenerTLS:
+    """
+    TLS on a listener: the default certificate (clients without SNI, or with a name not in
+    ``sni``), the lowest TLS version accepted, and certificates chosen by SNI name (exact lower-case
+    names and ``*.example.com`` wildcards).
+    """
+
+    default: CertificateFiles
+    min_version: str = "1.2"
+    sni: Mapping[str, CertificateFiles] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Listener:
-    """Where the gate accepts clients: a Twisted server endpoint string."""
+    """Where the gate accepts clients: a Twisted server endpoint string, optionally with TLS."""
 
     endpoint: str
+    tls: ListenerTLS | None = None
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """A plain-HTTP listener that answers every request with a 301 to the same URL over https."""
+
+    endpoint: str
+    https_port: int = 443
 
 
 @dataclass(frozen=True)
@@ -69,6 +114,10 @@ class ServerSpec:
 
     url: str
     weight: int = 1
+    ca: str | None = None
+    verify: bool = True
+    client_cert: str | None = None
+    client_key: str | None = None
 
     @property
     def secure(self) -> bool:
@@ -131,6 +180,7 @@ class Config:
     listeners: tuple[Listener, ...]
     routes: tuple[Route, ...]
     upstreams: Mapping[str, UpstreamSpec] = field(default_factory=dict)
+    redirects: tuple[Redirect, ...] = ()
 
 
 def parse_duration(value: object) -> float:
@@ -255,6 +305,13 @@ class _Table:
         for sub, item in items.items():
             yield sub, _Table(self._reader, f"{self.key(name)}.{sub}", item)
 
+    def subtable(self, name: str) -> _Table | None:
+        """An optional (inline) sub-table, or None when the key is absent."""
+        self._seen.add(name)
+        if name not in self._data:
+            return None
+        return _Table(self._reader, self.key(name), self._data[name])
+
     def done(self) -> None:
         for name in self._data:
             if name not in self._seen:
@@ -262,8 +319,9 @@ class _Table:
 
 
 class _Reader:
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, base_dir: str | None = None) -> None:
         self.source = source
+        self.base_dir = os.path.dirname(source) if base_dir is None else base_dir
         self.problems: list[str] = []
 
     def problem(self, key: str, reason: str) -> None:
@@ -300,11 +358,194 @@ def _route_path(value: object) -> str:
     return value
 
 
+# -- TLS files ------------------------------------------------------------------------------------
+# Certificates and keys are read and checked here with ``cryptography`` (no Twisted objects): the file
+# exists and is PEM, the key matches the certificate, the certificate is within its validity period.
+
+
+def _file(reader: _Reader) -> Callable[[object], str]:
+    """A path to a readable file, relative to the config file's directory; -> absolute path."""
+
+    def convert(value: object) -> str:
+        if not isinstance(value, str) or not value:
+            raise ValueError("expected a file path")
+        path = os.path.abspath(os.path.join(reader.base_dir, os.path.expanduser(value)))
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise ValueError(f"{path}: {e.strerror or e}") from None
+        return path
+
+    return convert
+
+
+def _read_certificates(path: str) -> list[x509.Certificate]:
+    """The PEM certificates in a file; ValueError naming the file when there are none."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        certificates = x509.load_pem_x509_certificates(data)
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror or e}") from None
+    except ValueError:
+        raise ValueError(f"{path}: no PEM certificate in this file") from None
+    return certificates
+
+
+def _read_key(path: str) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return serialization.load_pem_private_key(f.read(), password=None)
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror or e}") from None
+    except (ValueError, TypeError):
+        raise ValueError(f"{path}: not an unencrypted PEM private key") from None
+
+
+def _public(key: Any) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def certificate_problems(cert: str, key: str, chain: str | None = None) -> list[tuple[str, str]]:
+    """
+    Check a certificate, its key and optional chain file: ``[(key_name, reason), ...]`` where
+    ``key_name`` is ``"cert"``, ``"key"`` or ``"chain"`` and the reason starts with the file name.
+    Empty when all is well.
+    """
+    problems: list[tuple[str, str]] = []
+    leaf = private = None
+    try:
+        leaf = _read_certificates(cert)[0]
+    except ValueError as e:
+        problems.append(("cert", str(e)))
+    try:
+        private = _read_key(key)
+    except ValueError as e:
+        problems.append(("key", str(e)))
+    if chain is not None:
+        try:
+            _read_certificates(chain)
+        except ValueError as e:
+            problems.append(("chain", str(e)))
+    if leaf is not None:
+        now = datetime.datetime.now(datetime.UTC)
+        if leaf.not_valid_after_utc < now:
+            problems.append(("cert", f"{cert}: certificate expired on {leaf.not_valid_after_utc}"))
+        elif leaf.not_valid_before_utc > now:
+            problems.append(
+                ("cert", f"{cert}: certificate not valid before {leaf.not_valid_before_utc}")
+            )
+        if private is not None and _public(leaf.public_key()) != _public(private.public_key()):
+            problems.append(("key", f"{key}: private key does not match the certificate {cert}"))
+    return problems
+
+
+def _certificate_files(table: _Table) -> CertificateFiles | None:
+    """``cert``, ``key`` and optional ``chain`` of a table, checked; None when unusable."""
+    path = _file(table._reader)
+    files = CertificateFiles(
+        cert=table.get("cert", "", path, required=True),
+        key=table.get("key", "", path, required=True),
+        chain=table.get("chain", None, path),
+    )
+    if not files.cert or not files.key:
+        return None
+    problems = certificate_problems(files.cert, files.key, files.chain)
+    for name, reason in problems:
+        table._reader.problem(table.key(name), reason)
+    return None if problems else files
+
+
+def _sni_name(value: str) -> str | None:
+    name = value.lower().rstrip(".")
+    labels = name.split(".")
+    if labels[0] == "*":
+        labels = labels[1:]
+        if not labels:
+            return None
+    if not all(re.fullmatch(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?", label) for label in labels):
+        return None
+    return name
+
+
+def _listener_tls(table: _Table) -> ListenerTLS | None:
+    default = _certificate_files(table)
+    min_version = table.get("min_version", "1.2", _choice(*TLS_VERSIONS))
+    sni: dict[str, CertificateFiles] = {}
+    for name, sub in table.subtables("sni"):
+        normal = _sni_name(name)
+        if normal is None:
+            table._reader.problem(
+                sub._path, "not a host name or *.wildcard name (like *.example.com)"
+            )
+        files = _certificate_files(sub)
+        sub.done()
+        if normal is not None and files is not None:
+            sni[normal] = files
+    table.done()
+    if default is None:
+        return None
+    return ListenerTLS(default=default, min_version=min_version, sni=sni)
+
+
+def _listener(table: _Table) -> Listener:
+    endpoint = table.get("endpoint", "", check_endpoint, required=True)
+    tls_table = table.subtable("tls")
+    tls = _listener_tls(tls_table) if tls_table is not None else None
+    if tls is not None and endpoint.lower().startswith("ssl:"):
+        table._reader.problem(table.key("tls"), "give tls = {...} with a tcp: endpoint, not ssl:")
+    table.done()
+    return Listener(endpoint=endpoint, tls=tls)
+
+
+def _redirect(table: _Table) -> Redirect:
+    redirect = Redirect(
+        endpoint=table.get("endpoint", "", check_endpoint, required=True),
+        https_port=table.get("https_port", 443, _port),
+    )
+    table.done()
+    return redirect
+
+
+def _port(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+        raise ValueError("expected a port number from 1 to 65535")
+    return value
+
+
 def _server(table: _Table) -> ServerSpec:
+    path = _file(table._reader)
     spec = ServerSpec(
         url=table.get("url", "", check_backend_url, required=True),
         weight=table.get("weight", 1, _positive_int),
+        ca=table.get("ca", None, path),
+        verify=table.get("verify", True, _typed(bool, "true or false")),
+        client_cert=table.get("client_cert", None, path),
+        client_key=table.get("client_key", None, path),
     )
+    if spec.url and not spec.secure:
+        for name in ("ca", "verify", "client_cert", "client_key"):
+            if name in table._data:
+                table._reader.problem(table.key(name), "only for wss:// servers")
+    if spec.ca is not None:
+        try:
+            _read_certificates(spec.ca)
+        except ValueError as e:
+            table._reader.problem(table.key("ca"), str(e))
+    if spec.ca is not None and not spec.verify:
+        table._reader.problem(table.key("ca"), "a ca bundle is pointless with verify = false")
+    if (spec.client_cert is None) != (spec.client_key is None):
+        if "client_cert" in table._data or "client_key" in table._data:
+            table._reader.problem(
+                table.key("client_key" if spec.client_key is None else "client_cert"),
+                "client_cert and client_key go together",
+            )
+    elif spec.client_cert is not None and spec.client_key is not None:
+        for name, reason in certificate_problems(spec.client_cert, spec.client_key):
+            table._reader.problem(table.key(f"client_{name}"), reason)
     table.done()
     return spec
 
@@ -343,16 +584,16 @@ def _route(table: _Table, upstreams: Mapping[str, UpstreamSpec]) -> Route:
     return route
 
 
-def parse(data: Mapping[str, Any], source: str) -> Config:
+def parse(data: Mapping[str, Any], source: str, base_dir: str | None = None) -> Config:
     """
     Validate a parsed TOML document.  Raises :class:`ConfigError` listing every problem.
+    Relative file paths (certificates, keys) are relative to ``base_dir``, by default the
+    directory of ``source``.
     """
-    reader = _Reader(source)
+    reader = _Reader(source, base_dir)
     top = _Table(reader, "", dict(data))
-    listeners = []
-    for t in top.tables("listen"):
-        listeners.append(Listener(endpoint=t.get("endpoint", "", check_endpoint, required=True)))
-        t.done()
+    listeners = [_listener(t) for t in top.tables("listen")]
+    redirects = tuple(_redirect(t) for t in top.tables("redirect"))
     if not listeners:
         reader.problem("listen", "at least one [[listen]] table is required")
     upstreams = {name: _upstream(name, t) for name, t in top.subtables("upstream")}
@@ -362,7 +603,13 @@ def parse(data: Mapping[str, Any], source: str) -> Config:
     top.done()
     if reader.problems:
         raise ConfigError(reader.problems)
-    return Config(source=source, listeners=tuple(listeners), routes=routes, upstreams=upstreams)
+    return Config(
+        source=source,
+        listeners=tuple(listeners),
+        routes=routes,
+        upstreams=upstreams,
+        redirects=redirects,
+    )
 
 
 def load(path: str) -> Config:

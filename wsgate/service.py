@@ -9,10 +9,13 @@ root) and a busy port fails at startup.  It must not hold logic of its own.
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import txaio
 from twisted.application import service, strports
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -20,7 +23,14 @@ from wsgate import config as configmod
 from wsgate.bridge import ClientLegFactory
 from wsgate.demo import EchoBackendFactory
 from wsgate.gateway import Gateway
-from wsgate.tls import BackendConnector
+from wsgate.tls import (
+    BackendConnector,
+    ServerTLS,
+    TLSLoadError,
+    redirect_site,
+    tls_server_factory,
+    unverified_servers,
+)
 
 __all__ = ["Options", "makeService"]
 
@@ -97,6 +107,93 @@ class _Announcement(service.Service):
         self.log.info("{text}", text=self.text)
 
 
+class _UnverifiedWarning(service.Service):
+    """Warns at every start about each wss:// server whose certificate is not checked."""
+
+    log = Logger()
+
+    def __init__(self, servers: list[str]) -> None:
+        self.servers = servers
+
+    def startService(self) -> None:
+        super().startService()
+        for server in self.servers:
+            self.log.warn(
+                "tls_unverified {server}: verify = false, its certificate is NOT checked "
+                "(anyone on the path can impersonate it)",
+                server=server,
+            )
+
+
+class _CertificateReload(service.Service):
+    """
+    On SIGHUP, reads the config file again and reloads the certificates of every TLS listener
+    (matched by endpoint) and the backends' CA bundles and client certificates.  Live sessions are
+    untouched; a config or certificate that does not load is logged and the old ones stay.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        path: str,
+        listeners: dict[str, ServerTLS],
+        connector: BackendConnector,
+        reactor: Any,
+    ) -> None:
+        self.path = path
+        self.listeners = listeners
+        self.connector = connector
+        self.reactor = reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._signalled)
+
+    def stopService(self) -> Any:
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+        return super().stopService()
+
+    def _signalled(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> bool:
+        """Reload the certificates now; True when all of them were replaced."""
+        try:
+            new = configmod.load(self.path)
+        except configmod.ConfigError as e:
+            for problem in e.problems:
+                self.log.error("tls_reload_failed {problem}", problem=problem)
+            self.log.error("tls_reload_failed: keeping the current certificates")
+            return False
+        ok = True
+        for listener in new.listeners:
+            current = self.listeners.get(listener.endpoint)
+            if current is None or listener.tls is None:
+                continue
+            try:
+                current.reload(listener.tls)
+            except TLSLoadError as e:
+                ok = False
+                for problem in e.problems:
+                    self.log.error(
+                        "tls_reload_failed {endpoint}: {problem}; keeping its current certificates",
+                        endpoint=listener.endpoint,
+                        problem=problem,
+                    )
+            else:
+                self.log.info(
+                    "tls_reloaded {endpoint} sni={names}",
+                    endpoint=listener.endpoint,
+                    names=",".join(current.names()) or "-",
+                )
+        self.connector.forget()
+        return ok
+
+
 def makeService(options: Options | dict[str, Any], reactor: Any = None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
@@ -111,9 +208,35 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
         strports.service(f"tcp:{options['demo-port']}:interface=127.0.0.1", demo).setServiceParent(
             top
         )
-    factory: Any = ClientLegFactory(gateway, BackendConnector(reactor))
+    connector = BackendConnector(reactor)
+    factory: Any = ClientLegFactory(gateway, connector)
+    unverified = unverified_servers(config)
+    if unverified:
+        _UnverifiedWarning(unverified).setServiceParent(top)
+    tls_listeners: dict[str, ServerTLS] = {}
     for listener in config.listeners:
-        strports.service(listener.endpoint, factory).setServiceParent(top)
+        if listener.tls is None:
+            strports.service(listener.endpoint, factory).setServiceParent(top)
+            continue
+        try:
+            server_tls = tls_listeners[listener.endpoint] = ServerTLS(listener.tls)
+        except TLSLoadError as e:
+            raise usage.UsageError(
+                f"invalid TLS certificates for {listener.endpoint}:\n{e}"
+            ) from None
+        StreamServerEndpointService(
+            serverFromString(reactor, listener.endpoint),
+            tls_server_factory(server_tls, factory, reactor),
+        ).setServiceParent(top)
+    for redirect in config.redirects:
+        StreamServerEndpointService(
+            serverFromString(reactor, redirect.endpoint), redirect_site(redirect.https_port)
+        ).setServiceParent(top)
+    if options.get("config"):
+        _CertificateReload(options["config"], tls_listeners, connector, reactor).setServiceParent(
+            top
+        )
+    top.tls_listeners = tls_listeners  # type: ignore[attr-defined]
     if options.get("demo"):
         port = config.listeners[0].endpoint.split(":")[1]
         _Announcement(

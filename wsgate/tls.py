@@ -1,35 +1,381 @@
 """
-TLS: how the gate opens connections to backend servers (and, later, its server-side contexts).
+TLS: the gate's front door (server-side contexts) and its connections to backend servers.
 
-Owns the backend endpoints: ``ws://`` servers over plain TCP, ``wss://`` servers over TLS verified
-with service_identity against the system trust store, with SNI.  ``service_identity`` is imported
-here on purpose so that a missing install fails at startup instead of silently weakening hostname
-checks.
+Server side.  :class:`ServerTLS` is the connection creator of one TLS listener: TLS 1.2+ (or 1.3+),
+Twisted's (OpenSSL's) modern cipher defaults through ``CertificateOptions``, ALPN offering only
+``http/1.1`` (so browsers never try WebSocket over HTTP/2), a default certificate for clients that
+send no SNI (or an unknown name) and certificates chosen by SNI name, exact or ``*.example.com``
+wildcard (one label, as browsers match).  :meth:`ServerTLS.reload` builds a whole new set of
+contexts and swaps it in at once: connections already open keep the contexts they started with,
+new connections get the new ones, and a set that fails to build leaves the old one in place.
+:func:`tls_server_factory` wraps a protocol factory in TLS with a transport that declares
+``ISSLTransport`` (as ``reactor.listenSSL`` transports do), so sessions know they came over TLS.
+
+Backend side.  :class:`BackendConnector` opens ``ws://`` servers over TCP and ``wss://`` servers over
+TLS verified with service_identity against the system trust store or the server's ``ca`` bundle,
+sending SNI, with an optional client certificate (mutual TLS).  ``verify = false`` turns
+verification off for that server only (SNI is still sent; :func:`unverified_servers` lists them so
+that the service can warn at every start).  The connect Deferred fires only once the TLS handshake
+is done, within the connect timeout; a failed handshake fails it with :class:`TLSHandshakeError`,
+whose text says why (untrusted certificate, host name mismatch, ...).
+
+``service_identity`` is imported here on purpose so that a missing install fails at startup
+instead of silently weakening hostname checks.  This module must not read the config file or
+decide routing; it receives specs from ``config.py`` and is wired by ``service.py``.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import service_identity  # noqa: F401 - see the module docstring
-from twisted.internet.defer import Deferred
+from OpenSSL import SSL
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+    IReactorTime,
+    ISSLTransport,
+)
+from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    PrivateCertificate,
+    TLSVersion,
+    optionsForClientTLS,
+    platformTrust,
+    trustRootFromCertificates,
+)
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from twisted.web import resource, server
+from zope.interface import implementer
 
-from wsgate.config import ServerSpec
+from wsgate.config import CertificateFiles, Config, ListenerTLS, ServerSpec, certificate_problems
 
-__all__ = ["BackendConnector"]
+__all__ = [
+    "ALPN_PROTOCOLS",
+    "BackendConnector",
+    "HTTPSRedirect",
+    "ServerTLS",
+    "TLSHandshakeError",
+    "TLSLoadError",
+    "redirect_site",
+    "tls_server_factory",
+    "unverified_servers",
+]
+
+ALPN_PROTOCOLS = [b"http/1.1"]
+_MIN_VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+class TLSLoadError(Exception):
+    """Certificates could not be loaded: ``problems`` lists ``file: reason`` lines."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _certificates(path: str) -> list[Certificate]:
+    return [Certificate.loadPEM(pem) for pem in _PEM_CERTIFICATE.findall(_read(path))]
+
+
+def _private_certificate(cert: str, key: str) -> PrivateCertificate:
+    return PrivateCertificate.loadPEM(_read(cert) + b"\n" + _read(key))
+
+
+def _server_options(files: CertificateFiles, min_version: str, **extra: Any) -> CertificateOptions:
+    """``CertificateOptions`` for one server certificate (the cert file may carry its chain)."""
+    chain = _certificates(files.cert)[1:]
+    if files.chain is not None:
+        chain += _certificates(files.chain)
+    private = _private_certificate(files.cert, files.key)
+    return CertificateOptions(
+        privateKey=private.privateKey.original,
+        certificate=private.original,
+        extraCertChain=[c.original for c in chain],
+        raiseMinimumTo=_MIN_VERSIONS[min_version],
+        acceptableProtocols=ALPN_PROTOCOLS,
+        **extra,
+    )
+
+
+def _load_problems(files: Iterator[CertificateFiles]) -> list[str]:
+    """Readable reasons why a set of certificate files did not load."""
+    problems = [reason for f in files for _, reason in certificate_problems(f.cert, f.key, f.chain)]
+    return problems
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """
+    The TLS connection creator of one listener.  Stays the same object for the listener's life;
+    :meth:`reload` swaps the certificates it hands to new connections.
+    """
+
+    log = Logger()
+
+    def __init__(self, spec: ListenerTLS) -> None:
+        self.spec = spec
+        self._default, self._by_name = self._build(spec)
+
+    def _build(self, spec: ListenerTLS) -> tuple[CertificateOptions, Mapping[bytes, SSL.Context]]:
+        try:
+            by_name = {
+                name.encode("idna"): _server_options(files, spec.min_version).getContext()
+                for name, files in spec.sni.items()
+            }
+            default = _server_options(
+                spec.default, spec.min_version, contextForServerName=self._context_for
+            )
+            default.getContext()  # build it now, so that errors show here and not per connection
+        except Exception as e:  # OpenSSL and file errors alike: say which file and why
+            files = iter([spec.default, *spec.sni.values()])
+            raise TLSLoadError(_load_problems(files) or [f"{type(e).__name__}: {e}"]) from e
+        return default, by_name
+
+    def reload(self, spec: ListenerTLS) -> None:
+        """
+        Load ``spec``'s certificates and use them for new connections.  Raises
+        :class:`TLSLoadError` (and keeps the current certificates) when they do not load.
+        """
+        self._default, self._by_name = self._build(spec)
+        self.spec = spec
+
+    def names(self) -> list[str]:
+        """The SNI names that have their own certificate."""
+        return sorted(name.decode() for name in self._by_name)
+
+    def _context_for(self, server_name: bytes | None) -> SSL.Context | None:
+        """The context for a client's SNI name: exact, then ``*.parent``; None: the default."""
+        if not server_name:
+            return None
+        name = server_name.lower().rstrip(b".")
+        by_name = self._by_name
+        found = by_name.get(name)
+        if found is None and b"." in name:
+            found = by_name.get(b"*." + name.split(b".", 1)[1])
+        return found
+
+    def serverConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        return self._default.serverConnectionForTLS(tlsProtocol)
+
+
+@implementer(ISSLTransport)
+class _ServerTLSProtocol(TLSMemoryBIOProtocol):
+    """A TLS server connection: as a transport it is an ``ISSLTransport`` (it is one)."""
+
+
+class _ServerTLSFactory(TLSMemoryBIOFactory):
+    protocol = _ServerTLSProtocol
+
+
+def tls_server_factory(
+    creator: ServerTLS, factory: IProtocolFactory, clock: IReactorTime | None = None
+) -> TLSMemoryBIOFactory:
+    """Wrap a server protocol factory in TLS from ``creator``."""
+    tls_creator: Any = creator  # implements IOpenSSLServerConnectionCreator (mypy cannot see it)
+    return _ServerTLSFactory(tls_creator, False, factory, clock=clock)
+
+
+# -- plain-HTTP redirect -----------------------------------------------------------------------
+
+
+class HTTPSRedirect(resource.Resource):
+    """
+    Answers every request with ``301 Moved Permanently`` to the same host, path and query over
+    https (on ``https_port``; the port is left out when it is 443).  WebSocket upgrade requests get
+    the same answer: ``ws://`` clients fail with it, which says "use wss://".
+    """
+
+    isLeaf = True
+
+    def __init__(self, https_port: int = 443) -> None:
+        super().__init__()
+        self.https_port = https_port
+
+    def render(self, request: Any) -> bytes:
+        host = request.getRequestHostname().decode("ascii", "replace")
+        if ":" in host:  # an IPv6 literal
+            host = f"[{host}]"
+        port = "" if self.https_port == 443 else f":{self.https_port}"
+        location = f"https://{host}{port}{request.uri.decode('ascii', 'replace')}"
+        request.setResponseCode(301)
+        request.setHeader(b"Location", location.encode("ascii"))
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return f"301 Moved Permanently: {location}\n".encode()
+
+
+def redirect_site(https_port: int = 443) -> server.Site:
+    """The protocol factory of a plain-HTTP redirect listener."""
+    site = server.Site(HTTPSRedirect(https_port))
+    site.displayTracebacks = False
+    return site
+
+
+# -- backends ----------------------------------------------------------------------------------
+
+
+class TLSHandshakeError(Exception):
+    """A backend's TLS handshake failed; the text says why."""
+
+
+def _describe_tls_failure(reason: Failure, host: str) -> str:
+    value = reason.value
+    if isinstance(value, service_identity.VerificationError):
+        return f"certificate does not match host name {host!r}"
+    if isinstance(value, SSL.Error):
+        texts = [err[2] for err in value.args[0] if isinstance(err, tuple) and len(err) == 3]
+        return "; ".join(t for t in texts if t) or str(value)
+    if isinstance(value, ConnectionDone):
+        return "the server closed the connection"
+    return reason.getErrorMessage()
+
+
+@implementer(IHandshakeListener)
+class _HandshakeWait(ProtocolWrapper):
+    """
+    Sits between a backend TLS connection and its leg: ``ready`` fires with the leg once the TLS
+    handshake is done, or fails with :class:`TLSHandshakeError` when the connection ends first.
+    """
+
+    def __init__(self, factory: Any, wrappedProtocol: Any, host: str, port: int) -> None:
+        super().__init__(factory, wrappedProtocol)
+        self.host = host
+        self.port = port
+        self.ready: Deferred = Deferred(self._cancel)
+
+    def makeConnection(self, transport: Any) -> None:
+        # Not ProtocolWrapper.makeConnection: it would copy the TLS transport's interfaces, and
+        # Autobahn expects an ISSLTransport to be a TLSMemoryBIOProtocol.
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        wrapped: Any = self.wrappedProtocol
+        wrapped.makeConnection(self)
+
+    def _cancel(self, d: Deferred) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def handshakeCompleted(self) -> None:
+        if not self.ready.called:
+            self.ready.callback(self.wrappedProtocol)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+        if not self.ready.called:
+            why = _describe_tls_failure(reason, self.host)
+            self.ready.errback(
+                TLSHandshakeError(f"TLS handshake with {self.host}:{self.port} failed: {why}")
+            )
+        super().connectionLost(reason)
+
+
+class _HandshakeWaitFactory(WrappingFactory):
+    noisy = False
+
+    def __init__(self, wrappedFactory: Any, host: str, port: int) -> None:
+        super().__init__(wrappedFactory)
+        self.host = host
+        self.port = port
+
+    def buildProtocol(self, addr: Any) -> _HandshakeWait:
+        return _HandshakeWait(self, self.wrappedFactory.buildProtocol(addr), self.host, self.port)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnverifiedClientTLS:
+    """TLS to a backend without certificate checks (``verify = false``), still sending SNI."""
+
+    def __init__(self, host: str, options: CertificateOptions) -> None:
+        self._options = options
+        self._server_name = None
+        if not (isIPAddress(host) or isIPv6Address(host)):
+            self._server_name = host.encode("idna")
+
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        connection = self._options.clientConnectionForTLS(tlsProtocol)
+        if self._server_name is not None:
+            connection.set_tlsext_host_name(self._server_name)
+        return connection
+
+
+def client_tls(server: ServerSpec) -> IOpenSSLClientConnectionCreator:
+    """The TLS settings for connecting to one ``wss://`` server."""
+    client = None
+    if server.client_cert is not None and server.client_key is not None:
+        client = _private_certificate(server.client_cert, server.client_key)
+    if not server.verify:
+        extra: dict[str, Any] = {}
+        if client is not None:
+            extra = {"privateKey": client.privateKey.original, "certificate": client.original}
+        unverified: Any = _UnverifiedClientTLS(
+            server.host, CertificateOptions(raiseMinimumTo=TLSVersion.TLSv1_2, **extra)
+        )
+        return unverified
+    trust = trustRootFromCertificates(_certificates(server.ca)) if server.ca else platformTrust()
+    return optionsForClientTLS(server.host, trustRoot=trust, clientCertificate=client)
+
+
+def unverified_servers(config: Config) -> list[str]:
+    """``upstream NAME: URL`` of every ``wss://`` server with ``verify = false``."""
+    return [
+        f"upstream {name}: {s.url}"
+        for name, upstream in config.upstreams.items()
+        for s in upstream.servers
+        if s.secure and not s.verify
+    ]
 
 
 class BackendConnector:
-    """Opens a connection to a backend server: ``connector(server, factory, timeout)``."""
+    """
+    Opens a connection to a backend server: ``connector(server, factory, timeout)`` fires with the
+    factory's protocol once TCP (and, for ``wss://``, the TLS handshake) is done, all within
+    ``timeout`` seconds.  TLS settings are built once per server spec; :meth:`forget` drops them
+    so that CA bundles and client certificates are read again (on reload).
+    """
 
     def __init__(self, reactor: IReactorTime) -> None:
         self._reactor = reactor
+        self._tls: dict[ServerSpec, IOpenSSLClientConnectionCreator] = {}
+
+    def forget(self) -> None:
+        self._tls.clear()
+
+    def tls_for(self, server: ServerSpec) -> IOpenSSLClientConnectionCreator:
+        creator = self._tls.get(server)
+        if creator is None:
+            creator = self._tls[server] = client_tls(server)
+        return creator
 
     def __call__(self, server: ServerSpec, factory: Any, timeout: float) -> Deferred:
         endpoint: Any = HostnameEndpoint(self._reactor, server.host, server.port, timeout=timeout)
-        if server.secure:
-            endpoint = wrapClientTLS(optionsForClientTLS(server.host), endpoint)
-        return endpoint.connect(factory)
+        if not server.secure:
+            return endpoint.connect(factory)
+        try:
+            creator = self.tls_for(server)
+        except Exception as e:  # files gone or changed since the config was checked
+            return fail(TLSHandshakeError(f"TLS settings for {server.url} failed to load: {e}"))
+        tls_endpoint: Any = wrapClientTLS(creator, endpoint)
+        d = tls_endpoint.connect(_HandshakeWaitFactory(factory, server.host, server.port))
+        d.addCallback(lambda wait: wait.ready)
+        d.addTimeout(timeout, self._reactor)  # type: ignore[arg-type]
+        return d
