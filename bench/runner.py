@@ -80,6 +80,8 @@ def run_workload(
     data = json.loads(lines[-1])
     if target.proc and not target.proc.alive():
         return report.Outcome(data, f"{target.target.name} died: {target.proc.log_tail(3)}")
+    if data.get("timed_out"):
+        return report.Outcome(data, "wsload's own time bound ran out while opening connections")
     if w.mode == "handshake":
         if not data["opened"]:
             return report.Outcome(data, "no session opened")

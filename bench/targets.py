@@ -152,7 +152,9 @@ pid {d}/nginx.pid;
 error_log {d}/error.log warn;
 
 events {{
-    worker_connections {env.nofile - 64};
+    # NGINX starts closing fresh (not yet upgraded) connections once fewer than 1/16 of
+    # worker_connections are free, so the count is set above the descriptor limit it really needs.
+    worker_connections {env.nofile * 5 // 4};
 }}
 
 http {{
