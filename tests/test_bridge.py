@@ -348,3 +348,14 @@ class PingTests(SynchronousTestCase):
             net.advance(10)
         self.assertIsNone(client.close)
         self.assertEqual(len(net.gateway.sessions), 1)
+
+
+class RefusalBodyTests(SynchronousTestCase):
+    def test_backend_details_stay_in_the_log(self) -> None:
+        """A refused client learns the status, not backend host names or error texts."""
+        net = Network(make_config([A]), {A: "refuse"})
+        raw = net.raw(upgrade_request())
+        self.assertEqual(raw.status, 502)
+        self.assertIn(b"No backend server accepted the session", raw.data)
+        self.assertNotIn(b"a.test", raw.data)
+        self.assertNotIn(b"refused", raw.data)

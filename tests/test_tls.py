@@ -545,6 +545,7 @@ class FrontDoorTests(SynchronousTestCase):
     def test_redirect(self) -> None:
         """The plain-HTTP listener answers 301 to the same URL over https."""
         self.start()
+        procs.wait_for_port(LOOPBACK, self.redirect_port, 10)
         with socket.create_connection((LOOPBACK, self.redirect_port), timeout=5) as sock:
             sock.sendall(
                 b"GET /chat?room=1 HTTP/1.1\r\nHost: gate.test\r\nConnection: close\r\n\r\n"

@@ -113,6 +113,11 @@ Connect = Callable[[ServerSpec, WebSocketClientFactory, float], Deferred]
 """Opens a connection to a backend server with a protocol factory and a connect timeout."""
 
 _FORWARDED_AS_IS = ("cookie", "authorization")
+_CLIENT_REASONS = {
+    502: "No backend server accepted the session",
+    503: "No backend server available",
+    504: "No backend server answered in time",
+}
 
 
 def partner_close(side: str, kind: str, code: int | None, reason: str) -> tuple[int | None, str]:
@@ -384,7 +389,8 @@ class Session:
         )
         if self._handshake is not None:
             d, self._handshake = self._handshake, None
-            d.errback(Failure(ConnectionDeny(status, reason)))
+            # The client gets a generic reason: backend names and TLS errors stay in the log.
+            d.errback(Failure(ConnectionDeny(status, _CLIENT_REASONS.get(status, "Bad Gateway"))))
 
     def backend_opened(self, leg: BackendLeg) -> None:
         """The backend accepted: answer the client's handshake with the backend's subprotocol."""
