@@ -608,7 +608,7 @@ class BackendTLSTests(SynchronousTestCase):
         self.backend(self.certs, "other.test")
         gate = self.gate(ca=self.certs.ca_file)
         body = self.refused()
-        self.assertIn("does not match host name 'localhost'", body)
+        self.assertNotIn("localhost", body)
         gate.wait_for_output("session_refused")
         self.assertIn(
             f"TLS handshake with localhost:{self.backend_port} failed: certificate does not match",
@@ -616,11 +616,11 @@ class BackendTLSTests(SynchronousTestCase):
         )
 
     def test_untrusted(self) -> None:
-        """A backend certificate from a CA the gate does not trust: 502 'certificate verify
-        failed' (the system trust store when no ca is given)."""
+        """A backend certificate from a CA the gate does not trust (the system trust store when
+        no ca is given): 502, and the log says 'certificate verify failed'."""
         self.backend(Certs(os.path.join(self.dir, "other"), CA("other CA")), "localhost")
         gate = self.gate()
-        self.assertIn("certificate verify failed", self.refused())
+        self.assertNotIn("certificate", self.refused())
         gate.wait_for_output("session_refused")
         self.assertIn("certificate verify failed", gate.stdout())
 
