@@ -359,3 +359,21 @@ class RefusalBodyTests(SynchronousTestCase):
         self.assertIn(b"No backend server accepted the session", raw.data)
         self.assertNotIn(b"a.test", raw.data)
         self.assertNotIn(b"refused", raw.data)
+
+
+class TapTests(SynchronousTestCase):
+    def test_tap_sees_type_size_preview(self) -> None:
+        """A tap on a relay gets each message's type, size and first bytes; untapped, nothing."""
+        backend = BackendFactory()
+        net = Network(make_config([A]), {A: backend})
+        client = net.client()
+        session = next(iter(net.gateway.sessions.values()))
+        seen: list[tuple[bool, int, bytes]] = []
+        session.up.tap = lambda *event: seen.append(event)
+        client.proto.sendMessage(b"hello tap")
+        client.proto.sendMessage(b"\x01" * 1000, True)
+        net.flush()
+        session.up.tap = None
+        client.proto.sendMessage(b"not seen")
+        net.flush()
+        self.assertEqual(seen, [(False, 9, b"hello tap"), (True, 1000, b"\x01" * 64)])

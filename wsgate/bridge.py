@@ -104,6 +104,8 @@ __all__ = [
 _OPEN = WebSocketProtocol.STATE_OPEN
 # A single-frame message up to this size is relayed as one message; larger or fragmented ones stream.
 _WHOLE_FRAME = 128 * 1024
+# How much of a message the console's tap sees.
+_TAP_PREVIEW = 64
 # How long a leg waits for its peer to answer a Close before dropping the connection.
 CLOSE_HANDSHAKE_TIMEOUT = 5.0
 # How long a client may take to send its upgrade request (until onConnect).
@@ -188,6 +190,10 @@ class Relay:
         self.messages = 0
         self.bytes = 0
         self.last = now()
+        # Called with (is_binary, size, first chunk) after each relayed message while someone
+        # taps the session (the console's tap); None otherwise, so the relay pays one test.
+        self.tap: Callable[[bool, int, bytes], None] | None = None
+        self._first = b""
         self._now = now
         self._binary = False
         self._size = 0
@@ -236,6 +242,8 @@ class Relay:
     def onMessageFrameData(self, payload: bytes) -> None:
         if self._dropping:
             return
+        if self.tap is not None and not self._first:
+            self._first = payload[:_TAP_PREVIEW]
         self.bytes += len(payload)
         if self._chunks is not None:
             self._chunks.append(payload)
@@ -248,6 +256,9 @@ class Relay:
     def onMessageEnd(self) -> None:
         self.messages += 1
         self.last = self._now()
+        if self.tap is not None:
+            self.tap(self._binary, self._size, self._first)
+            self._first = b""
         if self._dropping:
             return
         if self._chunks is not None:

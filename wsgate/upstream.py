@@ -24,6 +24,10 @@ class Server:
         self.active = 0
         self.sessions_total = 0
         self.fails = 0
+        # "up", "down" or "draining"; read by the console, metrics and the balancer.
+        self.state = "up"
+        self.backup = False
+        self.last_check: float | None = None
         # Smooth weighted round robin state (see Upstream.pick).
         self._current_weight = 0
 
