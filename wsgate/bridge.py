@@ -293,6 +293,9 @@ class Session:
         self.subprotocol: str | None = None
         self.state = "CONNECTING"
         self.started = gateway.clock.seconds()
+        self.opened_at: float | None = (
+            None  # when the backend accepted (connect time = this - started)
+        )
         self.up: Relay | None = None  # client -> backend
         self.down: Relay | None = None  # backend -> client
         self.throttles: tuple[_ReadThrottle, _ReadThrottle] | None = None
@@ -411,6 +414,7 @@ class Session:
             return
         self._cancel_timer()
         self.state = "OPEN"
+        self.opened_at = self.gateway.clock.seconds()
         self.backend = leg
         assert self.server is None
         self.server = self._tried[-1]
