@@ -304,6 +304,7 @@ class Session:
         self.closed_by: str | None = None
         self._connect = connect
         self._tried: list[Server] = []
+        self._attempting: Server | None = None  # the server of the attempt in progress
         self._attempt: Deferred | None = None
         self._pending: BackendLeg | None = None
         self._handshake: Deferred | None = None
@@ -339,11 +340,19 @@ class Session:
         spec = self.upstream.spec
         server = None
         if len(self._tried) < spec.tries:
-            server = self.upstream.pick(exclude=self._tried)
+            request = self.request
+            server = self.upstream.pick(
+                self._tried,
+                client=self.client_address,
+                headers=request.headers,
+                params=request.params,
+            )
         if server is None:
             self._refuse(failure or (503, "No backend server available"))
             return
         self._tried.append(server)
+        self._attempting = server
+        self.upstream.attempt_started(server)
         factory = _BackendLegFactory(self, server.url + self.target)
         self._attempt = self._connect(server.spec, factory, spec.connect_timeout)
         self._attempt.addCallbacks(self._connected, self._connect_failed, errbackArgs=(server,))
@@ -363,8 +372,14 @@ class Session:
                 server, (502, f"backend connect failed: {reason.getErrorMessage()}")
             )
 
+    def _end_attempt(self, ok: bool | None) -> None:
+        """Report the attempt in progress to the upstream: accepted, failed or abandoned (None)."""
+        if self._attempting is not None:
+            server, self._attempting = self._attempting, None
+            self.upstream.attempt_ended(server, ok)
+
     def _attempt_failed(self, server: Server, failure: tuple[int, str]) -> None:
-        server.fails += 1
+        self._end_attempt(False)
         self.log.warn(
             "backend_attempt_failed {session_id} server={server} status={status} reason={reason}",
             session_id=self.id,
@@ -381,6 +396,7 @@ class Session:
 
     def _abandon_attempt(self) -> None:
         """Stop the backend attempt in progress, if any."""
+        self._end_attempt(None)
         if self._attempt is not None:
             attempt, self._attempt = self._attempt, None
             self.state = "ABANDONING"
@@ -413,6 +429,7 @@ class Session:
             leg.sendCloseFrame(1001, b"client went away")
             return
         self._cancel_timer()
+        self._end_attempt(True)
         self.state = "OPEN"
         self.opened_at = self.gateway.clock.seconds()
         self.backend = leg

@@ -27,6 +27,7 @@ __all__ = [
     "CertificateFiles",
     "Config",
     "ConfigError",
+    "HealthSpec",
     "Listener",
     "ListenerTLS",
     "Redirect",
@@ -39,7 +40,8 @@ __all__ = [
     "parse",
 ]
 
-BALANCE_METHODS = ("round_robin",)
+BALANCE_METHODS = ("round_robin", "least_conn", "hash", "random_two")
+HEALTH_TYPES = ("tcp", "websocket", "http")
 TLS_VERSIONS = ("1.2", "1.3")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -118,6 +120,12 @@ class ServerSpec:
     verify: bool = True
     client_cert: str | None = None
     client_key: str | None = None
+    # 0: no limit.  A server with max_conns active sessions is skipped.
+    max_conns: int = 0
+    # Used only when every primary (non-backup) server is down, full or draining.
+    backup: bool = False
+    # The URL's host name is resolved (A/AAAA) every resolve_interval; each address is a server.
+    resolve: bool = False
 
     @property
     def secure(self) -> bool:
@@ -134,6 +142,23 @@ class ServerSpec:
 
 
 @dataclass(frozen=True)
+class HealthSpec:
+    """
+    Active health checks of an upstream's servers: every ``interval`` a probe of ``type`` (``tcp``
+    connect, ``websocket`` handshake to ``path``, ``http`` GET of ``path`` expecting 2xx) that must
+    succeed within ``timeout``; ``rise`` successes in a row bring a server up, ``fall`` failures in a
+    row take it down.
+    """
+
+    type: str = "tcp"
+    path: str = "/"
+    interval: float = 5.0
+    timeout: float = 2.0
+    rise: int = 2
+    fall: int = 3
+
+
+@dataclass(frozen=True)
 class UpstreamSpec:
     """A named group of backend servers and how sessions are spread over them."""
 
@@ -144,6 +169,19 @@ class UpstreamSpec:
     handshake_timeout: float = 10.0
     tries: int = 3
     try_timeout: float = 15.0
+    # What ``hash`` hashes: "ip", "header:NAME", "cookie:NAME" or "query:NAME".
+    key: str = "ip"
+    # Passive health (NGINX semantics): max_fails failed attempts within fail_timeout mark a server
+    # down for fail_timeout.  max_fails = 0 turns passive health off.
+    max_fails: int = 1
+    fail_timeout: float = 10.0
+    health: HealthSpec | None = None
+    resolve_interval: float = 30.0
+    # Automatic rebalance: when the most loaded server holds more than rebalance_threshold times
+    # its fair share (0: off), checked every rebalance_interval, closes spread over rebalance_window.
+    rebalance_threshold: float = 0.0
+    rebalance_interval: float = 30.0
+    rebalance_window: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -157,6 +195,8 @@ class Route:
     ping_interval: float = 0.0
     ping_timeout: float = 10.0
     max_message_size: int = 16 * 1024**2
+    # Reverse-proxy plain HTTP requests (not WebSocket upgrades) to the upstream; else 426.
+    http: bool = False
 
     def matches(self, host: str, path: str) -> bool:
         """
@@ -525,7 +565,15 @@ def _server(table: _Table) -> ServerSpec:
         verify=table.get("verify", True, _typed(bool, "true or false")),
         client_cert=table.get("client_cert", None, path),
         client_key=table.get("client_key", None, path),
+        max_conns=table.get("max_conns", 0, _count),
+        backup=table.get("backup", False, _typed(bool, "true or false")),
+        resolve=table.get("resolve", False, _typed(bool, "true or false")),
     )
+    if spec.resolve and spec.secure:
+        table._reader.problem(
+            table.key("resolve"),
+            "only for ws:// servers (a wss:// certificate is checked against the URL's host name)",
+        )
     if spec.url and not spec.secure:
         for name in ("ca", "verify", "client_cert", "client_key"):
             if name in table._data:
@@ -562,9 +610,67 @@ def _upstream(name: str, table: _Table) -> UpstreamSpec:
         handshake_timeout=table.get("handshake_timeout", 10.0, parse_duration),
         tries=table.get("tries", 3, _positive_int),
         try_timeout=table.get("try_timeout", 15.0, parse_duration),
+        key=table.get("key", "ip", _hash_key),
+        max_fails=table.get("max_fails", 1, _count),
+        fail_timeout=table.get("fail_timeout", 10.0, parse_duration),
+        health=_health(health) if (health := table.subtable("health")) is not None else None,
+        resolve_interval=table.get("resolve_interval", 30.0, _positive_duration),
+        rebalance_threshold=table.get("rebalance_threshold", 0.0, _threshold),
+        rebalance_interval=table.get("rebalance_interval", 30.0, _positive_duration),
+        rebalance_window=table.get("rebalance_window", 10.0, parse_duration),
     )
+    if "key" in table._data and spec.balance != "hash":
+        table._reader.problem(table.key("key"), 'only with balance = "hash"')
+    if servers and all(s.backup for s in servers):
+        table._reader.problem(table.key("servers"), "every server is a backup: mark one primary")
     table.done()
     return spec
+
+
+def _health(table: _Table) -> HealthSpec:
+    spec = HealthSpec(
+        type=table.get("type", "tcp", _choice(*HEALTH_TYPES)),
+        path=table.get("path", "/", _route_path),
+        interval=table.get("interval", 5.0, _positive_duration),
+        timeout=table.get("timeout", 2.0, _positive_duration),
+        rise=table.get("rise", 2, _positive_int),
+        fall=table.get("fall", 3, _positive_int),
+    )
+    if "path" in table._data and spec.type == "tcp":
+        table._reader.problem(table.key("path"), 'not used by type = "tcp"')
+    table.done()
+    return spec
+
+
+def _count(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError("expected a whole number of at least 0 (0: no limit)")
+    return value
+
+
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be more than 0")
+    return seconds
+
+
+def _threshold(value: object) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ValueError("expected a number such as 1.25 (0: off)")
+    if value != 0 and value <= 1:
+        raise ValueError("expected more than 1 (a multiple of the fair share), or 0 for off")
+    return float(value)
+
+
+def _hash_key(value: object) -> str:
+    if value == "ip":
+        return "ip"
+    if isinstance(value, str):
+        kind, _, name = value.partition(":")
+        if kind in ("header", "cookie", "query") and name.strip():
+            return f"{kind}:{name.strip()}"
+    raise ValueError(f'{value!r} is not "ip", "header:NAME", "cookie:NAME" or "query:NAME"')
 
 
 def _route(table: _Table, upstreams: Mapping[str, UpstreamSpec]) -> Route:
@@ -579,6 +685,7 @@ def _route(table: _Table, upstreams: Mapping[str, UpstreamSpec]) -> Route:
         ping_interval=table.get("ping_interval", 0.0, parse_duration),
         ping_timeout=table.get("ping_timeout", 10.0, parse_duration),
         max_message_size=table.get("max_message_size", 16 * 1024**2, parse_size),
+        http=table.get("http", False, _typed(bool, "true or false")),
     )
     table.done()
     return route

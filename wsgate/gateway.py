@@ -9,13 +9,13 @@ register and report here; listeners and connections are built by ``service.py``.
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.logger import Logger
 
 from wsgate.config import Config
 from wsgate.routing import Router
-from wsgate.upstream import Upstream
+from wsgate.upstream import Server, Upstream, request_key
 
 if TYPE_CHECKING:
     from wsgate.bridge import Session
@@ -44,14 +44,134 @@ class Gateway:
         self.sessions: dict[int, Session] = {}
         self.counters: Counter[str] = Counter()
         self._next_id = 1
+        self._drain_calls: dict[str, Any] = {}
         self.config = config
         self.router = Router(config.routes)
-        self.upstreams = {name: Upstream(spec) for name, spec in config.upstreams.items()}
+        self.upstreams = {
+            name: Upstream(spec, clock, self.counters) for name, spec in config.upstreams.items()
+        }
 
     def new_session_id(self) -> int:
         session_id = self._next_id
         self._next_id += 1
         return session_id
+
+    # -- servers at run time (the console calls these) -----------------------------------------
+
+    def _servers(self, url: str) -> list[tuple[Upstream, Server]]:
+        found = [
+            (upstream, server)
+            for upstream in self.upstreams.values()
+            for server in upstream.servers
+            if server.url == url.rstrip("/")
+        ]
+        if not found:
+            raise KeyError(f"no server {url} in any upstream")
+        return found
+
+    def _sessions_on(self, server: Server) -> list[Session]:
+        return [s for s in self.sessions.values() if s.server is server and s.state == "OPEN"]
+
+    def drain(self, url: str, deadline: float | None = None, window: float = 10.0) -> int:
+        """
+        Send no new sessions to the server ``url`` (in every upstream that has it); its live
+        sessions continue.  With ``deadline`` (seconds), the sessions still open then are closed
+        with 1001, spread over ``window`` seconds.  Returns how many sessions are on it now.
+        """
+        servers = self._servers(url)
+        self._cancel_drain(url)
+        for upstream, server in servers:
+            upstream.set_draining(server, True, "operator: drain")
+        if deadline is not None:
+            self._drain_calls[url.rstrip("/")] = self.clock.callLater(
+                deadline, self._drain_deadline, [s for _, s in servers], window
+            )
+        return sum(len(self._sessions_on(s)) for _, s in servers)
+
+    def _drain_deadline(self, servers: list[Server], window: float) -> None:
+        self._drain_calls.pop(servers[0].url, None)
+        victims = [s for server in servers if server.draining for s in self._sessions_on(server)]
+        self.log.info(
+            "drain_deadline {server} closing={count} window={window}s",
+            server=servers[0].url,
+            count=len(victims),
+            window=window,
+        )
+        self.close_spread(victims, 1001, "server shutting down", window)
+
+    def _cancel_drain(self, url: str) -> None:
+        call = self._drain_calls.pop(url.rstrip("/"), None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def undrain(self, url: str) -> None:
+        """The server ``url`` gets new sessions again (a pending drain deadline is cancelled)."""
+        servers = self._servers(url)
+        self._cancel_drain(url)
+        for upstream, server in servers:
+            upstream.set_draining(server, False, "operator: undrain")
+
+    def set_weight(self, url: str, weight: int) -> None:
+        """Change the weight of the server ``url`` for new sessions (live sessions stay)."""
+        if not isinstance(weight, int) or isinstance(weight, bool) or weight < 1:
+            raise ValueError("weight must be a whole number of at least 1")
+        for upstream, server in self._servers(url):
+            self.log.info(
+                "server_weight {upstream} {server} {old} -> {new}",
+                upstream=upstream.name,
+                server=server.url,
+                old=server.weight,
+                new=weight,
+            )
+            server.weight = weight
+
+    def rebalance(self, upstream_name: str, window: float = 10.0) -> int:
+        """
+        Even out the long-lived sessions of an upstream: close just enough sessions (the newest)
+        on the servers above their weighted share with 1012 (Service Restart), spread over
+        ``window`` seconds, and steer the reconnecting clients to the emptiest servers.  With
+        ``hash`` the sessions whose key now belongs to another server are closed instead.
+        Returns how many sessions will be closed.
+        """
+        upstream = self.upstreams[upstream_name]
+        per_server: list[list[Session]] = []
+        if upstream.spec.balance == "hash":
+            moved = []
+            for session in self.sessions.values():
+                if session.upstream is not upstream or session.state != "OPEN":
+                    continue
+                request = session.request
+                key = request_key(
+                    upstream.spec.key, session.client_address, request.headers, request.params
+                )
+                if key is not None and upstream.owner(key) not in (session.server, None):
+                    moved.append(session)
+            per_server.append(moved)
+        else:
+            for server, extra in upstream.excess().items():
+                newest = sorted(self._sessions_on(server), key=lambda s: s.started, reverse=True)
+                per_server.append(newest[:extra])
+            upstream.start_rebalance(window)
+        # Interleave the servers, so that every part of the window takes from each of them.
+        victims = [s for group in _zip_longest(per_server) for s in group]
+        self.counters["rebalances"] += 1
+        self.log.info(
+            "rebalance {upstream} closing={count} window={window}s",
+            upstream=upstream_name,
+            count=len(victims),
+            window=window,
+        )
+        self.close_spread(victims, 1012, "rebalancing, please reconnect", window)
+        return len(victims)
+
+    def close_spread(self, sessions: list[Session], code: int, reason: str, window: float) -> None:
+        """Close ``sessions`` with ``code``, the first at once and the others spread over ``window``."""
+        step = window / len(sessions) if sessions and window > 0 else 0.0
+        for i, session in enumerate(sessions):
+            if i == 0 or not step:
+                session.close(code, reason)
+            else:
+                self.clock.callLater(i * step, session.close, code, reason)
 
     def handshake_result(self, result: str) -> None:
         """Count one client handshake by its result: ``ok`` or the HTTP status it was refused with."""
@@ -78,3 +198,9 @@ class Gateway:
             "client_close={client_close} backend_close={backend_close} closed_by={closed_by}",
             **session.describe(),
         )
+
+
+def _zip_longest(groups: list[list[Session]]) -> list[list[Session]]:
+    """[[a1, a2], [b1]] -> [[a1, b1], [a2]]."""
+    rounds = max((len(g) for g in groups), default=0)
+    return [[g[i] for g in groups if i < len(g)] for i in range(rounds)]
