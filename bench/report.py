@@ -30,6 +30,7 @@ class Outcome:
 
     data: dict[str, Any] | None = None
     error: str = ""
+    attempts: int = 1  # how many times the workload ran (the least disturbed run is kept)
 
     @property
     def ok(self) -> bool:
@@ -402,6 +403,18 @@ def render(run: Run) -> str:
         for k, o in r.items()
         if o.data and (v := outside_pct(o.data) or 0) > NOISY_PCT
     ]
+    repeated = [
+        f"`{t}` {k} ({o.attempts} runs)"
+        for t, r in run.results.items()
+        for k, o in r.items()
+        if o.attempts > 1
+    ]
+    if repeated:
+        notes.append(
+            "Measurements disturbed by other work were repeated and the least disturbed run kept: "
+            + ", ".join(repeated)
+            + "."
+        )
     if noisy:
         notes.append(
             f"Other work used more than {NOISY_PCT} % of a core during: {', '.join(noisy)}; "

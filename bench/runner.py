@@ -25,6 +25,8 @@ __all__ = ["main"]
 
 OUT_DIR = tools.BENCH_DIR / "out"
 RESULTS = tools.BENCH_DIR / "RESULTS.md"
+RETRIES = 2  # repeats of a disturbed measurement (W5: at most 1), full runs only
+RETRY_BUDGET = 18 * 60.0  # no repeat starts after this many seconds of measuring
 
 
 def log(msg: str) -> None:
@@ -57,17 +59,12 @@ def select(names: str, items: list, what: str, key) -> list:
     return [known[n] for n in wanted]
 
 
-def run_workload(
-    w: Workload, target: Running, wsload: Path, backend: Proc, use_tls: bool
-) -> report.Outcome:
-    port = target.tls_port if use_tls else target.port
-    argv = [
-        "taskset",
-        "-c",
-        LOAD_CPUS,
-        str(wsload),
-        *w.argv(port, target.watch_pids(), backend.pid),
-    ]
+def run_workload(w: Workload, target: Running, wsload: Path, backend: Proc) -> report.Outcome:
+    """One bounded wsload run of ``w`` against a started target."""
+    port = target.tls_port if w.tls else target.port
+    cores = ",".join(sorted(set(LOAD_CPUS.split(",")) | set(target.target.cpus.split(","))))
+    argv = ["taskset", "-c", LOAD_CPUS, str(wsload)]
+    argv += w.argv(port, target.watch_pids(), backend.pid, cores)
     try:
         r = subprocess.run(
             argv, capture_output=True, text=True, timeout=w.time_limit(), preexec_fn=raise_nofile
@@ -88,6 +85,60 @@ def run_workload(
     elif not data["messages"]:
         return report.Outcome(data, "no message echoed in the window")
     return report.Outcome(data)
+
+
+def _noise(o: report.Outcome) -> float:
+    return (report.outside_pct(o.data) or 0.0) if o.data else 0.0
+
+
+class Measurer:
+    """Runs groups of workloads against targets; repeats a disturbed measurement while time allows.
+
+    A measurement is disturbed when other work used more than ``report.NOISY_PCT`` % of a core on
+    the cores involved; it is repeated (W5 on a fresh start of the target, so its RSS baseline stays
+    clean) up to ``retries`` times, and the least disturbed attempt is kept.
+    """
+
+    def __init__(self, env: Env, bins: dict[str, Path], backend: Proc, retries: int, budget: float):
+        self.env, self.bins, self.backend = env, bins, backend
+        self.retries = retries
+        self.deadline = time.monotonic() + budget
+
+    def group(self, t: Target, group: list[Workload]) -> dict[str, report.Outcome]:
+        results: dict[str, report.Outcome] = {}
+        running: Running | None = None
+        try:
+            for w in group:
+                tries = 1 + (min(self.retries, 1) if w.mode == "handshake" else self.retries)
+                best: report.Outcome | None = None
+                for attempt in range(1, tries + 1):
+                    if running is None or (w.mode == "handshake" and attempt > 1):
+                        if running is not None:
+                            running.stop()
+                            running = None
+                        log(f"{t.name}: starting for {w.key}")
+                        running = start(t, self.env)
+                    out = run_workload(w, running, self.bins["wsload"], self.backend)
+                    log(f"{t.name} {w.key}: {_brief(w, out)}")
+                    if best is None or (out.ok, -_noise(out)) > (best.ok, -_noise(best)):
+                        best = out
+                    time.sleep(0.3)
+                    if not out.ok or _noise(out) <= report.NOISY_PCT:
+                        break
+                    if time.monotonic() > self.deadline:
+                        break
+                    log(f"{t.name} {w.key}: disturbed ({_noise(out):.0f} % outside), again")
+                assert best is not None
+                best.attempts = attempt
+                results[w.key] = best
+        except Exception as e:  # a target that cannot start fails the rest of its group
+            log(f"{t.name}: {e}")
+            for w in group:
+                results.setdefault(w.key, report.Outcome(error=str(e)[-300:]))
+        finally:
+            if running is not None:
+                running.stop()
+        return results
 
 
 def groups(t: Target, wls: list[Workload], quick: bool) -> list[list[Workload]]:
@@ -141,25 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_port(bport, backend)
         wait_port(btls, backend)
+        measurer = Measurer(env, bins, backend, 0 if args.quick else RETRIES, RETRY_BUDGET)
         for t in targets:
             run.results[t.name] = {}
             for group in groups(t, wls, args.quick):
-                log(f"{t.name}: starting for {', '.join(w.key for w in group)}")
-                try:
-                    running = start(t, env)
-                except Exception as e:  # a target that cannot start fails its workloads
-                    for w in group:
-                        run.results[t.name][w.key] = report.Outcome(error=str(e)[-300:])
-                    log(f"{t.name}: failed to start: {e}")
-                    continue
-                try:
-                    for w in group:
-                        out = run_workload(w, running, bins["wsload"], backend, w.tls)
-                        run.results[t.name][w.key] = out
-                        log(f"{t.name} {w.key}: {_brief(w, out)}")
-                        time.sleep(0.3)
-                finally:
-                    running.stop()
+                run.results[t.name].update(measurer.group(t, group))
     finally:
         backend.stop()
 

@@ -29,8 +29,8 @@ class Workload:
     warmup: float = 1.0
     duration: float = 8.0
 
-    def argv(self, port: int, watch: list[int], backend_pid: int) -> list[str]:
-        args = ["--port", str(port), "--mode", self.mode]
+    def argv(self, port: int, watch: list[int], backend_pid: int, cpus: str) -> list[str]:
+        args = ["--port", str(port), "--mode", self.mode, "--cpus", cpus]
         if self.mode == "handshake":
             args += ["--sessions", str(self.sessions), "--hs-inflight", str(self.hs_inflight)]
             args += ["--hold", str(self.hold)]

@@ -390,20 +390,34 @@ static inline long proc_rss_kb(int pid)
     return kb;
 }
 
-/* CPU seconds all cores spent busy since boot (/proc/stat: everything but idle and iowait). */
-static inline double machine_busy_s(void)
+/* CPU seconds spent busy since boot by the cores in `cpus` (a bit mask; 0: all cores), from
+ * /proc/stat: user nice system irq softirq steal (guest time is already in user). */
+static inline double machine_busy_s(unsigned long cpus)
 {
     FILE *f = fopen("/proc/stat", "r");
     if (!f)
         return -1;
-    unsigned long long v[10] = {0};
-    int n = fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2],
-                   &v[3], &v[4], &v[5], &v[6], &v[7], &v[8], &v[9]);
+    char line[512];
+    unsigned long long busy = 0;
+    while (fgets(line, sizeof line, f)) {
+        if (strncmp(line, "cpu", 3) != 0)
+            break;
+        int id = -1;
+        unsigned long long v[8] = {0};
+        if (line[3] == ' ') {
+            if (cpus)
+                continue;
+        } else if (sscanf(line + 3, "%d", &id) != 1 || !cpus || id >= 64 ||
+                   !(cpus >> id & 1)) {
+            continue;
+        }
+        const char *p = strchr(line, ' ');
+        if (!p || sscanf(p, "%llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2],
+                         &v[3], &v[4], &v[5], &v[6], &v[7]) < 4)
+            continue;
+        busy += v[0] + v[1] + v[2] + v[5] + v[6] + v[7];
+    }
     fclose(f);
-    if (n < 4)
-        return -1;
-    /* user nice system idle iowait irq softirq steal (guest time is already in user) */
-    unsigned long long busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7];
     return (double)busy / (double)sysconf(_SC_CLK_TCK);
 }
 

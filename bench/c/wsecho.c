@@ -257,8 +257,8 @@ static void handle(conn_t *c, uint32_t events)
         return;
     }
     uint32_t ev = 0;
-    if (buf_used(&c->wbuf) <= HIGH_WATER)
-        ev |= EPOLLIN;
+    if (buf_used(&c->wbuf) <= HIGH_WATER && !c->closing)
+        ev |= EPOLLIN; /* (closing: nothing more is read until the answer is flushed) */
     if (buf_used(&c->wbuf))
         ev |= EPOLLOUT;
     set_events(c, ev);

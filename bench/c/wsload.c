@@ -51,6 +51,7 @@ static double rate, warmup = 1, duration = 5, hold = 5;
 static int hs_inflight = 100;
 static double connect_timeout = 15;
 static int watch_pids[64], n_watch, backend_pids[8], n_backend;
+static unsigned long busy_cpus; /* cores whose busy time is reported (0: all) */
 
 /* ---------- state ---------- */
 static int ep;
@@ -525,7 +526,8 @@ static void usage(void)
             "usage: wsload --port P [--host H] [--path /] [--mode closed|open|handshake]\n"
             "  [--conns N] [--size BYTES] [--inflight K] [--rate MSGS_PER_S] [--text]\n"
             "  [--warmup S] [--duration S] [--sessions N] [--hs-inflight M] [--hold S]\n"
-            "  [--tls] [--connect-timeout S] [--watch PID,..] [--backend-pid PID]\n");
+            "  [--tls] [--connect-timeout S] [--watch PID,..] [--backend-pid PID]\n"
+            "  [--cpus 0,1]   (cores whose busy time is reported as machine_busy_s)\n");
     exit(2);
 }
 
@@ -596,6 +598,16 @@ int main(int argc, char **argv)
             n_watch = parse_pids(v, watch_pids, 64);
         else if (!strcmp(a, "--backend-pid"))
             n_backend = parse_pids(v, backend_pids, 8);
+        else if (!strcmp(a, "--cpus")) {
+            for (const char *p = v; *p;) { /* "0,1": a list of core numbers */
+                char *end;
+                long id = strtol(p, &end, 10);
+                if (end == p || id < 0 || id >= 64)
+                    usage();
+                busy_cpus |= 1ul << id;
+                p = *end == ',' ? end + 1 : end;
+            }
+        }
         else
             usage();
     }
@@ -639,7 +651,7 @@ int main(int argc, char **argv)
 
     uint64_t t_start = now_ns();
     double cpu0 = pids_cpu_s(watch_pids, n_watch), bcpu0 = pids_cpu_s(backend_pids, n_backend);
-    double scpu0 = self_cpu_s(), mbusy0 = machine_busy_s();
+    double scpu0 = self_cpu_s(), mbusy0 = machine_busy_s(busy_cpus);
     double cpu1 = cpu0, bcpu1 = bcpu0, scpu1 = scpu0, mbusy1 = mbusy0;
     long rss_before = pids_rss_kb(watch_pids, n_watch), rss_opened = -1, rss_held = -1,
          rss_after = -1;
@@ -675,7 +687,7 @@ int main(int argc, char **argv)
         cpu1 = pids_cpu_s(watch_pids, n_watch);
         bcpu1 = pids_cpu_s(backend_pids, n_backend);
         scpu1 = self_cpu_s();
-        mbusy1 = machine_busy_s();
+        mbusy1 = machine_busy_s(busy_cpus);
         rss_opened = pids_rss_kb(watch_pids, n_watch);
         uint64_t end = t_opened + (uint64_t)(hold * 1e9);
         long open_at_start = n_open;
@@ -724,7 +736,7 @@ int main(int argc, char **argv)
                 cpu0 = pids_cpu_s(watch_pids, n_watch);
                 bcpu0 = pids_cpu_s(backend_pids, n_backend);
                 scpu0 = self_cpu_s();
-                mbusy0 = machine_busy_s();
+                mbusy0 = machine_busy_s(busy_cpus);
             }
             if (now >= t_me)
                 break;
@@ -751,7 +763,7 @@ int main(int argc, char **argv)
         cpu1 = pids_cpu_s(watch_pids, n_watch);
         bcpu1 = pids_cpu_s(backend_pids, n_backend);
         scpu1 = self_cpu_s();
-        mbusy1 = machine_busy_s();
+        mbusy1 = machine_busy_s(busy_cpus);
         double win = (double)(now_ns() < t_me ? now_ns() - t_ms : t_me - t_ms) / 1e9;
         if (now_ns() < t_ms)
             win = 0;
