@@ -47,6 +47,7 @@ class Run:
     versions: dict[str, str]
     targets: list[Target]
     workloads: list[Workload]
+    command: str = "python -m bench"
     results: dict[str, dict[str, Outcome]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -156,7 +157,7 @@ def _header(run: Run) -> list[str]:
     out = [
         "# wsgate benchmark results",
         "",
-        f"- Date: {run.date}; run: {kind}",
+        f"- Date: {run.date}; run: {kind}; command: `{run.command}`",
         f"- Machine: {run.cpu}, {run.cores} cores, {run.mem_gib:.0f} GiB",
         "- Versions: " + "; ".join(f"{k}: {v}" for k, v in run.versions.items()),
         "- Cores: the load generator (bench/c/wsload.c) and the echo backend (bench/c/wsecho.c) "

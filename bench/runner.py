@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ __all__ = ["main"]
 OUT_DIR = tools.BENCH_DIR / "out"
 RESULTS = tools.BENCH_DIR / "RESULTS.md"
 RETRIES = 2  # repeats of a disturbed measurement (W5: at most 1), full runs only
+KEEP_RUNS = 5  # logs of the last runs kept in bench/out/
 RETRY_BUDGET = 18 * 60.0  # no repeat starts after this many seconds of measuring
 
 
@@ -177,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.now(UTC)
     run_dir = OUT_DIR / ("run-" + stamp.strftime("%Y%m%d-%H%M%S"))
     run_dir.mkdir(parents=True, exist_ok=True)
+    for old in sorted(OUT_DIR.glob("run-*"))[:-KEEP_RUNS]:
+        shutil.rmtree(old, ignore_errors=True)
     run = report.Run(
         quick=args.quick,
         date=stamp.strftime("%Y-%m-%d %H:%M UTC"),
@@ -186,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         versions=tools.versions(kinds),
         targets=targets,
         workloads=wls,
+        command=" ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
     )
     w5 = next((w for w in wls if w.key == "W5"), None)
     if w5 and not args.quick and w5.sessions < FULL_W5_SESSIONS:
@@ -211,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         backend.stop()
 
-    run.notes.append(f"Run took {time.monotonic() - started:.0f} s; logs and configs in {run_dir}.")
+    where = run_dir.relative_to(tools.BENCH_DIR.parent)
+    run.notes.append(f"Run took {time.monotonic() - started:.0f} s; logs and configs in {where}/.")
     text = report.render(run)
     print(text)
     if args.out:
