@@ -128,7 +128,7 @@ class Proc:
     def _still_ours(pid: int, started: str | None) -> bool:
         """The descendant seen earlier still runs (same PID and start time, not a zombie)."""
         fields = _stat_fields(pid)
-        return bool(fields) and fields[0] != "Z" and fields[19] == started
+        return fields is not None and fields[0] != "Z" and fields[19] == started
 
 
 def wait_port(port: int, proc: Proc | None, timeout: float = 20.0) -> None:

@@ -61,22 +61,23 @@ def sessions_for(nofile: int, wanted: int) -> int:
 
 def workloads(quick: bool, nofile: int) -> list[Workload]:
     if quick:
-        t = {"warmup": 0.2, "duration": 0.6}
-        w5 = {"sessions": 200, "hs_inflight": 50, "hold": 0.5}
+        warmup, duration = 0.2, 0.6
+        sessions, hs_inflight, hold = 200, 50, 0.5
     else:
-        t = {"warmup": 1.0, "duration": 8.0}
-        w5 = {"sessions": sessions_for(nofile, FULL_W5_SESSIONS), "hs_inflight": 200, "hold": 30}
+        warmup, duration = 1.0, 8.0
+        sessions, hs_inflight, hold = sessions_for(nofile, FULL_W5_SESSIONS), 200, 30.0
     return [
         Workload("W1", "64 B echo, 64 connections, 1 in flight each", "closed", "nginx",
-                 conns=64, size=64, inflight=1, **t),
+                 conns=64, size=64, inflight=1, warmup=warmup, duration=duration),
         Workload("W2", "1 KiB echo, 64 connections, 8 in flight each", "closed", "nginx-64k",
-                 conns=64, size=1024, inflight=8, **t),
+                 conns=64, size=1024, inflight=8, warmup=warmup, duration=duration),
         Workload("W3", "64 KiB echo, 8 connections, 1 in flight each", "closed", "nginx-64k",
-                 conns=8, size=65536, inflight=1, **t),
+                 conns=8, size=65536, inflight=1, warmup=warmup, duration=duration),
         Workload("W4", "open loop 2,000 msg/s over 100 connections, 64 B", "open", "nginx",
-                 conns=100, size=64, rate=2000, **t),
-        Workload("W5", f"{w5['sessions']:,} sessions, {w5['hs_inflight']} handshakes in flight, "
-                 f"held {w5['hold']:g} s, closed", "handshake", "nginx", **w5),
+                 conns=100, size=64, rate=2000, warmup=warmup, duration=duration),
+        Workload("W5", f"{sessions:,} sessions, {hs_inflight} handshakes in flight, held "
+                 f"{hold:g} s, closed", "handshake", "nginx",
+                 sessions=sessions, hs_inflight=hs_inflight, hold=hold),
         Workload("W6", "W1 over TLS (wss:// to the proxy, plain to the backend)", "closed",
-                 "nginx", conns=64, size=64, inflight=1, tls=True, **t),
+                 "nginx", conns=64, size=64, inflight=1, tls=True, warmup=warmup, duration=duration),
     ]  # fmt: skip
