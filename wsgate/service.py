@@ -22,7 +22,9 @@ from twisted.python import usage
 from wsgate import config as configmod
 from wsgate.bridge import ClientLegFactory
 from wsgate.demo import EchoBackendFactory
+from wsgate.discovery import DnsDiscovery
 from wsgate.gateway import Gateway
+from wsgate.health import AutoRebalance, HealthChecker, Probes
 from wsgate.tls import (
     BackendConnector,
     ServerTLS,
@@ -194,6 +196,29 @@ class _CertificateReload(service.Service):
         return ok
 
 
+def _add_upstream_services(
+    gateway: Gateway, connector: Any, top: service.MultiService, reactor: Any
+) -> None:
+    """Per upstream, as configured: active health checks, DNS discovery, automatic rebalance."""
+    resolver = None
+    for name, upstream in gateway.upstreams.items():
+
+        def find(name: str = name) -> Any:
+            return gateway.upstreams.get(name)
+
+        spec = upstream.spec
+        if spec.health is not None:
+            HealthChecker(find, Probes(connector), reactor).setServiceParent(top)
+        if any(s.resolve for s in spec.servers):
+            if resolver is None:
+                from twisted.names import client
+
+                resolver = client.createResolver()
+            DnsDiscovery(find, resolver, reactor).setServiceParent(top)
+        if spec.rebalance_threshold > 0:
+            AutoRebalance(name, find, gateway.rebalance, reactor).setServiceParent(top)
+
+
 def makeService(options: Options | dict[str, Any], reactor: Any = None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
@@ -209,6 +234,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
             top
         )
     connector = BackendConnector(reactor)
+    _add_upstream_services(gateway, connector, top, reactor)
     factory: Any = ClientLegFactory(gateway, connector)
     unverified = unverified_servers(config)
     if unverified:

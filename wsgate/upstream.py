@@ -362,6 +362,11 @@ class Upstream:
         weight = sum(s.weight for s in usable)
         return max(s.active / (total * s.weight / weight) for s in usable)
 
+    @property
+    def rebalancing(self) -> bool:
+        """Whether a rebalance is settling (new sessions are steered to the emptiest servers)."""
+        return self._steer_until is not None and self.now() < self._steer_until
+
     def start_rebalance(self, window: float) -> None:
         """Steer new sessions to the emptiest servers while a rebalance's closes come in."""
         self._steer_until = self.now() + window + REBALANCE_SETTLE

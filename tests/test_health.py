@@ -1,0 +1,227 @@
+"""
+Active health checks on a test clock (rise/fall transitions, logging, counting, timeouts), the
+real probes against loopback servers, and the automatic rebalance.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from wsgate.config import HealthSpec, ServerSpec, UpstreamSpec
+from wsgate.health import AutoRebalance, HealthChecker, Probes
+from wsgate.upstream import Server, Upstream
+
+A, B = "ws://a.test:1", "ws://b.test:2"
+
+
+def upstream(clock: task.Clock, **health: Any) -> Upstream:
+    spec = UpstreamSpec(
+        name="u",
+        servers=(ServerSpec(url=A), ServerSpec(url=B)),
+        health=HealthSpec(**{"interval": 5.0, "timeout": 2.0, "rise": 2, "fall": 3, **health}),
+    )
+    return Upstream(spec, clock)
+
+
+class FakeProbe:
+    """Answers each probe by the server's current verdict: True, False or "hang"."""
+
+    def __init__(self) -> None:
+        self.verdict: dict[str, Any] = {A: True, B: True}
+        self.calls = 0
+
+    def __call__(self, server: Server, spec: HealthSpec) -> Deferred:
+        self.calls += 1
+        verdict = self.verdict[server.url]
+        if verdict == "hang":
+            return Deferred()
+        return succeed(None) if verdict else fail(ConnectionError("refused"))
+
+
+class HealthCheckerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.upstream = upstream(self.clock)
+        self.probe = FakeProbe()
+        self.checker = HealthChecker(lambda: self.upstream, self.probe, self.clock)
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.checker.startService()
+        self.addCleanup(self.checker.stopService)
+
+    def names(self) -> list[str]:
+        return [
+            e["log_format"].split()[0]
+            for e in self.events
+            if e.get("log_format", "").startswith("server_")
+        ]
+
+    def test_fall_and_rise(self) -> None:
+        """
+        fall = 3: the third failed check in a row takes a server down (one server_down event,
+        counted); rise = 2: the second passed check brings it back (server_up).
+        """
+        a = self.upstream.servers[0]
+        self.probe.verdict[A] = False
+        self.clock.advance(5)
+        self.clock.advance(5)
+        self.assertEqual(a.state, "up")
+        self.clock.advance(5)  # third round: t = 10 + the first at t = 0
+        self.assertEqual(a.state, "down")
+        self.assertEqual(self.names(), ["server_down"])
+        self.assertEqual(self.upstream.counters["servers.down"], 1)
+        self.assertIs(self.upstream.pick(), self.upstream.servers[1])
+        event = [e for e in self.events if e.get("log_format", "").startswith("server_")][0]
+        self.assertEqual((event["upstream"], event["server"], event["source"]), ("u", A, "active"))
+        self.probe.verdict[A] = True
+        self.clock.advance(5)
+        self.assertEqual(a.state, "down")
+        self.clock.advance(5)
+        self.assertEqual(a.state, "up")
+        self.assertEqual(self.names(), ["server_down", "server_up"])
+        self.assertEqual(a.last_check, 25.0)
+
+    def test_timeout_is_a_failure(self) -> None:
+        """A probe that does not answer within timeout counts as failed."""
+        self.probe.verdict[B] = "hang"  # from the round at t = 5 on (t = 0 passed)
+        for _ in range(3):
+            self.clock.advance(5)
+            self.assertEqual(self.upstream.servers[1].state, "up")
+        self.clock.advance(2)
+        self.assertEqual(self.upstream.servers[1].state, "down")
+
+    def test_stop_cancels(self) -> None:
+        """stopService cancels the next round and pending probes."""
+        self.probe.verdict[B] = "hang"
+        self.clock.advance(5)
+        self.checker.stopService()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        calls = self.probe.calls
+        self.clock.advance(60)
+        self.assertEqual(self.probe.calls, calls)
+
+    def test_passive_and_active(self) -> None:
+        """A server brought back by the checks starts with a clean passive record."""
+        a = self.upstream.servers[0]
+        self.upstream.failed(a)
+        self.assertEqual(a.state, "down")
+        self.upstream.set_healthy(a, False, "test")
+        self.upstream.set_healthy(a, True, "test")
+        self.assertEqual((a.state, a.fails), ("up", 0))
+
+
+class AutoRebalanceTests(SynchronousTestCase):
+    def test_threshold(self) -> None:
+        """Rebalances only when the most loaded server is above threshold times its share."""
+        clock = task.Clock()
+        spec = UpstreamSpec(
+            name="u",
+            servers=(ServerSpec(url=A), ServerSpec(url=B)),
+            rebalance_threshold=1.5,
+            rebalance_interval=10.0,
+        )
+        u = Upstream(spec, clock)
+        calls: list[tuple[str, float]] = []
+
+        def rebalance(name: str, window: float) -> int:
+            calls.append((name, window))
+            u.start_rebalance(window)
+            return 0
+
+        service = AutoRebalance("u", lambda: u, rebalance, clock)
+        service.startService()
+        self.addCleanup(service.stopService)
+        u.servers[0].active, u.servers[1].active = 14, 6  # 1.4 times the share
+        clock.advance(10)
+        self.assertEqual(calls, [])
+        u.servers[0].active = 20  # 1.54
+        clock.advance(10)
+        self.assertEqual(calls, [("u", 10.0)])
+        clock.advance(10)  # still settling
+        self.assertEqual(len(calls), 1)
+
+
+class _Ok(WebSocketServerProtocol):
+    pass
+
+
+class _HttpAnswer(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        status = b"200 OK" if b"GET /ok " in data else b"503 Unavailable"
+        self.transport.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\n\r\n")
+
+
+def connect(spec: ServerSpec, factory: Any, timeout: float) -> Deferred:
+    return HostnameEndpoint(reactor, spec.host, spec.port, timeout=timeout).connect(factory)
+
+
+class ProbesTests(TestCase):
+    """The real probes against servers on loopback."""
+
+    def listen(self, factory: Any) -> Server:
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return Server(ServerSpec(url=f"ws://127.0.0.1:{port.getHost().port}"), lambda: 0.0)
+
+    async def test_tcp(self) -> None:
+        """tcp: a listening port passes, a closed one fails."""
+        server = self.listen(Factory.forProtocol(Protocol))
+        await Probes(connect)(server, HealthSpec(type="tcp"))
+        closed = Server(ServerSpec(url="ws://127.0.0.1:1"), lambda: 0.0)
+        with self.assertRaises(ConnectionRefusedError):
+            await Probes(connect)(closed, HealthSpec(type="tcp"))
+
+    async def test_http(self) -> None:
+        """http: a 2xx answer passes, a 503 fails."""
+        server = self.listen(Factory.forProtocol(_HttpAnswer))
+        self.assertEqual(await Probes(connect)(server, HealthSpec(type="http", path="/ok")), 200)
+        with self.assertRaises(ValueError):
+            await Probes(connect)(server, HealthSpec(type="http", path="/bad"))
+
+    async def test_websocket(self) -> None:
+        """websocket: a completed opening handshake passes; a plain TCP server fails."""
+        factory = WebSocketServerFactory()
+        factory.protocol = _Ok
+        server = self.listen(factory)
+        await Probes(connect)(server, HealthSpec(type="websocket", path="/health"))
+        http = self.listen(Factory.forProtocol(_HttpAnswer))
+        with self.assertRaises(ConnectionError):
+            await Probes(connect)(http, HealthSpec(type="websocket", path="/", timeout=2.0))
+
+
+class ServiceTreeTests(SynchronousTestCase):
+    def test_services_per_upstream(self) -> None:
+        """makeService adds a HealthChecker and an AutoRebalance for upstreams configured so."""
+        from wsgate import config as configmod
+        from wsgate.service import makeService
+
+        config = configmod.parse(
+            {
+                "listen": [{"endpoint": "tcp:0:interface=127.0.0.1"}],
+                "route": [{"path": "/", "upstream": "checked"}],
+                "upstream": {
+                    "checked": {
+                        "servers": [{"url": A}],
+                        "health": {"type": "websocket", "path": "/health"},
+                        "rebalance_threshold": 1.5,
+                    },
+                    "plain": {"servers": [{"url": B}]},
+                },
+            },
+            "test.toml",
+        )
+        top = makeService({"gate_config": config}, task.Clock())
+        kinds = [type(s).__name__ for s in top]
+        self.assertEqual(kinds.count("HealthChecker"), 1)
+        self.assertEqual(kinds.count("AutoRebalance"), 1)
+        self.assertNotIn("DnsDiscovery", kinds)
