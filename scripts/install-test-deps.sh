@@ -1,6 +1,7 @@
 #!/bin/sh
 # Install the real external peers the end-to-end tests drive: Node.js + npm (for the ws echo backend
-# and wscat in tests/fixtures/node), openssl and the OpenSSH client.
+# and wscat in tests/fixtures/node), openssl, the OpenSSH client (console tests) and Chromium (the
+# status page, rendered headless).
 #
 # Idempotent and non-interactive: system packages are installed only when their command is missing
 # (needs root then), and `npm ci` runs only when node_modules does not match package-lock.json.
@@ -13,13 +14,18 @@ stamp="$fixtures/node_modules/.wsgate-package-lock.sha256"
 
 # command -> Debian package providing it
 missing=""
-for pair in node:nodejs npm:npm openssl:openssl ssh:openssh-client; do
+for pair in node:nodejs npm:npm openssl:openssl ssh:openssh-client ssh-keygen:openssh-client chromium:chromium; do
     cmd=${pair%%:*}
     pkg=${pair#*:}
     if ! command -v "$cmd" >/dev/null 2>&1; then
         missing="$missing $pkg"
     fi
 done
+
+# Chromium only recommends fonts; without one the status page renders as boxes.
+case "$missing" in
+*chromium*) missing="$missing fonts-dejavu-core" ;;
+esac
 
 if [ -n "$missing" ]; then
     if [ "$(id -u)" -ne 0 ]; then
@@ -32,7 +38,7 @@ if [ -n "$missing" ]; then
     # shellcheck disable=SC2086  # word splitting of the package list is intended
     apt-get install -y --no-install-recommends $missing </dev/null
 else
-    echo "install-test-deps: node, npm, openssl and ssh already installed"
+    echo "install-test-deps: node, npm, openssl, ssh and chromium already installed"
 fi
 
 lock_sum=$(sha256sum "$fixtures/package-lock.json" | cut -d' ' -f1)

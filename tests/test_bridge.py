@@ -302,7 +302,7 @@ class RelayUnitTests(SynchronousTestCase):
         class Frame:
             fin = True
 
-        source = type("Source", (), {"current_frame": Frame()})()
+        source = type("Source", (), {"current_frame": Frame(), "failedByMe": False})()
         sink = Sink()
         relay = Relay(source, sink, 0, lambda: 0.0)
         relay.onMessageBegin(True)

@@ -51,16 +51,16 @@ def settled_fds(pid: int, expected: int | None = None, timeout: float = 5.0) -> 
 class GateCase(TestCase):
     """Starts an Autobahn backend in ``mode`` and a gate in front of it, from a config file."""
 
-    def start(self, mode: str, route: str = "") -> None:
+    def start(self, mode: str, route: str = "", extra: str = "") -> None:
         gate_port, backend_port = free_ports(2)
-        self.backend = start_process(
-            self, [sys.executable, str(BACKEND), str(backend_port), mode], ready_port=backend_port
-        )
-        config = Path(self.mktemp())
+        self.backend_port = backend_port
+        self.mode = mode
+        self.start_backend()
+        config = self.config_path = Path(self.mktemp())
         config.write_text(
             f'[[listen]]\nendpoint = "tcp:{gate_port}:interface={LOOPBACK}"\n'
             f'[[route]]\nupstream = "u"\n{route}\n'
-            f'[upstream.u]\nservers = [{{ url = "ws://{LOOPBACK}:{backend_port}" }}]\n'
+            f'[upstream.u]\nservers = [{{ url = "ws://{LOOPBACK}:{backend_port}" }}]\n{extra}\n'
         )
         twistd = str(Path(sys.executable).with_name("twistd"))
         env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -73,6 +73,13 @@ class GateCase(TestCase):
         )
         self.url = f"ws://{LOOPBACK}:{gate_port}"
         self.gate_port = gate_port
+
+    def start_backend(self) -> None:
+        self.backend = start_process(
+            self,
+            [sys.executable, str(BACKEND), str(self.backend_port), self.mode],
+            ready_port=self.backend_port,
+        )
 
 
 class StreamingTests(GateCase):

@@ -680,7 +680,7 @@ class ReloadTests(SynchronousTestCase):
             # A key that does not match: the reload fails, the new certificate stays.
             Path(first["key"]).write_bytes(Path(backend["key"]).read_bytes())
             os.kill(gate.pid, signal.SIGHUP)
-            out = gate.wait_for_output("tls_reload_failed")
+            out = gate.wait_for_output("config_reload_refused: the running config stays")
             self.assertIn(f"{first['key']}: private key does not match the certificate", out)
             self.assertEqual(served(port, "localhost", certs.ca_file)["der"], new_der)
             ws.send("still")

@@ -61,6 +61,10 @@ Forwarded headers.  Toward the backend: the client's ``Origin``, ``Cookie``, ``A
 ``X-Forwarded-Proto`` (``https`` when the client came over TLS, else ``http``),
 ``X-Forwarded-Host`` (the client's ``Host``) and ``X-Real-IP``.  ``Host`` is the backend's own.
 
+Plain HTTP.  A request that is not an upgrade (Autobahn answers 426, or 405 for a method other
+than GET) on a route with ``http = true`` is handed to ``httpproxy.start_http`` instead: the
+:class:`ClientLeg` then passes every byte and the loss of its connection to that exchange.
+
 This module must not choose servers (``upstream.py`` does) or build TLS contexts (``tls.py`` does:
 the ``connect`` callable it receives opens backend connections).
 """
@@ -71,6 +75,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
+import txaio
 from autobahn.twisted.websocket import (
     WebSocketClientFactory,
     WebSocketClientProtocol,
@@ -89,6 +94,8 @@ from zope.interface import implementer
 
 from wsgate.config import ServerSpec
 from wsgate.gateway import Gateway
+from wsgate.httpproxy import start_http
+from wsgate.limits import MessageRate, client_address
 from wsgate.upstream import Server
 
 __all__ = [
@@ -108,8 +115,6 @@ _WHOLE_FRAME = 128 * 1024
 _TAP_PREVIEW = 64
 # How long a leg waits for its peer to answer a Close before dropping the connection.
 CLOSE_HANDSHAKE_TIMEOUT = 5.0
-# How long a client may take to send its upgrade request (until onConnect).
-CLIENT_HANDSHAKE_TIMEOUT = 10.0
 
 Connect = Callable[[ServerSpec, WebSocketClientFactory, float], Deferred]
 """Opens a connection to a backend server with a protocol factory and a connect timeout."""
@@ -183,10 +188,21 @@ class Relay:
     complete message) are read by the registry, the access log and the idle timer.
     """
 
-    def __init__(self, source: Any, sink: Any, max_size: int, now: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        source: Any,
+        sink: Any,
+        max_size: int,
+        now: Callable[[], float],
+        max_frame: int = 0,
+    ) -> None:
         self.source = source
         self.sink = sink
         self.max_size = max_size
+        self.max_frame = max_frame
+        self.rate: MessageRate | None = None
+        self._throttle = False
+        self._clock: Any = None
         self.messages = 0
         self.bytes = 0
         self.last = now()
@@ -200,6 +216,29 @@ class Relay:
         self._chunks: list[bytes] | None = None
         self._streaming = False
         self._dropping = False
+
+    def limit_rate(self, route: Any, clock: Any) -> None:
+        """Hold this direction to the route's messages/s and bytes/s: over the budget, pause
+        reading until the second is over (``throttle = true``) or close the source with 1008."""
+        self.rate = MessageRate(
+            route.max_messages_per_second, route.max_bytes_per_second, self._now
+        )
+        self._throttle = route.throttle
+        self._clock = clock
+
+    def _spend(self, size: int) -> None:
+        assert self.rate is not None
+        wait = self.rate.spend(size)
+        if not wait:
+            return
+        if self._throttle:
+            self.source.transport.pauseProducing()
+            self._clock.callLater(wait, self.source.transport.resumeProducing)
+        elif self.source.state == _OPEN:
+            self._dropping = True
+            self.source._fail_connection(
+                WebSocketProtocol.CLOSE_STATUS_CODE_POLICY_VIOLATION, "message rate limit exceeded"
+            )
 
     def wire(self) -> None:
         """Take over the source leg's message hooks."""
@@ -219,11 +258,12 @@ class Relay:
 
     def onMessageFrameBegin(self, length: int) -> None:
         self._size += length
-        if self._size > self.max_size > 0:
+        if self._size > self.max_size > 0 or length > self.max_frame > 0:
             self._dropping = True
+            limit = "message" if self._size > self.max_size > 0 else "frame"
             self.source._fail_connection(
                 WebSocketProtocol.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG,
-                f"message larger than {self.max_size} bytes",
+                f"{limit} larger than {self.max_size if limit == 'message' else self.max_frame} bytes",
             )
         if self._dropping:
             return
@@ -240,7 +280,9 @@ class Relay:
             self.sink.sendMessageFrameData(b"")
 
     def onMessageFrameData(self, payload: bytes) -> None:
-        if self._dropping:
+        if self._dropping or self.source.failedByMe:
+            # Autobahn goes on delivering a frame it has just failed (bad UTF-8, ...): drop it.
+            self._dropping = True
             return
         if self.tap is not None and not self._first:
             self._first = payload[:_TAP_PREVIEW]
@@ -259,7 +301,9 @@ class Relay:
         if self.tap is not None:
             self.tap(self._binary, self._size, self._first)
             self._first = b""
-        if self._dropping:
+        if self.rate is not None:
+            self._spend(self._size)
+        if self._dropping or self.source.failedByMe:
             return
         if self._chunks is not None:
             if self.sink.state == _OPEN:
@@ -311,8 +355,12 @@ class Session:
         self._timer: Any = None
         self._lost: set[str] = set()
         peer = client.transport.getPeer()
-        self.client_address = str(getattr(peer, "host", peer))
+        self.peer_address = str(getattr(peer, "host", peer))
+        self.client_address = client_address(
+            self.peer_address, request.headers.get("x-forwarded-for"), gateway.config.limits
+        )
         self.client_port = getattr(peer, "port", None)
+        self._admitted = False
         self.tls = ISSLTransport.providedBy(client.transport)
         self.target = client.http_request_uri
 
@@ -321,9 +369,20 @@ class Session:
     def start(self) -> Deferred:
         """Route the request and start the first backend attempt; the Deferred fires with the
         backend's subprotocol, or fails with ``ConnectionDeny``."""
-        route = self.gateway.router.match(self.request.host, self.request.path)
+        gateway = self.gateway
+        if gateway.closing:
+            raise ConnectionDeny(503, "The gateway is shutting down")
+        route = gateway.router.match(self.request.host, self.request.path)
         if route is None:
             raise ConnectionDeny(404, "No route for this path")
+        if route.allowed_origins and self.request.origin not in route.allowed_origins:
+            raise ConnectionDeny(403, "Origin not allowed")
+        if route.required_subprotocol and route.required_subprotocol not in self.request.protocols:
+            raise ConnectionDeny(400, f"Subprotocol {route.required_subprotocol} required")
+        refusal = gateway.admission.admit(self.client_address)
+        if refusal is not None:
+            raise ConnectionDeny(*refusal)
+        self._admitted = True
         self.route = route
         self.route_path = route.path
         self.upstream = self.gateway.upstreams[route.upstream]
@@ -462,9 +521,11 @@ class Session:
         client, backend = self.client, self.backend
         assert backend is not None
         now = self.gateway.clock.seconds
-        max_size = self.route.max_message_size
-        self.up = Relay(client, backend, max_size, now)
-        self.down = Relay(backend, client, max_size, now)
+        route = self.route
+        self.up = Relay(client, backend, route.max_message_size, now, route.max_frame_size)
+        self.down = Relay(backend, client, route.max_message_size, now, route.max_frame_size)
+        if route.max_messages_per_second or route.max_bytes_per_second:
+            self.up.limit_rate(route, self.gateway.clock)
         self.up.wire()
         self.down.wire()
         self.throttles = (_ReadThrottle(backend.transport), _ReadThrottle(client.transport))
@@ -472,6 +533,8 @@ class Session:
         backend.transport.registerProducer(self.throttles[1], True)
         self.gateway.handshake_result("ok")
         self.gateway.session_opened(self)
+        if self.gateway.closing:
+            self.close(1001, "gateway shutting down")
         if self.route.idle_timeout > 0:
             self._timer = self.gateway.clock.callLater(self.route.idle_timeout, self._check_idle)
 
@@ -512,7 +575,17 @@ class Session:
             self._finish_refused()
             return
         if leg.failedByMe:
-            self._leg_ended(leg, "failed", leg.localCloseCode, _text(leg.localCloseReason))
+            reason = _text(leg.localCloseReason)
+            self.gateway.warnings.warn(
+                "session_failed",
+                "{session_id} {side} {client} code={code} reason={reason}",
+                session_id=self.id,
+                side=side,
+                client=self.client_address,
+                code=leg.localCloseCode,
+                reason=reason,
+            )
+            self._leg_ended(leg, "failed", leg.localCloseCode, reason)
         elif leg.wasClean:
             self._leg_ended(leg, "close", leg.remoteCloseCode, leg.remoteCloseReason or "")
         else:
@@ -534,6 +607,7 @@ class Session:
 
     def _finish(self) -> None:
         self.state = "CLOSED"
+        self._release()
         self._cancel_timer()
         if self.server is not None:
             self.server.active -= 1
@@ -541,6 +615,12 @@ class Session:
 
     def _finish_refused(self) -> None:
         self.state = "CLOSED"
+        self._release()
+
+    def _release(self) -> None:
+        if self._admitted:
+            self._admitted = False
+            self.gateway.admission.release(self.client_address)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -577,7 +657,8 @@ class Session:
         incoming = self.request.headers
         headers = {name.title(): incoming[name] for name in _FORWARDED_AS_IS if name in incoming}
         xff = incoming.get("x-forwarded-for")
-        headers["X-Forwarded-For"] = f"{xff}, {self.client_address}" if xff else self.client_address
+        peer = self.peer_address
+        headers["X-Forwarded-For"] = f"{xff}, {peer}" if xff else peer
         headers["X-Forwarded-Proto"] = "https" if self.tls else "http"
         headers["X-Forwarded-Host"] = incoming.get("host", "")
         headers["X-Real-IP"] = self.client_address
@@ -605,11 +686,42 @@ def _text(raw: bytes | str | None) -> str:
     return raw or ""
 
 
+class _QuietLog:
+    """
+    The legs' Autobahn log: only errors pass.  Autobahn logs every failed handshake and failed
+    connection at info/warn level, which a flood of bad clients would turn into a flood of log
+    lines; wsgate logs those events itself, rate limited (``Gateway.warnings``).
+    """
+
+    def __init__(self) -> None:
+        self._log = txaio.make_logger()  # type: ignore[attr-defined]
+
+    def __getattr__(self, level: str) -> Any:
+        if level in ("error", "critical", "failure"):
+            return getattr(self._log, level)
+        return _ignore
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    pass
+
+
+def _auto_pong(
+    leg: Any, ping_sent: Any, ping_seq: Any, pong_received: Any, pong_rtt: Any, payload: bytes
+) -> None:
+    """Autobahn's ``onAutoPong`` on both legs: keep the last ping round trip (ms) for the console."""
+    leg.ping_rtt = pong_rtt
+
+
 class ClientLeg(WebSocketServerProtocol):
     """The client side of a session: accepts the upgrade only once the backend has accepted."""
 
+    log = _QuietLog()
     session: Session | None = None
     transport: Any
+    http: Any = None  # an httpproxy.HttpExchange once a plain HTTP request was handed over
+    ping_rtt: int | None = None
+    onAutoPong = _auto_pong
     autoPingInterval: float
     autoPingTimeout: float
 
@@ -622,6 +734,24 @@ class ClientLeg(WebSocketServerProtocol):
         self.session = Session(self.factory.gateway, self.factory.connect, self, request)
         return self.session.start()
 
+    def processHandshake(self) -> None:
+        """Enforce the request header limits, and buffer (bounded) what a client sends early."""
+        limits = self.factory.gateway.config.limits
+        if self.session is not None:
+            # onConnect is waiting for the backend; Autobahn would re-parse early frames as a
+            # new request.  They stay in self.data and are relayed once the session is open.
+            if len(self.data) > limits.max_header_size:
+                self.failHandshake("Too much data before the handshake completed", 400)
+            return
+        end = self.data.find(b"\r\n\r\n")
+        head = self.data if end < 0 else self.data[:end]
+        if len(head) > limits.max_header_size:
+            self.failHandshake("Request header too large", 431)
+        elif head.count(b"\r\n") > limits.max_headers:
+            self.failHandshake("Too many request headers", 431)
+        elif end >= 0:
+            super().processHandshake()
+
     def onOpen(self) -> None:
         assert self.session is not None
         self.session.client_opened()
@@ -630,17 +760,39 @@ class ClientLeg(WebSocketServerProtocol):
         return _close_frame_received(self, WebSocketServerProtocol, code, reasonRaw)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self.http is not None:
+            self.http.client_lost()
         if self.session is not None:
             self.session.leg_lost(self)
 
+    def dataReceived(self, data: bytes) -> None:
+        if self.http is not None:
+            self.http.client_data(data)
+        else:
+            super().dataReceived(data)
+
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        if code in (405, 426) and self.http is None and self.session is None:
+            self.http = start_http(self, self.factory.gateway, self.factory.connect)
+            if self.http is not None:
+                return
+        gateway = self.factory.gateway
         if (
             code == 426
-            and self.factory.gateway.router.match(self.http_request_host, self.http_request_path)
-            is None
+            and gateway.router.match(self.http_request_host, self.http_request_path) is None
         ):
             code, reason = 404, "No route for this path"
-        self.factory.gateway.handshake_result(str(code))
+        elif any(name == "Sec-WebSocket-Version" for name, _ in responseHeaders or ()):
+            code = 426  # RFC 6455 4.4: a version we do not speak is "Upgrade Required"
+        gateway.handshake_result(str(code))
+        if code >= 500 or code in (400, 429, 431):
+            peer = self.transport.getPeer()
+            gateway.warnings.warn(
+                f"handshake_{code}",
+                "client={client} reason={reason}",
+                client=getattr(peer, "host", peer),
+                reason=reason,
+            )
         super().failHandshake(reason, code, responseHeaders)
 
     def sendHttpErrorResponse(self, code: int, reason: str, responseHeaders: Any = None) -> None:
@@ -656,9 +808,14 @@ class ClientLeg(WebSocketServerProtocol):
             ("Content-Length", str(len(body))),
             ("Connection", "close"),
         ]
+        extra = list(responseHeaders or ())
         if code == 426:
-            headers += [("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")]
-        headers += list(responseHeaders or ())
+            headers.append(("Upgrade", "websocket"))
+            if not any(name == "Sec-WebSocket-Version" for name, _ in extra):
+                headers.append(("Sec-WebSocket-Version", "13"))
+        if code in (429, 503):
+            headers.append(("Retry-After", str(self.factory.gateway.config.limits.retry_after)))
+        headers += extra
         head = f"HTTP/1.1 {code} {phrase}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
         self.sendData(head.encode("latin-1", "replace") + b"\r\n" + body)
 
@@ -688,7 +845,7 @@ class ClientLegFactory(WebSocketServerFactory):
             webStatus=False,
             failByDrop=False,
             echoCloseCodeReason=True,
-            openHandshakeTimeout=CLIENT_HANDSHAKE_TIMEOUT,
+            openHandshakeTimeout=gateway.config.limits.handshake_timeout,
             closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
             maxFramePayloadSize=0,
             maxMessagePayloadSize=0,
@@ -698,7 +855,11 @@ class ClientLegFactory(WebSocketServerFactory):
 class BackendLeg(WebSocketClientProtocol):
     """The backend side of a session: reports its handshake's outcome to the session."""
 
+    log = _QuietLog()
+
     transport: Any
+    ping_rtt: int | None = None
+    onAutoPong = _auto_pong
 
     def __init__(self) -> None:
         super().__init__()

@@ -15,6 +15,7 @@ import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -27,7 +28,10 @@ __all__ = [
     "CertificateFiles",
     "Config",
     "ConfigError",
+    "ConsoleSpec",
+    "AdminSpec",
     "HealthSpec",
+    "Limits",
     "Listener",
     "ListenerTLS",
     "Redirect",
@@ -100,6 +104,7 @@ class Listener:
 
     endpoint: str
     tls: ListenerTLS | None = None
+    proxy_protocol: bool = False
 
 
 @dataclass(frozen=True)
@@ -195,6 +200,12 @@ class Route:
     ping_interval: float = 0.0
     ping_timeout: float = 10.0
     max_message_size: int = 16 * 1024**2
+    max_frame_size: int = 0
+    max_messages_per_second: float = 0.0
+    max_bytes_per_second: int = 0
+    throttle: bool = False
+    allowed_origins: tuple[str, ...] = ()
+    required_subprotocol: str | None = None
     # Reverse-proxy plain HTTP requests (not WebSocket upgrades) to the upstream; else 426.
     http: bool = False
 
@@ -213,6 +224,44 @@ class Route:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Gateway-wide limits and lifecycle settings (``[limits]``); 0 means no limit."""
+
+    max_sessions: int = 0
+    max_sessions_per_ip: int = 0
+    handshake_rate: float = 0.0
+    handshake_burst: int = 20
+    handshake_timeout: float = 10.0
+    max_header_size: int = 16 * 1024
+    max_headers: int = 100
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+    shutdown_grace: float = 10.0
+    shutdown_spread: float = 0.0
+    retry_after: int = 5
+
+
+@dataclass(frozen=True)
+class ConsoleSpec:
+    """
+    The SSH console (``[console]``): where it listens, its persisted host key (made on first start
+    when missing) and how operators log in: an OpenSSH ``authorized_keys`` file and/or an
+    htpasswd-style ``users`` file of bcrypt hashes.  Paths are absolute.
+    """
+
+    endpoint: str
+    host_key: str
+    authorized_keys: str | None = None
+    users: str | None = None
+
+
+@dataclass(frozen=True)
+class AdminSpec:
+    """The admin HTTP listener (``[admin]``): ``/metrics``, ``/status.json`` and the status page."""
+
+    endpoint: str
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole, validated gateway configuration."""
 
@@ -221,6 +270,9 @@ class Config:
     routes: tuple[Route, ...]
     upstreams: Mapping[str, UpstreamSpec] = field(default_factory=dict)
     redirects: tuple[Redirect, ...] = ()
+    limits: Limits = field(default_factory=lambda: Limits())
+    console: ConsoleSpec | None = None
+    admin: AdminSpec | None = None
 
 
 def parse_duration(value: object) -> float:
@@ -257,11 +309,12 @@ def check_endpoint(value: object) -> str:
     """A Twisted server endpoint string, checked for syntax without building anything."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError("expected a Twisted endpoint string such as tcp:8020")
-    kind = value.split(":", 1)[0].lower()
-    if kind not in ("tcp", "tcp6", "unix", "ssl", "systemd", "haproxy"):
+    inner = value[len("haproxy:") :] if value.lower().startswith("haproxy:") else value
+    kind = inner.split(":", 1)[0].lower()
+    if kind not in ("tcp", "tcp6", "unix", "ssl", "systemd"):
         raise ValueError(f"{value!r}: unknown endpoint type {kind!r} (tcp, tcp6, unix, ...)")
     if kind in ("tcp", "tcp6", "ssl"):
-        port = value.split(":")[1] if ":" in value else ""
+        port = inner.split(":")[1] if ":" in inner else ""
         if "=" in port:
             port = port.split("=", 1)[1]
         if not port.isdigit() or int(port) > 65535:
@@ -390,6 +443,33 @@ def _choice(*choices: str) -> Callable[[object], str]:
         return str(value)
 
     return convert
+
+
+def _non_negative(value: object) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+        raise ValueError("expected a number of at least 0")
+    return float(value)
+
+
+def _non_negative_int(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError("expected a whole number of at least 0 (0: no limit)")
+    return value
+
+
+def _strings(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a list of strings")
+    return tuple(value)
+
+
+def _networks(value: object) -> tuple[IPv4Network | IPv6Network, ...]:
+    if not isinstance(value, list):
+        raise ValueError("expected a list of networks such as 10.0.0.0/8")
+    try:
+        return tuple(ip_network(v, strict=False) for v in value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"not a network: {e}") from None
 
 
 def _route_path(value: object) -> str:
@@ -537,8 +617,9 @@ def _listener(table: _Table) -> Listener:
     tls = _listener_tls(tls_table) if tls_table is not None else None
     if tls is not None and endpoint.lower().startswith("ssl:"):
         table._reader.problem(table.key("tls"), "give tls = {...} with a tcp: endpoint, not ssl:")
+    proxy_protocol = table.get("proxy_protocol", False, _typed(bool, "true or false"))
     table.done()
-    return Listener(endpoint=endpoint, tls=tls)
+    return Listener(endpoint=endpoint, tls=tls, proxy_protocol=proxy_protocol)
 
 
 def _redirect(table: _Table) -> Redirect:
@@ -548,6 +629,42 @@ def _redirect(table: _Table) -> Redirect:
     )
     table.done()
     return redirect
+
+
+def _console(table: _Table) -> ConsoleSpec:
+    path = _file(table._reader)
+    spec = ConsoleSpec(
+        endpoint=table.get("endpoint", "", check_endpoint, required=True),
+        host_key=table.get("host_key", "", _host_key_path(table._reader), required=True),
+        authorized_keys=table.get("authorized_keys", None, path),
+        users=table.get("users", None, path),
+    )
+    if "authorized_keys" not in table._data and "users" not in table._data:
+        table._reader.problem(
+            table._path, "give authorized_keys or users (or both): no way to log in otherwise"
+        )
+    table.done()
+    return spec
+
+
+def _host_key_path(reader: _Reader) -> Callable[[object], str]:
+    """A host key file; it (and its directory) may not exist yet: both are made on first start."""
+
+    def convert(value: object) -> str:
+        if not isinstance(value, str) or not value:
+            raise ValueError("expected a file path")
+        path = os.path.abspath(os.path.join(reader.base_dir, os.path.expanduser(value)))
+        if os.path.isdir(path):
+            raise ValueError(f"{path}: a directory, not a key file")
+        return path
+
+    return convert
+
+
+def _admin(table: _Table) -> AdminSpec:
+    spec = AdminSpec(endpoint=table.get("endpoint", "", check_endpoint, required=True))
+    table.done()
+    return spec
 
 
 def _port(value: object) -> int:
@@ -685,10 +802,36 @@ def _route(table: _Table, upstreams: Mapping[str, UpstreamSpec]) -> Route:
         ping_interval=table.get("ping_interval", 0.0, parse_duration),
         ping_timeout=table.get("ping_timeout", 10.0, parse_duration),
         max_message_size=table.get("max_message_size", 16 * 1024**2, parse_size),
+        max_frame_size=table.get("max_frame_size", 0, parse_size),
+        max_messages_per_second=table.get("max_messages_per_second", 0.0, _non_negative),
+        max_bytes_per_second=table.get("max_bytes_per_second", 0, parse_size),
+        throttle=table.get("throttle", False, _typed(bool, "true or false")),
+        allowed_origins=table.get("allowed_origins", (), _strings),
+        required_subprotocol=table.get(
+            "required_subprotocol", None, _typed(str, "a subprotocol name")
+        ),
         http=table.get("http", False, _typed(bool, "true or false")),
     )
     table.done()
     return route
+
+
+def _limits(table: _Table) -> Limits:
+    limits = Limits(
+        max_sessions=table.get("max_sessions", 0, _non_negative_int),
+        max_sessions_per_ip=table.get("max_sessions_per_ip", 0, _non_negative_int),
+        handshake_rate=table.get("handshake_rate", 0.0, _non_negative),
+        handshake_burst=table.get("handshake_burst", 20, _positive_int),
+        handshake_timeout=table.get("handshake_timeout", 10.0, parse_duration),
+        max_header_size=table.get("max_header_size", 16 * 1024, parse_size),
+        max_headers=table.get("max_headers", 100, _positive_int),
+        trusted_proxies=table.get("trusted_proxies", (), _networks),
+        shutdown_grace=table.get("shutdown_grace", 10.0, parse_duration),
+        shutdown_spread=table.get("shutdown_spread", 0.0, parse_duration),
+        retry_after=table.get("retry_after", 5, _positive_int),
+    )
+    table.done()
+    return limits
 
 
 def parse(data: Mapping[str, Any], source: str, base_dir: str | None = None) -> Config:
@@ -707,6 +850,12 @@ def parse(data: Mapping[str, Any], source: str, base_dir: str | None = None) -> 
     routes = tuple(_route(t, upstreams) for t in top.tables("route"))
     if not routes:
         reader.problem("route", "at least one [[route]] table is required")
+    limits_table = top.subtable("limits")
+    limits = _limits(limits_table) if limits_table is not None else Limits()
+    console_table = top.subtable("console")
+    console = _console(console_table) if console_table is not None else None
+    admin_table = top.subtable("admin")
+    admin = _admin(admin_table) if admin_table is not None else None
     top.done()
     if reader.problems:
         raise ConfigError(reader.problems)
@@ -716,6 +865,9 @@ def parse(data: Mapping[str, Any], source: str, base_dir: str | None = None) -> 
         routes=routes,
         upstreams=upstreams,
         redirects=redirects,
+        limits=limits,
+        console=console,
+        admin=admin,
     )
 
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Protocol
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from wsgate.config import Config
+from wsgate.limits import Admission, WarningLimiter
+from wsgate.metrics import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram
 from wsgate.routing import Router
 from wsgate.upstream import Server, Upstream, request_key
 
@@ -43,6 +46,10 @@ class Gateway:
         self.clock = clock
         self.sessions: dict[int, Session] = {}
         self.counters: Counter[str] = Counter()
+        # Finished sessions by (route, upstream, server, close code the client saw), for metrics.
+        self.closed: Counter[tuple[str, str, str, str]] = Counter()
+        self.connect_time = Histogram(CONNECT_BUCKETS)
+        self.session_duration = Histogram(DURATION_BUCKETS)
         self._next_id = 1
         self._drain_calls: dict[str, Any] = {}
         self.config = config
@@ -50,6 +57,74 @@ class Gateway:
         self.upstreams = {
             name: Upstream(spec, clock, self.counters) for name, spec in config.upstreams.items()
         }
+        self.admission = Admission(config.limits, clock.seconds)
+        self.warnings = WarningLimiter(clock.seconds)
+        # Set by shutdown(): new sessions are refused and opening ones closed at once.
+        self.closing = False
+        self._drained: Deferred | None = None
+
+    def reload(self, config: Config) -> list[str]:
+        """
+        Swap in a new, already validated config for new sessions: routes, upstreams (through
+        ``Upstream.update``, which keeps the state of servers that remain and drains removed
+        ones) and limits.  Live sessions keep their route and server.  Returns what changed.
+        """
+        changes = config_changes(self.config, config)
+        upstreams = {}
+        for name, spec in config.upstreams.items():
+            current = self.upstreams.get(name)
+            update = getattr(current, "update", None)  # Upstream.update: being added (issue 4)
+            if current is not None and update is not None:
+                update(spec)
+                upstreams[name] = current
+            else:
+                upstreams[name] = Upstream(spec, self.clock, self.counters)
+        self.router = Router(config.routes)
+        self.upstreams = upstreams
+        self.admission.limits = config.limits
+        self.config = config
+        self.counters["reloads"] += 1
+        for line in changes:
+            self.log.info("config_reloaded {change}", change=line)
+        return changes
+
+    def shutdown(self) -> Deferred:
+        """
+        Close every session with 1001 ("gateway shutting down"), spread over ``shutdown_spread``
+        seconds; the Deferred fires when all are gone or ``shutdown_grace`` has passed.
+        """
+        self.closing = True
+        limits = self.config.limits
+        sessions = list(self.sessions.values())
+        self.log.info(
+            "shutdown closing {count} sessions (grace {grace}s, spread {spread}s)",
+            count=len(sessions),
+            grace=limits.shutdown_grace,
+            spread=limits.shutdown_spread,
+        )
+        step = limits.shutdown_spread / len(sessions) if sessions else 0.0
+        for i, session in enumerate(sessions):
+            if step:
+                self.clock.callLater(i * step, session.close, 1001, "gateway shutting down")
+            else:
+                session.close(1001, "gateway shutting down")
+        if not self.sessions:
+            return succeed(None)
+        drained = self._drained = Deferred()
+        timeout = self.clock.callLater(limits.shutdown_grace, self._grace_over)
+        drained.addBoth(_cancel_call, timeout)
+        return drained
+
+    def _grace_over(self) -> None:
+        self.log.warn(
+            "shutdown grace over with {count} sessions still open", count=len(self.sessions)
+        )
+        self._fire_drained()
+
+    def _fire_drained(self) -> None:
+        drained, self._drained = self._drained, None
+        if drained is not None:
+            drained.callback(None)
 
     def new_session_id(self) -> int:
         session_id = self._next_id
@@ -180,6 +255,8 @@ class Gateway:
     def session_opened(self, session: Session) -> None:
         self.sessions[session.id] = session
         self.counters["sessions.opened"] += 1
+        if session.opened_at is not None:
+            self.connect_time.observe(session.opened_at - session.started)
         self.log.info(
             "session_opened {session_id} client={client} route={route} server={server} "
             "path={path} subprotocol={subprotocol}",
@@ -190,7 +267,10 @@ class Gateway:
         """Forget a finished session and write its access-log line."""
         if self.sessions.pop(session.id, None) is None:
             return
+        if self.closing and not self.sessions:
+            self._fire_drained()
         self.counters["sessions.closed"] += 1
+        self._count_closed(session)
         self.log.info(
             "session_closed {session_id} client={client} route={route} server={server} "
             "duration={duration:.3f}s messages_up={messages_up} bytes_up={bytes_up} "
@@ -198,6 +278,73 @@ class Gateway:
             "client_close={client_close} backend_close={backend_close} closed_by={closed_by}",
             **session.describe(),
         )
+
+    def _count_closed(self, session: Session) -> None:
+        """Fold a finished session's figures into the totals that outlive it (metrics, stats)."""
+        for direction, relay in (("up", session.up), ("down", session.down)):
+            if relay is not None:
+                self.counters[f"messages.{direction}"] += relay.messages
+                self.counters[f"bytes.{direction}"] += relay.bytes
+        self.session_duration.observe(self.clock.seconds() - session.started)
+        leg = session.client
+        # The code the client saw: ours when the gate closed first, else the client's own.
+        if getattr(leg, "closedByMe", False):
+            code = getattr(leg, "localCloseCode", None)
+        else:
+            code = getattr(leg, "remoteCloseCode", None)
+        if code is None:
+            code = 1005 if getattr(leg, "wasClean", False) else 1006
+        upstream = getattr(session, "upstream", None)
+        key = (
+            session.route_path,
+            upstream.name if upstream is not None else "",
+            session.server.url if session.server is not None else "",
+            str(code),
+        )
+        self.closed[key] += 1
+
+
+def _cancel_call(result: object, call: Any) -> object:
+    if call.active():
+        call.cancel()
+    return result
+
+
+def config_changes(old: Config, new: Config) -> list[str]:
+    """What a reload from ``old`` to ``new`` changes, one readable line each."""
+    changes = []
+    if old.listeners != new.listeners or old.redirects != new.redirects:
+        changes.append("listeners changed: restart wsgate to apply them (kept as they are)")
+    old_routes = {(r.host, r.path): r for r in old.routes}
+    new_routes = {(r.host, r.path): r for r in new.routes}
+    for key in new_routes.keys() - old_routes.keys():
+        changes.append(f"route {_route_name(key)} added")
+    for key in old_routes.keys() - new_routes.keys():
+        changes.append(f"route {_route_name(key)} removed")
+    for key in new_routes.keys() & old_routes.keys():
+        if new_routes[key] != old_routes[key]:
+            changes.append(f"route {_route_name(key)} changed")
+    for name in new.upstreams.keys() - old.upstreams.keys():
+        changes.append(f"upstream {name} added")
+    for name in old.upstreams.keys() - new.upstreams.keys():
+        changes.append(f"upstream {name} removed (its live sessions continue)")
+    for name in new.upstreams.keys() & old.upstreams.keys():
+        before = {s.url for s in old.upstreams[name].servers}
+        after = {s.url for s in new.upstreams[name].servers}
+        for url in sorted(after - before):
+            changes.append(f"upstream {name}: server {url} added")
+        for url in sorted(before - after):
+            changes.append(f"upstream {name}: server {url} removed (drained)")
+        if old.upstreams[name] != new.upstreams[name] and before == after:
+            changes.append(f"upstream {name} settings changed")
+    if old.limits != new.limits:
+        changes.append("limits changed")
+    return changes or ["nothing changed"]
+
+
+def _route_name(key: tuple[str | None, str]) -> str:
+    host, path = key
+    return f"{host or '*'}{path}"
 
 
 def _zip_longest(groups: list[list[Session]]) -> list[list[Session]]:

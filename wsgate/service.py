@@ -20,11 +20,14 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from wsgate import config as configmod
+from wsgate.admin import admin_service
 from wsgate.bridge import ClientLegFactory
+from wsgate.console import Console, ConsoleError, console_service
 from wsgate.demo import EchoBackendFactory
 from wsgate.discovery import DnsDiscovery
 from wsgate.gateway import Gateway
 from wsgate.health import AutoRebalance, HealthChecker, Probes
+from wsgate.status import Sampler
 from wsgate.tls import (
     BackendConnector,
     ServerTLS,
@@ -127,11 +130,13 @@ class _UnverifiedWarning(service.Service):
             )
 
 
-class _CertificateReload(service.Service):
+class _Reload(service.Service):
     """
-    On SIGHUP, reads the config file again and reloads the certificates of every TLS listener
-    (matched by endpoint) and the backends' CA bundles and client certificates.  Live sessions are
-    untouched; a config or certificate that does not load is logged and the old ones stay.
+    Reloads the config file on SIGHUP and when the console asks (``top.reload``).  A valid file
+    replaces routes, upstreams and limits for new sessions at once (``Gateway.reload``) and the
+    certificates of every TLS listener (matched by endpoint) and the backends' CA bundles and
+    client certificates; live sessions keep running untouched.  A file that does not validate is
+    refused with every problem logged, and the running config stays.
     """
 
     log = Logger()
@@ -139,11 +144,15 @@ class _CertificateReload(service.Service):
     def __init__(
         self,
         path: str,
+        gateway: Gateway,
+        factory: ClientLegFactory,
         listeners: dict[str, ServerTLS],
         connector: BackendConnector,
         reactor: Any,
     ) -> None:
         self.path = path
+        self.gateway = gateway
+        self.factory = factory
         self.listeners = listeners
         self.connector = connector
         self.reactor = reactor
@@ -160,18 +169,22 @@ class _CertificateReload(service.Service):
         return super().stopService()
 
     def _signalled(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self.reload)
+        self.reactor.callFromThread(self.reload_logged)
 
-    def reload(self) -> bool:
-        """Reload the certificates now; True when all of them were replaced."""
+    def reload_logged(self) -> None:
+        """Reload, logging a refusal instead of raising it (the SIGHUP path)."""
         try:
-            new = configmod.load(self.path)
+            self.reload()
         except configmod.ConfigError as e:
             for problem in e.problems:
-                self.log.error("tls_reload_failed {problem}", problem=problem)
-            self.log.error("tls_reload_failed: keeping the current certificates")
-            return False
-        ok = True
+                self.log.error("config_reload_refused {problem}", problem=problem)
+            self.log.error("config_reload_refused: the running config stays")
+
+    def reload(self) -> list[str]:
+        """Reload now; returns what changed, or raises ConfigError naming every problem."""
+        new = configmod.load(self.path)
+        changes = self.gateway.reload(new)
+        self.factory.setProtocolOptions(openHandshakeTimeout=new.limits.handshake_timeout)
         for listener in new.listeners:
             current = self.listeners.get(listener.endpoint)
             if current is None or listener.tls is None:
@@ -179,8 +192,8 @@ class _CertificateReload(service.Service):
             try:
                 current.reload(listener.tls)
             except TLSLoadError as e:
-                ok = False
                 for problem in e.problems:
+                    changes.append(f"{listener.endpoint}: certificates kept: {problem}")
                     self.log.error(
                         "tls_reload_failed {endpoint}: {problem}; keeping its current certificates",
                         endpoint=listener.endpoint,
@@ -193,7 +206,57 @@ class _CertificateReload(service.Service):
                     names=",".join(current.names()) or "-",
                 )
         self.connector.forget()
-        return ok
+        return changes
+
+
+class _GracefulStop(service.Service):
+    """On stop (SIGTERM), closes every session with 1001 and waits for them, up to the grace."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.gateway.shutdown()
+
+
+def _no_reload() -> list[str]:
+    raise configmod.ConfigError(["nothing to reload: wsgate was started without --config"])
+
+
+def _endpoint(listener: configmod.Listener) -> str:
+    """The listener's endpoint string, behind Twisted's PROXY protocol wrapper when asked."""
+    if listener.proxy_protocol and not listener.endpoint.lower().startswith("haproxy:"):
+        return f"haproxy:{listener.endpoint}"
+    return listener.endpoint
+
+
+def _add_monitoring(
+    config: configmod.Config, gateway: Gateway, top: service.MultiService, reactor: Any
+) -> None:
+    """The sampler, the SSH console and the admin listener, each only when configured."""
+    if config.console is None and config.admin is None:
+        return
+    sampler = Sampler(gateway, reactor)
+    sampler.setServiceParent(top)
+    top.sampler = sampler  # type: ignore[attr-defined]
+    if config.console is not None:
+
+        def reload() -> Any:
+            # Looked up at call time: the reload service is added further down.
+            method = getattr(top, "reload", None)
+            if method is None:
+                raise configmod.ConfigError(["reload is not available: no config file"])
+            return method()
+
+        console = Console(gateway, reactor, sampler, reload=reload)
+        try:
+            console_service(config.console, console, reactor).setServiceParent(top)
+        except ConsoleError as e:
+            raise usage.UsageError(f"cannot start the console:\n{e}") from None
+        top.console = console  # type: ignore[attr-defined]
+    if config.admin is not None:
+        admin_service(config.admin, gateway, sampler).setServiceParent(top)
 
 
 def _add_upstream_services(
@@ -228,6 +291,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
     top = service.MultiService()
     gateway = Gateway(config, reactor)
     top.gateway = gateway  # type: ignore[attr-defined]
+    _add_monitoring(config, gateway, top, reactor)
     if options.get("demo"):
         demo: Any = EchoBackendFactory()
         strports.service(f"tcp:{options['demo-port']}:interface=127.0.0.1", demo).setServiceParent(
@@ -242,7 +306,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
     tls_listeners: dict[str, ServerTLS] = {}
     for listener in config.listeners:
         if listener.tls is None:
-            strports.service(listener.endpoint, factory).setServiceParent(top)
+            strports.service(_endpoint(listener), factory).setServiceParent(top)
             continue
         try:
             server_tls = tls_listeners[listener.endpoint] = ServerTLS(listener.tls)
@@ -251,17 +315,19 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
                 f"invalid TLS certificates for {listener.endpoint}:\n{e}"
             ) from None
         StreamServerEndpointService(
-            serverFromString(reactor, listener.endpoint),
+            serverFromString(reactor, _endpoint(listener)),
             tls_server_factory(server_tls, factory, reactor),
         ).setServiceParent(top)
     for redirect in config.redirects:
         StreamServerEndpointService(
             serverFromString(reactor, redirect.endpoint), redirect_site(redirect.https_port)
         ).setServiceParent(top)
+    _GracefulStop(gateway).setServiceParent(top)
+    top.reload = _no_reload  # type: ignore[attr-defined]
     if options.get("config"):
-        _CertificateReload(options["config"], tls_listeners, connector, reactor).setServiceParent(
-            top
-        )
+        reloader = _Reload(options["config"], gateway, factory, tls_listeners, connector, reactor)
+        reloader.setServiceParent(top)
+        top.reload = reloader.reload  # type: ignore[attr-defined]
     top.tls_listeners = tls_listeners  # type: ignore[attr-defined]
     if options.get("demo"):
         port = config.listeners[0].endpoint.split(":")[1]

@@ -1,0 +1,421 @@
+"""
+The console in memory: the ``gate`` commands typed into a :class:`ConsoleManhole` over an insults
+terminal on a ``StringTransport``, against a gate with in-memory backends and clients; the key and
+password files; the console's config and its refusal to start without a way in.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+from twisted.conch.insults import insults
+from twisted.conch.ssh import keys
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.helpers import BackendFactory, Network, make_config
+from wsgate import config as configmod
+from wsgate.config import ConfigError
+from wsgate.console import (
+    TAP_QUEUE,
+    Console,
+    ConsoleError,
+    ConsoleManhole,
+    console_service,
+    load_authorized_keys,
+    load_host_key,
+    load_users,
+    table,
+)
+from wsgate.status import Sampler
+
+A = "ws://a.test:1"
+B = "ws://b.test:2"
+_ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1bc")
+PUBLIC_KEY = (
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMjLz3p0fv2+Xy9ZZBZhC3gRq8qzS3j0GmH2vLz2aZ0d ops@laptop"
+)
+
+
+class Terminal:
+    """A console session as a user sees it: type lines and keys, read the screen as text."""
+
+    def __init__(self, console: Console, user: str = "alice") -> None:
+        self.transport = StringTransport()
+        self.protocol = insults.ServerProtocol(ConsoleManhole, console, user)
+        self.protocol.makeConnection(self.transport)
+        self.manhole: ConsoleManhole = self.protocol.terminalProtocol
+
+    def type(self, text: str) -> str:
+        """Type ``text`` and Enter; return what the screen showed since the last call."""
+        self.transport.clear()
+        self.protocol.dataReceived(text.encode() + b"\r")
+        return self.screen()
+
+    def key(self, data: bytes) -> str:
+        self.transport.clear()
+        self.protocol.dataReceived(data)
+        return self.screen()
+
+    def screen(self) -> str:
+        return _ANSI.sub(b"", self.transport.value()).decode("utf-8", "replace")
+
+
+class ConsoleCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.net = Network(make_config([A, B]), {A: BackendFactory(), B: BackendFactory()})
+        self.sampler = Sampler(self.net.gateway, self.net.clock)
+        self.sampler.startService()
+        self.addCleanup(self.sampler.stopService)
+        self.reloads: list[str] = []
+        self.console = Console(self.net.gateway, self.net.clock, self.sampler, self._reload)
+        self.term = Terminal(self.console)
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def _reload(self) -> list[str]:
+        self.reloads.append("called")
+        return ["upstream u: server ws://c.test:3 added"]
+
+    def logged(self, name: str) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in self.events
+            if e.get("log_format", "").startswith("console_") and e.get("verb") == name
+        ]
+
+
+class ReadingTests(ConsoleCase):
+    def test_sessions_table(self) -> None:
+        """gate.sessions() lists each live session with its client address, server and counts."""
+        client = self.net.client("/chat")
+        client.proto.sendMessage(b"hi")
+        self.net.flush()
+        screen = self.term.type("gate.sessions()")
+        self.assertIn("127.0.0.5:40000", screen)
+        self.assertIn(A, screen)
+        header = next(line for line in screen.splitlines() if line.startswith("ID"))
+        self.assertEqual(
+            header.split(),
+            "ID CLIENT ROUTE SERVER AGE IDLE MSGS UP BYTES UP MSGS DOWN BYTES DOWN SUBPROTOCOL TLS".split(),
+        )
+        self.assertIn("(1 session)", screen)
+
+    def test_sessions_filter(self) -> None:
+        """A filter keeps the sessions whose server, route or client contains it."""
+        self.net.client("/")
+        self.net.client("/")
+        screen = self.term.type('gate.sessions("b.test")')
+        self.assertIn(B, screen)
+        self.assertNotIn(A, screen.split("gate.sessions")[-1])
+        self.assertIn("(1 of 2 sessions)", screen)
+
+    def test_session_detail(self) -> None:
+        """gate.session(id) shows path, forwarded headers and ping state."""
+        self.net.client("/room/7?user=ann")
+        sid = next(iter(self.net.gateway.sessions))
+        screen = self.term.type(f"gate.session({sid})")
+        self.assertIn("/room/7?user=ann", screen)
+        self.assertIn("X-Forwarded-For: 127.0.0.5", screen)
+        self.assertIn("ping rtt", screen)
+        self.assertIn("pings off", screen)
+
+    def test_unknown_session(self) -> None:
+        """An unknown id is a readable error, not a crash of the console."""
+        screen = self.term.type("gate.session(99)")
+        self.assertIn("LookupError: no live session 99", screen)
+        self.assertIn(">>> ", screen)
+
+    def test_upstreams_and_stats(self) -> None:
+        """gate.upstreams() shows every server's state; gate.stats() totals and handshakes."""
+        client = self.net.client("/")
+        client.proto.sendMessage(b"12345")
+        self.net.flush()
+        self.net.advance(1)
+        screen = self.term.type("gate.upstreams()")
+        self.assertRegex(screen, r"u\s+ws://a\.test:1\s+up\s+1\s+1\s+1\s+0\s+never")
+        screen = self.term.type("gate.stats()")
+        self.assertIn("1 active, 1 opened, 0 closed", screen)
+        self.assertIn("ok 1", screen)
+        self.assertIn("client->backend  1 messages, 5 B", screen)
+
+    def test_help(self) -> None:
+        """gate.help() lists every command."""
+        screen = self.term.type("gate.help()")
+        for command in (
+            "sessions",
+            "session(id)",
+            "kick",
+            "upstreams",
+            "drain",
+            "undrain",
+            "weight",
+            "reload",
+            "stats",
+            "tap",
+            "top",
+        ):
+            self.assertIn(f"gate.{command}", screen)
+
+    def test_table_alignment(self) -> None:
+        """Columns line up; the right-aligned ones end together."""
+        text = table(["ID", "NAME"], [(1, "a"), (100, "long")], right="0")
+        self.assertEqual(text.splitlines(), [" ID  NAME", "  1  a", "100  long"])
+
+
+class ActingTests(ConsoleCase):
+    def test_kick(self) -> None:
+        """gate.kick() closes the session with the code and reason, and logs who did it."""
+        client = self.net.client("/")
+        sid = next(iter(self.net.gateway.sessions))
+        self.term.type(f'gate.kick({sid}, 4000, "maintenance")')
+        self.net.flush()
+        self.assertEqual(client.close, (4000, "maintenance"))
+        self.assertEqual(self.net.gateway.sessions, {})
+        [event] = self.logged("kick")
+        self.assertEqual(event["user"], "alice")
+        self.assertIn(f"session={sid}", event["detail"])
+
+    def test_kick_refuses_reserved_code(self) -> None:
+        """Codes that cannot go on the wire (1005, 1006) are refused and the session stays."""
+        self.net.client("/")
+        sid = next(iter(self.net.gateway.sessions))
+        screen = self.term.type(f"gate.kick({sid}, 1006)")
+        self.assertIn("1006 cannot be sent", screen)
+        self.assertIn(sid, self.net.gateway.sessions)
+
+    def test_drain_undrain_weight_call_the_gateway(self) -> None:
+        """drain/undrain/weight resolve a server from part of its URL and call the Gateway."""
+        calls: list[tuple[Any, ...]] = []
+        gateway: Any = self.net.gateway
+        gateway.drain = lambda url, deadline=None: calls.append(("drain", url, deadline))
+        gateway.undrain = lambda url: calls.append(("undrain", url))
+        gateway.set_weight = lambda url, w: calls.append(("weight", url, w))
+        self.term.type('gate.drain("b.test", "30s")')
+        self.term.type('gate.undrain("ws://b.test:2")')
+        self.term.type('gate.weight("a.test", 5)')
+        self.assertEqual(calls, [("drain", B, 30.0), ("undrain", B), ("weight", A, 5)])
+        self.assertEqual([e["user"] for e in self.logged("drain")], ["alice"])
+        self.assertEqual(len(self.logged("undrain")), 1)
+        self.assertEqual(len(self.logged("weight")), 1)
+
+    def test_drain_ambiguous_server(self) -> None:
+        """A server text matching several servers names them and changes nothing."""
+        screen = self.term.type('gate.drain("test")')
+        self.assertIn("names 2 servers", screen)
+        self.assertEqual(self.logged("drain"), [])
+
+    def test_reload(self) -> None:
+        """gate.reload() calls the service's reload and prints the changes; a refused config
+        prints its problems."""
+        screen = self.term.type("gate.reload()")
+        self.assertIn("server ws://c.test:3 added", screen)
+        self.assertEqual(self.reloads, ["called"])
+
+        def refused() -> list[str]:
+            raise ConfigError(["etc/x.toml: listen: at least one [[listen]] table is required"])
+
+        self.console.reload = refused
+        screen = self.term.type("gate.reload()")
+        self.assertIn("new config refused", screen)
+        self.assertIn("at least one [[listen]]", screen)
+        self.assertEqual(len(self.logged("reload")), 2)
+
+
+class LiveViewTests(ConsoleCase):
+    def test_tap_shows_messages_until_ctrl_c(self) -> None:
+        """gate.tap(id) streams both directions with type, size and preview; Ctrl-C ends it."""
+        client = self.net.client("/")
+        sid = next(iter(self.net.gateway.sessions))
+        screen = self.term.type(f"gate.tap({sid})")
+        self.assertIn("Ctrl-C to stop", screen)
+        self.assertNotIn(">>> ", screen.split("Ctrl-C to stop")[-1])
+        client.proto.sendMessage(b"hello tap")
+        client.proto.sendMessage(b"\x00\x01\x02", isBinary=True)
+        self.net.flush()
+        self.net.advance(0.1)
+        screen = self.term.screen()
+        self.assertRegex(screen, r"client->backend text\s+9 B\s+'hello tap'")
+        self.assertRegex(screen, r"backend->client text\s+9 B\s+'hello tap'")
+        self.assertRegex(screen, r"client->backend binary\s+3 B\s+00 01 02")
+        screen = self.term.key(b"\x03")
+        self.assertIn("tap of session", screen)
+        self.assertIn("4 shown, 0 dropped", screen)
+        self.assertTrue(screen.rstrip().endswith(">>>"))
+        relay: Any = self.net.gateway.sessions[sid].up
+        self.assertIsNone(relay.tap)
+
+    def test_tap_drops_and_counts(self) -> None:
+        """A tap that cannot keep up drops messages and counts them; the session is not slowed."""
+        client = self.net.client("/")
+        sid = next(iter(self.net.gateway.sessions))
+        self.term.type(f"gate.tap({sid})")
+        count = TAP_QUEUE + 5
+        for i in range(count):
+            client.proto.sendMessage(str(i).encode())
+        self.net.flush()
+        self.assertEqual(len(client.received), count)
+        for _ in range(20):
+            self.net.advance(0.1)
+        self.assertIn("messages not shown", self.term.screen())
+        screen = self.term.key(b"\x03")
+        self.assertIn(f"{TAP_QUEUE} shown, {2 * count - TAP_QUEUE} dropped", screen)
+
+    def test_tap_ends_with_the_session(self) -> None:
+        """The tap of a session that closes ends by itself and says how it closed."""
+        client = self.net.client("/")
+        sid = next(iter(self.net.gateway.sessions))
+        self.term.type(f"gate.tap({sid})")
+        client.proto.sendClose(1000, "done")
+        self.net.flush()
+        self.net.advance(0.1)
+        screen = self.term.screen()
+        self.assertIn(f"session {sid} closed: client 1000 'done'", screen)
+        self.assertIsNone(self.term.manhole.live)
+
+    def test_top(self) -> None:
+        """gate.top() redraws the busiest sessions and the servers every second until Ctrl-C."""
+        client = self.net.client("/")
+        screen = self.term.type("gate.top()")
+        self.assertIn("wsgate top", screen)
+        self.assertIn("127.0.0.5:40000", screen)
+        self.assertIn("UPSTREAM", screen)
+        client.proto.sendMessage(b"x")
+        self.net.flush()
+        self.term.transport.clear()
+        self.net.advance(1)
+        self.assertIn("wsgate top", self.term.screen())
+        self.assertIn("top stopped", self.term.key(b"q"))
+        self.term.transport.clear()
+        self.net.advance(2)
+        self.assertEqual(self.term.screen(), "")
+
+    def test_connection_lost_stops_live_view(self) -> None:
+        """A console that disconnects during a tap removes the tap from the relay."""
+        self.net.client("/")
+        sid = next(iter(self.net.gateway.sessions))
+        self.term.type(f"gate.tap({sid})")
+        relay: Any = self.net.gateway.sessions[sid].up
+        self.assertIsNotNone(relay.tap)
+        self.term.protocol.connectionLost(None)
+        self.assertIsNone(relay.tap)
+
+
+class KeyFileTests(SynchronousTestCase):
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        Path(path).write_text(text)
+        return path
+
+    def test_authorized_keys(self) -> None:
+        """Keys and their comments are read; blank and # lines are skipped."""
+        found = load_authorized_keys(self.write(f"# ops\n\n{PUBLIC_KEY}\n"))
+        self.assertEqual([c for _, c in found], ["ops@laptop"])
+        self.assertEqual(found[0][0].sshType(), b"ssh-ed25519")
+
+    def test_authorized_keys_options_refused(self) -> None:
+        """A key line with options is refused rather than its restriction silently ignored."""
+        path = self.write(f'from="10.0.0.1" {PUBLIC_KEY}\n')
+        e = self.assertRaises(ConsoleError, load_authorized_keys, path)
+        self.assertIn(f"{path}:1: not a public key line", str(e))
+
+    def test_users_bcrypt_only(self) -> None:
+        """The users file takes bcrypt hashes (htpasswd -B) and refuses plain passwords."""
+        hashed = bcrypt.hashpw(b"secret", bcrypt.gensalt(4)).decode()
+        self.assertEqual(load_users(self.write(f"ann:{hashed}\n")), {b"ann": hashed.encode()})
+        path = self.write("bob:secret\n")
+        e = self.assertRaises(ConsoleError, load_users, path)
+        self.assertIn("not a bcrypt hash", str(e))
+
+    def test_host_key_made_once(self) -> None:
+        """The host key is made on first start (mode 0600) and the same key is read afterwards."""
+        path = self.mktemp()
+        first = load_host_key(path)
+        self.assertEqual(Path(path).stat().st_mode & 0o777, 0o600)
+        second = load_host_key(path)
+        self.assertEqual(first.fingerprint(), second.fingerprint())
+        self.assertFalse(second.isPublic())
+
+    def test_host_key_public_refused(self) -> None:
+        """A public key where the host key should be is refused."""
+        path = self.write(PUBLIC_KEY)
+        self.assertRaises(ConsoleError, load_host_key, path)
+
+    def test_no_way_in(self) -> None:
+        """The console refuses to start when its files hold no key and no user."""
+        spec = configmod.ConsoleSpec(
+            endpoint="tcp:0", host_key=self.mktemp(), authorized_keys=self.write("# none\n")
+        )
+        console = Console(Network(make_config([A]), {}).gateway, MemoryReactorClock())
+        e = self.assertRaises(ConsoleError, console_service, spec, console, MemoryReactorClock())
+        self.assertIn("no way to log in", str(e))
+
+    def test_service(self) -> None:
+        """With a key, the console is a strports service on its endpoint."""
+        spec = configmod.ConsoleSpec(
+            endpoint="tcp:0:interface=127.0.0.1",
+            host_key=self.mktemp(),
+            authorized_keys=self.write(PUBLIC_KEY + "\n"),
+        )
+        console = Console(Network(make_config([A]), {}).gateway, MemoryReactorClock())
+        svc: Any = console_service(spec, console, MemoryReactorClock())
+        self.assertEqual(svc.endpoint._interface, "127.0.0.1")
+        self.assertTrue(Path(spec.host_key).exists())
+        self.assertEqual(keys.Key.fromFile(spec.host_key).sshType(), b"ssh-ed25519")
+
+
+class ConsoleConfigTests(SynchronousTestCase):
+    def parse(self, console: dict[str, Any]) -> configmod.Config:
+        base = self.mktemp()
+        Path(base).mkdir()
+        Path(base, "keys").write_text(PUBLIC_KEY + "\n")
+        return configmod.parse(
+            {
+                "listen": [{"endpoint": "tcp:0"}],
+                "route": [{"upstream": "u"}],
+                "upstream": {"u": {"servers": [{"url": A}]}},
+                "console": console,
+                "admin": {"endpoint": "tcp:9020:interface=127.0.0.1"},
+            },
+            str(Path(base, "gate.toml")),
+        )
+
+    def test_parsed(self) -> None:
+        """[console] paths are made absolute, relative to the config file; [admin] is read."""
+        config = self.parse(
+            {"endpoint": "tcp:2222", "authorized_keys": "keys", "host_key": "host_key"}
+        )
+        assert config.console is not None and config.admin is not None
+        self.assertTrue(config.console.authorized_keys.endswith("/keys"))  # type: ignore[union-attr]
+        self.assertTrue(Path(config.console.host_key).is_absolute())
+        self.assertEqual(config.admin.endpoint, "tcp:9020:interface=127.0.0.1")
+
+    def test_no_way_to_log_in(self) -> None:
+        """A [console] without authorized_keys and users is refused."""
+        e = self.assertRaises(
+            ConfigError, self.parse, {"endpoint": "tcp:2222", "host_key": "host_key"}
+        )
+        self.assertIn("console: give authorized_keys or users", str(e))
+
+    def test_problems(self) -> None:
+        """Missing files, a directory as host key and unknown keys are named."""
+        e = self.assertRaises(
+            ConfigError,
+            self.parse,
+            {
+                "endpoint": "tcp:2222",
+                "authorized_keys": "nope",
+                "host_key": ".",
+                "password": "x",
+            },
+        )
+        text = str(e)
+        self.assertIn("console.authorized_keys: ", text)
+        self.assertIn("console.host_key: ", text)
+        self.assertIn("a directory, not a key file", text)
+        self.assertIn("console.password: unknown key", text)

@@ -1,0 +1,353 @@
+"""
+The console, metrics and status page against a real gate process on loopback: Debian's OpenSSH
+client (driven with pexpect, a key made at test time) logs in and runs ``gate`` commands while real
+WebSocket clients are connected; headless Chromium renders the status page.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import pexpect
+from twisted.trial.unittest import TestCase
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
+
+from tests.procs import LOOPBACK, REPO, Process, free_ports, start_process
+
+BACKEND = REPO / "tests" / "fixtures" / "ab_backend.py"
+ARTIFACTS = REPO / "test-artifacts"
+PASSWORD = "correct horse battery staple"
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1bc")
+_INSTALL_HINT = "run scripts/install-test-deps.sh (as root) to install the end-to-end test peers"
+
+
+def plain(text: str) -> str:
+    return _ANSI.sub("", text).replace("\r", "")
+
+
+def command(name: str) -> str:
+    """An external program the tests drive; fail (not skip) when it is missing."""
+    path = shutil.which(name)
+    if path is None:
+        raise AssertionError(f"{name} is not installed: {_INSTALL_HINT}")
+    return path
+
+
+class ConsoleGateCase(TestCase):
+    """A gate process with the console and admin listener, in front of two echo backends."""
+
+    def setUp(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="wsgate-console-"))
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.key = self.dir / "id_ops"
+        self.other_key = self.dir / "id_stranger"
+        for key, comment in ((self.key, "ops@test"), (self.other_key, "stranger@test")):
+            subprocess.run(
+                [command("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", key],
+                check=True,
+                timeout=30,
+            )
+        (self.dir / "authorized_keys").write_text(Path(f"{self.key}.pub").read_text())
+        hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()
+        (self.dir / "users").write_text(f"ann:{hashed}\n")
+        ports = free_ports(5)
+        self.gate_port, self.ssh_port, self.admin_port, a, b = ports
+        self.backends = [f"ws://{LOOPBACK}:{a}", f"ws://{LOOPBACK}:{b}"]
+        for port in (a, b):
+            start_process(self, [sys.executable, str(BACKEND), str(port), "echo"], ready_port=port)
+        self.config = self.dir / "gate.toml"
+        self.config.write_text(
+            f'[[listen]]\nendpoint = "tcp:{self.gate_port}:interface={LOOPBACK}"\n'
+            '[[route]]\nupstream = "u"\n'
+            "[upstream.u]\nservers = ["
+            + ", ".join(f'{{ url = "{url}" }}' for url in self.backends)
+            + "]\n"
+            f'[console]\nendpoint = "tcp:{self.ssh_port}:interface={LOOPBACK}"\n'
+            'authorized_keys = "authorized_keys"\nusers = "users"\nhost_key = "host_key"\n'
+            f'[admin]\nendpoint = "tcp:{self.admin_port}:interface={LOOPBACK}"\n'
+        )
+        self.gate = self.start_gate()
+        self.known_hosts = self.dir / "known_hosts"
+
+    def start_gate(self) -> Process:
+        twistd = str(Path(sys.executable).with_name("twistd"))
+        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        gate = start_process(
+            self,
+            [twistd, "-n", "--pidfile=", "wsgate", "--config", str(self.config)],
+            ready_port=self.gate_port,
+            cwd=REPO,
+            env=env,
+        )
+        from tests.procs import wait_for_port
+
+        wait_for_port(LOOPBACK, self.ssh_port, 10, gate)
+        wait_for_port(LOOPBACK, self.admin_port, 10, gate)
+        return gate
+
+    def client(self, path: str = "/") -> ClientConnection:
+        ws = connect(f"ws://{LOOPBACK}:{self.gate_port}{path}", open_timeout=5, close_timeout=2)
+        self.addCleanup(ws.close)
+        return ws
+
+    def status(self) -> dict[str, Any]:
+        url = f"http://{LOOPBACK}:{self.admin_port}/status.json"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.loads(response.read())
+
+    def ssh(
+        self, *options: str, user: str = "ops", key: Path | None = None, strict: bool = False
+    ) -> pexpect.spawn:
+        argv = [
+            "-F",
+            "/dev/null",
+            "-tt",
+            "-p",
+            str(self.ssh_port),
+            "-o",
+            f"UserKnownHostsFile={self.known_hosts}",
+            "-o",
+            f"StrictHostKeyChecking={'yes' if strict else 'no'}",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "ConnectTimeout=5",
+        ]
+        if key is not None:
+            argv += ["-i", str(key)]
+        argv += [*options, f"{user}@{LOOPBACK}"]
+        env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+        child = pexpect.spawn(
+            command("ssh"),
+            argv,
+            env=env,
+            encoding="utf-8",
+            codec_errors="replace",
+            timeout=10,
+            dimensions=(50, 200),
+        )
+        self.addCleanup(child.close, True)
+        return child
+
+    def login(self) -> pexpect.spawn:
+        child = self.ssh("-o", "BatchMode=yes", key=self.key)
+        child.expect_exact(">>> ")
+        return child
+
+    def type(self, child: pexpect.spawn, line: str) -> str:
+        """Type a line at the console; what it printed before the next prompt."""
+        child.sendline(line)
+        # The console redraws the input line (prompt included) at every key; the prompt after the
+        # command's output is the first one at the start of a line.
+        child.expect("\n>>> ")
+        return plain(child.before)
+
+    def session_id(self, ws: ClientConnection) -> int:
+        """The gate's id of the session of this client (found by its address)."""
+        host, port = ws.socket.getsockname()[:2]
+        for _ in range(50):
+            for row in self.status()["sessions"]:
+                if row["client"] == f"{host}:{port}":
+                    return int(row["id"])
+            time.sleep(0.1)
+        raise AssertionError(f"no session from {host}:{port}")
+
+
+class ConsoleTests(ConsoleGateCase):
+    def test_sessions_kick_and_log(self) -> None:
+        """gate.sessions() shows a connected client's address; gate.kick() closes it with the
+        code the operator chose, and the gate logs the operator's name."""
+        ws = self.client("/chat?room=7")
+        ws.send("hello")
+        self.assertEqual(ws.recv(timeout=5), "hello")
+        host, port = ws.socket.getsockname()[:2]
+        console = self.login()
+        screen = self.type(console, "gate.sessions()")
+        self.assertIn(f"{host}:{port}", screen)
+        sid = self.session_id(ws)
+        screen = self.type(console, f"gate.session({sid})")
+        self.assertIn("/chat?room=7", screen)
+        screen = self.type(console, f'gate.kick({sid}, 4000, "maintenance")')
+        self.assertIn(f"closing session {sid} with 4000", screen)
+        with self.assertRaises(ConnectionClosed) as caught:
+            ws.recv(timeout=5)
+        self.assertEqual(caught.exception.rcvd.code, 4000)
+        self.assertEqual(caught.exception.rcvd.reason, "maintenance")
+        self.gate.wait_for_output(f"console_kick user=ops session={sid}")
+        self.gate.wait_for_output("console_login user=ops key=")
+        console.sendcontrol("d")
+        console.expect(pexpect.EOF)
+
+    def test_tap(self) -> None:
+        """gate.tap(id) shows a message the client sends, until Ctrl-C."""
+        ws = self.client()
+        sid = self.session_id(ws)
+        console = self.login()
+        console.sendline(f"gate.tap({sid})")
+        console.expect_exact("Ctrl-C to stop")
+        ws.send("tap me: 12345")
+        self.assertEqual(ws.recv(timeout=5), "tap me: 12345")
+        console.expect(r"client->backend text\s+13 B\s+'tap me: 12345'")
+        console.expect(r"backend->client text\s+13 B\s+'tap me: 12345'")
+        console.sendcontrol("c")
+        console.expect_exact(f"tap of session {sid} stopped: 2 shown, 0 dropped")
+        console.expect_exact(">>> ")
+        ws.send("after")
+        self.assertEqual(ws.recv(timeout=5), "after")
+
+    def test_drain(self) -> None:
+        """gate.drain() of the server a session went to sends the next sessions elsewhere."""
+        first = self.client()
+        sid = self.session_id(first)
+        [row] = [r for r in self.status()["sessions"] if r["id"] == sid]
+        busy = row["server"]
+        [other] = [u for u in self.backends if u != busy]
+        console = self.login()
+        screen = self.type(console, f'gate.drain("{busy}")')
+        if "not available" in screen:
+            raise AssertionError(f"Gateway.drain is missing: {screen}")
+        self.gate.wait_for_output(f"console_drain user=ops server={busy}")
+        self.assertRegex(self.type(console, "gate.upstreams()"), re.escape(busy) + r"\s+draining")
+        later = [self.client() for _ in range(3)]
+        servers = {r["id"]: r["server"] for r in self.status()["sessions"] if r["id"] != sid}
+        self.assertEqual(len(servers), len(later))
+        self.assertEqual(set(servers.values()), {other})
+        self.type(console, f'gate.undrain("{busy}")')
+        self.assertRegex(self.type(console, "gate.upstreams()"), re.escape(busy) + r"\s+up")
+
+    def test_password_login(self) -> None:
+        """A user of the users file logs in with the right password."""
+        console = self.ssh(
+            "-o", "PubkeyAuthentication=no", "-o", "PreferredAuthentications=password", user="ann"
+        )
+        console.expect("password:")
+        console.sendline(PASSWORD)
+        console.expect_exact(">>> ")
+        self.assertIn("logged in as ann", plain(console.before))
+
+    def test_refused(self) -> None:
+        """A key not in authorized_keys, no key at all, and a wrong password are refused."""
+        wrong_key = self.ssh("-o", "BatchMode=yes", key=self.other_key)
+        wrong_key.expect_exact("Permission denied")
+        wrong_key.expect(pexpect.EOF)
+        no_key = self.ssh("-o", "BatchMode=yes", "-o", "PubkeyAuthentication=no")
+        no_key.expect_exact("Permission denied")
+        no_key.expect(pexpect.EOF)
+        wrong_password = self.ssh(
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "PreferredAuthentications=password",
+            "-o",
+            "NumberOfPasswordPrompts=1",
+            user="ann",
+        )
+        wrong_password.expect("password:")
+        wrong_password.sendline("not the password")
+        wrong_password.expect_exact("Permission denied")
+        wrong_password.expect(pexpect.EOF)
+        self.gate.wait_for_output("console_login_refused user=ann password")
+        self.assertNotIn("console_session_opened", self.gate.stdout())
+
+    def test_host_key_kept(self) -> None:
+        """The host key made on first start is reused after a restart: known_hosts stays valid."""
+        self.login().sendcontrol("d")
+        key = (self.dir / "host_key").read_bytes()
+        self.gate.stop()
+        self.gate = self.start_gate()
+        self.assertEqual((self.dir / "host_key").read_bytes(), key)
+        console = self.ssh("-o", "BatchMode=yes", key=self.key, strict=True)
+        console.expect_exact(">>> ")
+
+
+class MetricsTests(ConsoleGateCase):
+    def test_metrics_endpoint(self) -> None:
+        """/metrics of the running gate counts real sessions and parses as Prometheus text."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for i in range(3):
+            ws = self.client()
+            ws.send(f"m{i}")
+            ws.recv(timeout=5)
+            ws.close(code=1000)
+        url = f"http://{LOOPBACK}:{self.admin_port}/metrics"
+        for _ in range(50):
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+            found = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+            }
+            if found.get(("wsgate_sessions_opened_total", ())) == 3 and not found.get(
+                ("wsgate_sessions_active", ())
+            ):
+                break
+            time.sleep(0.1)
+        self.assertEqual(found[("wsgate_handshakes_total", (("result", "ok"),))], 3)
+        self.assertEqual(found[("wsgate_messages_total", (("direction", "up"),))], 3)
+        closed = [v for (name, labels), v in found.items() if name == "wsgate_sessions_total"]
+        self.assertEqual(sum(closed), 3)
+
+
+class StatusPageTests(ConsoleGateCase):
+    def chromium(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        profile = tempfile.mkdtemp(prefix="wsgate-chromium-")
+        self.addCleanup(shutil.rmtree, profile, True)
+        argv = [
+            command("chromium"),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--window-size=1440,1000",
+            "--virtual-time-budget=5000",
+            *args,
+            f"http://{LOOPBACK}:{self.admin_port}/",
+        ]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+
+    def test_live_session_in_table_and_chart(self) -> None:
+        """Headless Chromium shows a live session in the table and draws the charts."""
+        ws = self.client("/ticker")
+        for i in range(5):
+            ws.send(f"tick {i}")
+            ws.recv(timeout=5)
+            time.sleep(0.3)
+        host, port = ws.socket.getsockname()[:2]
+        result = self.chromium("--dump-dom")
+        dom = result.stdout
+        self.assertIn("<table", dom, result.stderr[-2000:])
+        rows = re.findall(r'<tr data-session="\d+">(.*?)</tr>', dom)
+        self.assertTrue(any(f"<td>{host}:{port}</td>" in row for row in rows), dom[-3000:])
+        points = re.search(r'id="chart-active" data-points="(\d+)"', dom)
+        self.assertIsNotNone(points, dom[:3000])
+        assert points is not None
+        self.assertGreater(int(points.group(1)), 1)
+        self.assertRegex(dom, r'id="chart-messages" data-points="[1-9]\d*"')
+        self.assertRegex(dom, r'<span class="badge up">up</span>')
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "status-page.png"
+        if shot.exists():
+            shot.unlink()
+        result = self.chromium(f"--screenshot={shot}")
+        self.assertTrue(shot.exists(), result.stderr[-2000:])
+        self.assertEqual(shot.read_bytes()[:8], b"\x89PNG\r\n\x1a\n")
+        self.assertGreater(shot.stat().st_size, 10_000)

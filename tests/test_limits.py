@@ -1,0 +1,337 @@
+"""
+Hardening in memory: admission limits, request limits, bad frames, rate limits, trusted proxies,
+rate-limited warnings, reload and graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import struct
+from ipaddress import ip_network
+from pathlib import Path
+from typing import Any
+
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.helpers import BackendFactory, Network, make_config, upgrade_request
+from wsgate import config as configmod
+from wsgate.config import Limits
+from wsgate.limits import Admission, MessageRate, WarningLimiter, client_address
+
+A = "ws://a.test:1"
+B = "ws://b.test:2"
+
+
+def limited(limits: dict[str, Any], servers: list[str] = [A], **route: Any) -> configmod.Config:  # noqa: B006
+    return configmod.parse(
+        {
+            "listen": [{"endpoint": "tcp:0"}],
+            "route": [{"path": "/", "upstream": "u", **route}],
+            "upstream": {"u": {"servers": [{"url": u} for u in servers]}},
+            "limits": limits,
+        },
+        "test.toml",
+    )
+
+
+def frame(opcode: int, payload: bytes, masked: bool = True, fin: bool = True) -> bytes:
+    """A client frame, masked with a zero key (payload unchanged) unless ``masked`` is False."""
+    head = bytes([(0x80 if fin else 0) | opcode])
+    length = len(payload)
+    mask_bit = 0x80 if masked else 0
+    if length < 126:
+        head += bytes([mask_bit | length])
+    else:
+        head += bytes([mask_bit | 126]) + struct.pack("!H", length)
+    return head + (b"\0\0\0\0" if masked else b"") + payload
+
+
+class AdmissionTests(SynchronousTestCase):
+    def test_limits(self) -> None:
+        """Per-address and total session limits refuse with 429 and 503; release frees a place."""
+        admission = Admission(Limits(max_sessions=3, max_sessions_per_ip=2), lambda: 0.0)
+        self.assertIsNone(admission.admit("10.0.0.1"))
+        self.assertIsNone(admission.admit("10.0.0.1"))
+        self.assertEqual(admission.admit("10.0.0.1")[0], 429)  # type: ignore[index]
+        self.assertIsNone(admission.admit("10.0.0.2"))
+        self.assertEqual(admission.admit("10.0.0.3")[0], 503)  # type: ignore[index]
+        admission.release("10.0.0.1")
+        self.assertIsNone(admission.admit("10.0.0.3"))
+        self.assertEqual(admission.total, 3)
+
+    def test_token_bucket(self) -> None:
+        """Handshakes per second per address: a burst, then the rate; other addresses unaffected."""
+        now = [0.0]
+        admission = Admission(Limits(handshake_rate=2.0, handshake_burst=3), lambda: now[0])
+        results = [admission.admit("a") is None for _ in range(4)]
+        self.assertEqual(results, [True, True, True, False])
+        self.assertIsNone(admission.admit("b"))
+        now[0] = 0.5  # one token back
+        self.assertIsNone(admission.admit("a"))
+        self.assertIsNotNone(admission.admit("a"))
+
+
+class MessageRateTests(SynchronousTestCase):
+    def test_budget(self) -> None:
+        """Over the per-second budget, spend says how long until the window ends."""
+        now = [10.0]
+        rate = MessageRate(3, 0, lambda: now[0])
+        self.assertEqual([rate.spend(1) for _ in range(3)], [0.0, 0.0, 0.0])
+        now[0] = 10.25
+        self.assertAlmostEqual(rate.spend(1), 0.75)
+        now[0] = 11.0
+        self.assertEqual(rate.spend(1), 0.0)
+        self.assertAlmostEqual(MessageRate(0, 100, lambda: 0.0).spend(101), 1.0)
+
+
+class ClientAddressTests(SynchronousTestCase):
+    def test_trusted_proxies(self) -> None:
+        """X-Forwarded-For is believed only from trusted proxies, right to left."""
+        limits = Limits(trusted_proxies=(ip_network("10.0.0.0/8"),))
+        self.assertEqual(client_address("10.0.0.5", "203.0.113.9", limits), "203.0.113.9")
+        self.assertEqual(
+            client_address("10.0.0.5", "1.1.1.1, 203.0.113.9, 10.0.0.7", limits), "203.0.113.9"
+        )
+        self.assertEqual(client_address("192.0.2.1", "203.0.113.9", limits), "192.0.2.1")
+        self.assertEqual(client_address("10.0.0.5", "garbage", limits), "10.0.0.5")
+        self.assertEqual(client_address("10.0.0.5", None, limits), "10.0.0.5")
+        self.assertEqual(client_address("10.0.0.5", "203.0.113.9", Limits()), "10.0.0.5")
+
+    def test_real_ip_forwarded(self) -> None:
+        """Behind a trusted proxy the backend's X-Real-IP is the real client; XFF gets the proxy."""
+        backend = BackendFactory()
+        net = Network(limited({"trusted_proxies": ["127.0.0.0/8"]}), {A: backend})
+        net.raw(upgrade_request(extra="X-Forwarded-For: 198.51.100.7\r\n"))
+        headers = backend.requests[0].headers
+        self.assertEqual(headers["x-real-ip"], "198.51.100.7")
+        self.assertEqual(headers["x-forwarded-for"], "198.51.100.7, 127.0.0.5")
+
+
+class WarningLimiterTests(SynchronousTestCase):
+    def test_flood(self) -> None:
+        """After the burst a kind of warning is counted, and the count reported later."""
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        now = [0.0]
+        limiter = WarningLimiter(lambda: now[0], burst=3, interval=60)
+        for i in range(100):
+            limiter.warn("handshake_400", "client={client}", client=i)
+        now[0] = 61
+        limiter.warn("handshake_400", "client={client}", client="last")
+        mine = [e for e in events if e.get("log_format", "").startswith("handshake_400 ")]
+        self.assertEqual(len(mine), 4)
+        self.assertEqual(mine[-1]["suppressed"], 97)
+
+
+class RequestLimitTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.backend = BackendFactory()
+        self.net = Network(
+            limited(
+                {
+                    "max_sessions_per_ip": 2,
+                    "max_header_size": "1KiB",
+                    "max_headers": 10,
+                    "retry_after": 7,
+                },
+                allowed_origins=["https://app.test"],
+            ),
+            {A: self.backend},
+        )
+
+    def test_per_ip_sessions(self) -> None:
+        """A third session from one address gets 429 with Retry-After; closing one frees a place."""
+        origin = {"origin": "https://app.test"}
+        first = self.net.client(**origin)
+        self.net.client(**origin)
+        raw = self.net.raw(upgrade_request(extra="Origin: https://app.test\r\n"))
+        self.assertEqual(raw.status, 429)
+        self.assertIn(b"\r\nRetry-After: 7\r\n", raw.data)
+        first.proto.sendClose(1000)
+        self.net.flush()
+        self.assertTrue(self.net.client(**origin).opened)
+
+    def test_origin(self) -> None:
+        """An Origin not on the route's list gets 403."""
+        self.assertEqual(
+            self.net.raw(upgrade_request(extra="Origin: https://evil.test\r\n")).status, 403
+        )
+        self.assertEqual(self.backend.requests, [])
+
+    def test_header_limits(self) -> None:
+        """Oversized request headers or too many of them get 431, before any parsing."""
+        big = upgrade_request(extra=f"X-Big: {'a' * 2000}\r\n")
+        self.assertEqual(self.net.raw(big).status, 431)
+        many = upgrade_request(extra="".join(f"X-{i}: 1\r\n" for i in range(20)))
+        self.assertEqual(self.net.raw(many).status, 431)
+        endless = self.net.raw(b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 300)
+        self.assertEqual(endless.status, 431)
+
+    def test_bad_requests(self) -> None:
+        """Malformed handshakes get the right HTTP answer and never reach a backend."""
+        cases = {
+            b"POST / HTTP/1.1\r\nHost: g\r\n\r\n": 405,
+            b"GET / HTTP/1.0\r\nHost: g\r\n\r\n": 505,
+            b"\x16\x03\x01\x02\x00garbage\r\n\r\n": 400,
+            upgrade_request().replace(b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b""): 400,
+        }
+        for request, status in cases.items():
+            self.assertEqual(self.net.raw(request).status, status, request)
+        wrong_version = self.net.raw(upgrade_request().replace(b"Version: 13", b"Version: 7"))
+        self.assertEqual(wrong_version.status, 426)
+        self.assertIn(b"\r\nSec-WebSocket-Version: 13", wrong_version.data)
+        self.assertEqual(self.backend.requests, [])
+
+    def test_slowloris(self) -> None:
+        """A client that never finishes its request headers is dropped after handshake_timeout."""
+        raw = self.net.raw(b"GET / HTTP/1.1\r\nHost: g\r\n")
+        self.net.advance(9)
+        self.assertFalse(raw.transport.disconnecting)
+        self.net.advance(2)
+        self.assertTrue(raw.transport.disconnected)
+
+
+class BadFrameTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.backend = BackendFactory()
+        self.net = Network(make_config([A], max_frame_size="1KiB"), {A: self.backend})
+        self.healthy = self.net.client()
+        self.healthy_session = next(iter(self.net.gateway.sessions.values()))
+
+    def bad_session(self, data: bytes) -> tuple[Any, Any]:
+        """A session whose client then sends ``data``; returns (client close, backend close)."""
+        raw = self.net.raw(upgrade_request())
+        self.assertTrue(raw.data.startswith(b"HTTP/1.1 101"))
+        raw.data = b""
+        raw.transport.write(data)
+        self.net.flush()
+        code = struct.unpack("!H", raw.data[2:4])[0] if raw.data[:1] == b"\x88" else None
+        return code, self.backend.closes[-1][0] if self.backend.closes else None
+
+    def test_table(self) -> None:
+        """Each protocol error closes only its session, with the right code each side."""
+        cases = [
+            (frame(1, b"\xff\xfe"), 1007),  # invalid UTF-8 text
+            (frame(1, b"hi", masked=False), 1002),  # unmasked client frame
+            (frame(3, b"x"), 1002),  # reserved opcode
+            (frame(2, b"x" * 2000), 1009),  # frame over max_frame_size
+            (frame(9, b"p" * 10, fin=False), 1002),  # fragmented control frame
+            (frame(0, b"x"), 1002),  # continuation without a message
+        ]
+        for data, code in cases:
+            self.assertEqual(self.bad_session(data), (code, 1001), data)
+        self.healthy.proto.sendMessage(b"still fine")
+        self.net.flush()
+        self.assertEqual(self.healthy.received, [(b"still fine", False)])
+        self.net.advance(6)  # the bad clients never answer the Close: dropped after 5 s
+        self.assertEqual(list(self.net.gateway.sessions.values()), [self.healthy_session])
+        self.assertEqual(self.backend.received, [(b"still fine", False)])
+
+
+class RateLimitTests(SynchronousTestCase):
+    def test_close_1008(self) -> None:
+        """Over max_messages_per_second the sender's session is closed 1008."""
+        backend = BackendFactory()
+        net = Network(make_config([A], max_messages_per_second=5), {A: backend})
+        client = net.client()
+        for i in range(6):
+            client.proto.sendMessage(b"m%d" % i)
+        net.flush()
+        self.assertEqual(client.close[0], 1008)
+        self.assertEqual(len(backend.received), 5)
+
+    def test_throttle(self) -> None:
+        """With throttle = true the sender is paused until the second is over, not closed."""
+        backend = BackendFactory()
+        net = Network(make_config([A], max_messages_per_second=5, throttle=True), {A: backend})
+        client = net.client()
+        session = next(iter(net.gateway.sessions.values()))
+        paused: list[str] = []
+        transport = session.client.transport
+        transport.pauseProducing = lambda: paused.append("pause")
+        transport.resumeProducing = lambda: paused.append("resume")
+        for i in range(6):
+            client.proto.sendMessage(b"m%d" % i)
+        net.flush()
+        self.assertEqual(paused, ["pause"])
+        net.advance(1)
+        self.assertEqual(paused, ["pause", "resume"])
+        self.assertIsNone(client.close)
+        self.assertEqual(len(backend.received), 6)
+
+
+class ReloadTests(SynchronousTestCase):
+    def test_swap_keeps_live_sessions(self) -> None:
+        """A reload sends new sessions to the new upstream; the live one stays on its server."""
+        a, b = BackendFactory(), BackendFactory()
+        net = Network(make_config([A]), {A: a, B: b})
+        old = net.client()
+        changes = net.gateway.reload(make_config([B], idle_timeout="1h"))
+        self.assertIn("upstream u: server ws://b.test:2 added", changes)
+        self.assertIn("upstream u: server ws://a.test:1 removed (drained)", changes)
+        self.assertIn("route */ changed", changes)
+        new = net.client()
+        self.assertTrue(new.opened)
+        self.assertEqual((len(a.requests), len(b.requests)), (1, 1))
+        old.proto.sendMessage(b"old")
+        net.flush()
+        self.assertEqual(old.received, [(b"old", False)])
+        self.assertEqual(a.received, [(b"old", False)])
+
+    def test_reload_limits(self) -> None:
+        """New limits apply to the next handshake."""
+        net = Network(make_config([A]), {A: BackendFactory()})
+        net.client()
+        net.gateway.reload(limited({"max_sessions": 1}))
+        self.assertEqual(net.raw(upgrade_request()).status, 503)
+
+    def test_refused_file_keeps_config(self) -> None:
+        """The service's reload refuses a bad file with file, key and reason; the old config stays."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from wsgate.service import Options, makeService
+
+        path = Path(self.mktemp())
+        good = '[[listen]]\nendpoint = "tcp:0"\n[[route]]\nupstream = "u"\n[upstream.u]\nservers = [{ url = "ws://a:1" }]\n'
+        path.write_text(good)
+        options = Options()
+        options.parseOptions(["--config", str(path)])
+        top = makeService(options, MemoryReactorClock())
+        path.write_text(good.replace('"u"\n[upstream', '"nope"\n[upstream'))
+        e = self.assertRaises(configmod.ConfigError, top.reload)
+        self.assertEqual(e.problems, [f"{path}: route[0].upstream: no upstream named 'nope'"])
+        self.assertEqual(top.gateway.config.routes[0].upstream, "u")
+        path.write_text(good.replace("ws://a:1", "ws://b:1"))
+        self.assertIn("upstream u: server ws://b:1 added", top.reload())
+
+
+class ShutdownTests(SynchronousTestCase):
+    def test_close_all_then_fire(self) -> None:
+        """Shutdown closes every session 1001 and fires once all are gone; new ones get 503."""
+        backend = BackendFactory()
+        net = Network(make_config([A]), {A: backend})
+        clients = [net.client() for _ in range(3)]
+        done: list[None] = []
+        net.gateway.shutdown().addCallback(done.append)
+        self.assertEqual(done, [])
+        net.flush()
+        self.assertEqual([c.close for c in clients], [(1001, "gateway shutting down")] * 3)
+        self.assertEqual(len(done), 1)
+        self.assertEqual(net.raw(upgrade_request()).status, 503)
+
+    def test_spread_and_grace(self) -> None:
+        """Closes are spread over shutdown_spread; the grace bounds the wait for stuck peers."""
+        backend = BackendFactory()
+        net = Network(limited({"shutdown_spread": "10s", "shutdown_grace": "30s"}), {A: backend})
+        clients = [net.client() for _ in range(2)]
+        done: list[None] = []
+        net.gateway.shutdown().addCallback(done.append)
+        net.flush()
+        self.assertEqual([c.close for c in clients], [(1001, "gateway shutting down"), None])
+        clients[1].proto.transport.write = lambda data: None  # a peer that never answers
+        clients[1].proto.transport.pauseProducing = lambda: None
+        net.advance(5)
+        self.assertEqual(done, [])
+        net.advance(30)
+        self.assertEqual(len(done), 1)

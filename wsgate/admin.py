@@ -1,0 +1,134 @@
+"""
+The admin HTTP listener: ``/metrics`` (Prometheus text format), ``/status.json`` and the live
+status page ``/`` with its files under ``/static/`` (package data in ``wsgate/static``; plain
+HTML, JS and CSS: no build step, nothing from a CDN).
+
+Owns the HTTP side only: figures come from :mod:`wsgate.status` and :mod:`wsgate.metrics`.  Must
+not act on the gate: every resource is read-only.  There is no authentication: bind it to
+loopback or a management network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.web import resource, static
+from twisted.web.server import Request, Site
+
+import wsgate
+from wsgate import metrics, status
+from wsgate.config import AdminSpec
+from wsgate.gateway import Gateway
+
+__all__ = ["STATIC_DIR", "AdminSite", "admin_resource", "admin_service"]
+
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+# /status.json lists at most this many sessions (the busiest) unless ?limit= says otherwise.
+DEFAULT_LIMIT = 500
+
+
+def _no_store(request: Request) -> None:
+    request.setHeader(b"cache-control", b"no-store")
+    request.setHeader(b"x-content-type-options", b"nosniff")
+
+
+class _Metrics(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, gateway: Gateway, sampler: status.Sampler | None) -> None:
+        super().__init__()
+        self.gateway = gateway
+        self.sampler = sampler
+
+    def render_GET(self, request: Request) -> bytes:
+        _no_store(request)
+        request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+        gateway = self.gateway
+        text = metrics.render(
+            status.snapshot(gateway, self.sampler, limit=0, history=False),
+            gateway.closed.items(),
+            gateway.connect_time,
+            gateway.session_duration,
+            wsgate.__version__,
+        )
+        return text.encode("utf-8")
+
+
+class _Status(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, gateway: Gateway, sampler: status.Sampler | None) -> None:
+        super().__init__()
+        self.gateway = gateway
+        self.sampler = sampler
+
+    def render_GET(self, request: Request) -> bytes:
+        _no_store(request)
+        request.setHeader(b"content-type", b"application/json")
+        args = request.args or {}
+        try:
+            limit = int(args.get(b"limit", [str(DEFAULT_LIMIT).encode()])[0])
+        except ValueError:
+            limit = DEFAULT_LIMIT
+        history = args.get(b"history", [b"1"])[0] != b"0"
+        data = status.snapshot(self.gateway, self.sampler, limit=max(0, limit), history=history)
+        data["sessions_total"] = len(self.gateway.sessions)
+        data["gate"] = {"version": wsgate.__version__, "source": self.gateway.config.source}
+        return json.dumps(data, separators=(",", ":")).encode("utf-8")
+
+
+class _Page(resource.Resource):
+    """``/``: the status page itself."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        _no_store(request)
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(
+            b"content-security-policy",
+            b"default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'",
+        )
+        with open(os.path.join(STATIC_DIR, "index.html"), "rb") as f:
+            return f.read()
+
+
+class _Root(resource.Resource):
+    def __init__(self, page: resource.Resource) -> None:
+        super().__init__()
+        self.page = page
+
+    def getChild(self, path: bytes, request: Request) -> resource.Resource:
+        if path == b"":
+            return self.page
+        return resource.NoResource()
+
+
+def admin_resource(gateway: Gateway, sampler: status.Sampler | None) -> resource.Resource:
+    """The resource tree: ``/``, ``/metrics``, ``/status.json`` and ``/static/``."""
+    root: Any = _Root(_Page())
+    root.putChild(b"metrics", _Metrics(gateway, sampler))
+    root.putChild(b"status.json", _Status(gateway, sampler))
+    files: Any = static.File(STATIC_DIR)
+    files.contentTypes = {**files.contentTypes, ".js": "text/javascript", ".css": "text/css"}
+    files.indexNames = []
+    root.putChild(b"static", files)
+    return root
+
+
+class AdminSite(Site):
+    """A Site that writes no access log line per request (the page polls every two seconds)."""
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+def admin_service(
+    spec: AdminSpec, gateway: Gateway, sampler: status.Sampler | None
+) -> service.Service:
+    """The admin listener as a ``strports`` service (binds in ``privilegedStartService``)."""
+    site: Any = AdminSite(admin_resource(gateway, sampler))
+    return strports.service(spec.endpoint, site)

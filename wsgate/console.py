@@ -1,0 +1,985 @@
+"""
+The ops console: an SSH manhole into the running gate, with a ``gate`` object of commands.
+
+Owns SSH login (public keys from an OpenSSH ``authorized_keys`` file, optionally bcrypt-hashed
+passwords from an htpasswd-style ``users`` file; both files are re-read at every login, so removing
+a key takes effect at once), the persisted host key, and the ``gate`` namespace: readable tables
+(``sessions``, ``upstreams``, ``stats``), one session in full, verbs that act (``kick``, ``drain``,
+``undrain``, ``weight``, ``reload``; each logged with the console user's name) and two live views
+(``tap``, ``top``) that run until Ctrl-C.  Full Python stays available for the rare deep dive.
+
+Must not hold business logic: verbs call the Gateway (or the reload callable ``service.py``
+passes) and format what they get back; the figures come from :mod:`wsgate.status`.
+
+Live views never slow the gate down: a tap records at most :data:`TAP_QUEUE` messages between two
+screen refreshes and counts the rest as dropped; the relay pays one call per message while tapped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import bcrypt
+from twisted.application import service, strports
+from twisted.conch import manhole, manhole_ssh
+from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker
+from twisted.conch.insults import insults
+from twisted.conch.interfaces import IConchUser, ISession
+from twisted.conch.ssh import keys
+from twisted.cred import error as cred_error
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import ISSHPrivateKey, IUsernamePassword
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.python import components
+from zope.interface import implementer
+
+from wsgate import status
+from wsgate.config import ConfigError, ConsoleSpec, parse_duration
+
+if TYPE_CHECKING:
+    from wsgate.bridge import Session
+    from wsgate.gateway import Gateway
+
+__all__ = [
+    "Console",
+    "ConsoleError",
+    "Gate",
+    "Text",
+    "console_service",
+    "load_authorized_keys",
+    "load_host_key",
+    "load_users",
+    "table",
+]
+
+# How many tapped messages wait for the screen; more are dropped and counted.
+TAP_QUEUE = 1000
+# How often live views write to the screen, and how many tap lines per refresh at most.
+TAP_REFRESH = 0.1
+TAP_LINES_PER_REFRESH = 200
+TOP_REFRESH = 1.0
+# Close codes an operator may send (valid on the wire; 1005/1006/1015 are never sent).
+_KICK_CODES = {1000, 1001, 1002, 1003, *range(1007, 1015), *range(3000, 5000)}
+_BCRYPT_PREFIXES = (b"$2a$", b"$2b$", b"$2y$")
+# Compared against when the user name is unknown, so a wrong name costs as much time as a wrong
+# password (made with bcrypt.hashpw(b"-", bcrypt.gensalt(12))).
+_DUMMY_HASH = b"$2b$12$jR8X9f6/IgfcX6Hpu7PTH.BXuVns/cwar.rlqYwYJhwtRj0UQbePu"
+_CTRL_C = b"\x03"
+
+
+class ConsoleError(Exception):
+    """The console cannot start: a problem with its key files, one line per problem."""
+
+
+class Text(str):
+    """A string the console shows as it is (its repr is itself), so tables print readably."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+# -- formatting ------------------------------------------------------------------------------------
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _rate(n: float) -> str:
+    return f"{n:.1f}" if n < 100 else f"{n:.0f}"
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]], right: str = "") -> str:
+    """An aligned text table; ``right`` names the right-aligned columns by index (``"0457"``)."""
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        parts = [
+            row[i].rjust(widths[i]) if str(i) in right else row[i].ljust(widths[i])
+            for i in range(len(headers))
+        ]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def _preview(is_binary: bool, size: int, first: bytes, width: int) -> str:
+    if is_binary:
+        shown = first[: max(4, width // 3)]
+        text = shown.hex(" ")
+        return text + (" ..." if size > len(shown) else "")
+    text = first.decode("utf-8", "replace")
+    cut = len(text) > width or size > len(first)
+    text = text[:width]
+    return repr(text)[:-1] + ("...'" if cut else "'")
+
+
+# -- the gate namespace ----------------------------------------------------------------------------
+
+
+class Console:
+    """
+    What every console connection shares: the gateway, the sampler for rates, the reload
+    callable, the clock.  One per ``[console]``; built by ``service.py``.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        clock: Any,
+        sampler: status.Sampler | None = None,
+        reload: Callable[[], Any] | None = None,
+    ) -> None:
+        self.gateway = gateway
+        self.clock = clock
+        self.sampler = sampler
+        self.reload = reload
+
+
+class _TapFanout:
+    """Set as a relay's ``tap``: hands each message to every console tapping that relay."""
+
+    def __init__(self) -> None:
+        self.listeners: list[Callable[[bool, int, bytes], None]] = []
+
+    def __call__(self, is_binary: bool, size: int, first: bytes) -> None:
+        for listener in list(self.listeners):
+            listener(is_binary, size, first)
+
+    @classmethod
+    def add(cls, relay: Any, listener: Callable[[bool, int, bytes], None]) -> None:
+        if not isinstance(relay.tap, cls):
+            relay.tap = cls()
+        relay.tap.listeners.append(listener)
+
+    @classmethod
+    def remove(cls, relay: Any, listener: Callable[[bool, int, bytes], None]) -> None:
+        fanout = relay.tap
+        if isinstance(fanout, cls) and listener in fanout.listeners:
+            fanout.listeners.remove(listener)
+            if not fanout.listeners:
+                relay.tap = None
+
+
+class _LiveView:
+    """A view that owns the screen until Ctrl-C (or its end): a tap or top."""
+
+    def __init__(self, gate: Gate, interval: float) -> None:
+        self.gate = gate
+        self.interval = interval
+        self._call: Any = None
+
+    def start(self) -> None:
+        self.gate._terminal.live = self
+        self._call = self.gate._console.clock.callLater(self.interval, self._tick)
+
+    def _tick(self) -> None:
+        self._call = None
+        if self.refresh():
+            self._call = self.gate._console.clock.callLater(self.interval, self._tick)
+
+    def refresh(self) -> bool:
+        """Update the screen; False when the view has ended by itself."""
+        raise NotImplementedError
+
+    def stop(self, why: str = "stopped") -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self.finish()
+        self.gate._terminal.end_live(self.summary(why))
+
+    def finish(self) -> None:
+        pass
+
+    def summary(self, why: str) -> str:
+        return why
+
+
+class _Tap(_LiveView):
+    """Streams one session's messages: time, direction, type, size and a preview."""
+
+    def __init__(self, gate: Gate, session: Session) -> None:
+        super().__init__(gate, TAP_REFRESH)
+        self.session = session
+        self.queue: deque[tuple[float, str, bool, int, bytes]] = deque()
+        self.shown = 0
+        self.dropped = 0
+        self._reported_drops = 0
+        self._listeners: list[tuple[Any, Callable[[bool, int, bytes], None]]] = []
+
+    def start(self) -> None:
+        for direction, relay in (("up", self.session.up), ("down", self.session.down)):
+            if relay is None:
+                continue
+
+            def listener(is_binary: bool, size: int, first: bytes, direction: str = direction):
+                self._record(direction, is_binary, size, first)
+
+            _TapFanout.add(relay, listener)
+            self._listeners.append((relay, listener))
+        super().start()
+
+    def _record(self, direction: str, is_binary: bool, size: int, first: bytes) -> None:
+        if len(self.queue) >= TAP_QUEUE:
+            self.dropped += 1
+        else:
+            self.queue.append((time.time(), direction, is_binary, size, first))
+
+    def refresh(self) -> bool:
+        width = max(20, self.gate._terminal.width - 40)
+        out = []
+        for _ in range(min(len(self.queue), TAP_LINES_PER_REFRESH)):
+            when, direction, is_binary, size, first = self.queue.popleft()
+            stamp = time.strftime("%H:%M:%S", time.localtime(when)) + f".{int(when % 1 * 1000):03d}"
+            arrow = "client->backend" if direction == "up" else "backend->client"
+            kind = "binary" if is_binary else "text"
+            preview = _preview(is_binary, size, first, width)
+            out.append(f"{stamp} {arrow} {kind:<6} {_size(size):>9}  {preview}")
+            self.shown += 1
+        if self.dropped > self._reported_drops:
+            out.append(
+                f"... {self.dropped - self._reported_drops} messages not shown "
+                "(console too slow; the session was not slowed)"
+            )
+            self._reported_drops = self.dropped
+        if out:
+            self.gate._terminal.write_lines(out)
+        if self.session.state == "CLOSED" and not self.queue:
+            self.stop(
+                f"session {self.session.id} closed: client {self.session.client_close}, "
+                f"backend {self.session.backend_close}"
+            )
+            return False
+        return True
+
+    def finish(self) -> None:
+        for relay, listener in self._listeners:
+            _TapFanout.remove(relay, listener)
+        self._listeners = []
+
+    def summary(self, why: str) -> str:
+        return f"tap of session {self.session.id} {why}: {self.shown} shown, {self.dropped} dropped"
+
+
+class _Top(_LiveView):
+    """A refreshing screen of the busiest sessions (by messages per second) and the servers."""
+
+    def __init__(self, gate: Gate) -> None:
+        super().__init__(gate, TOP_REFRESH)
+        self._previous: dict[int, tuple[float, int]] = {}
+        self.frames = 0
+
+    def start(self) -> None:
+        super().start()
+        self.refresh()
+
+    def refresh(self) -> bool:
+        console = self.gate._console
+        gateway = console.gateway
+        now = console.clock.seconds()
+        rows = []
+        previous = self._previous
+        self._previous = {}
+        for row in status.sessions(gateway):
+            messages = row["messages_up"] + row["messages_down"]
+            then = previous.get(row["id"])
+            rate = (messages - then[1]) / (now - then[0]) if then and now > then[0] else 0.0
+            self._previous[row["id"]] = (now, messages)
+            rows.append((rate, row))
+        rows.sort(key=lambda r: (r[0], r[1]["messages_up"] + r[1]["messages_down"]), reverse=True)
+        stats = status.stats(gateway, console.sampler)
+        rates = stats["rates"]
+        term = self.gate._terminal
+        servers = status.upstreams(gateway, now)
+        room = max(3, term.height - len(servers) - 9)
+        lines = [
+            f"wsgate top  {time.strftime('%H:%M:%S')}  sessions {stats['sessions_active']} active, "
+            f"{stats['sessions_opened']} opened  |  msg/s up {_rate(rates.get('messages_up', 0))} "
+            f"down {_rate(rates.get('messages_down', 0))}  |  bytes/s up "
+            f"{_size(rates.get('bytes_up', 0))} down {_size(rates.get('bytes_down', 0))}",
+            "Ctrl-C to stop",
+            "",
+            table(
+                ["ID", "CLIENT", "SERVER", "AGE", "MSG/S", "MSGS UP", "MSGS DOWN", "BYTES"],
+                [
+                    (
+                        r["id"],
+                        r["client"],
+                        r["server"],
+                        _age(r["age"]),
+                        _rate(rate),
+                        r["messages_up"],
+                        r["messages_down"],
+                        _size(r["bytes_up"] + r["bytes_down"]),
+                    )
+                    for rate, r in rows[:room]
+                ],
+                right="04567",
+            ),
+            "",
+            _upstream_table(servers),
+        ]
+        term.redraw("\n".join(lines))
+        self.frames += 1
+        return True
+
+    def summary(self, why: str) -> str:
+        return f"top {why}"
+
+
+def _upstream_table(rows: list[dict[str, Any]]) -> str:
+    return table(
+        ["UPSTREAM", "SERVER", "STATE", "WEIGHT", "ACTIVE", "TOTAL", "FAILS", "LAST CHECK"],
+        [
+            (
+                r["upstream"],
+                r["server"],
+                r["state"] + (" (backup)" if r["backup"] else ""),
+                r["weight"],
+                r["active"],
+                r["sessions_total"],
+                r["fails"],
+                "never" if r["last_check"] is None else _age(r["last_check"]) + " ago",
+            )
+            for r in rows
+        ],
+        right="3456",
+    )
+
+
+class Gate:
+    """
+    The wsgate console.  Commands (tables print as text; verbs are logged with your name):
+
+      gate.sessions(filter=None)     live sessions; filter by route, server or client substring
+      gate.session(id)               everything about one session (headers, ping RTT, ...)
+      gate.kick(id, code=1001, reason="")   close a session: code to the client, 1001 to the backend
+      gate.upstreams()               servers: state, weight, active sessions, fails, last check
+      gate.drain(server, deadline=None)     no new sessions to a server; close its sessions by deadline
+      gate.undrain(server)           take new sessions again
+      gate.weight(server, w)         change a server's balancing weight
+      gate.reload()                  re-read the config file (like SIGHUP); shows what changed
+      gate.stats()                   totals and rates: sessions, handshakes, messages and bytes
+      gate.tap(id)                   stream one session's messages until Ctrl-C
+      gate.top()                     live view of the busiest sessions and the servers until Ctrl-C
+      gate.help()                    this text
+
+    A server is its URL or any unique part of it ("8011").  ``gate.gateway`` is the Gateway itself.
+    """
+
+    def __init__(self, console: Console, user: str, terminal: ConsoleManhole) -> None:
+        self._console = console
+        self._user = user
+        self._terminal = terminal
+        self.gateway = console.gateway
+
+    def __repr__(self) -> str:
+        return "<gate: wsgate console; gate.help() lists the commands>"
+
+    def help(self) -> Text:
+        """List the commands."""
+        return Text(_dedent(Gate.__doc__ or ""))
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def sessions(self, filter: str | None = None) -> Text:
+        """Live sessions, oldest first; ``filter`` keeps those whose route, server or client contains it."""
+        rows = status.sessions(self.gateway, filter)
+        text = table(
+            [
+                "ID",
+                "CLIENT",
+                "ROUTE",
+                "SERVER",
+                "AGE",
+                "IDLE",
+                "MSGS UP",
+                "BYTES UP",
+                "MSGS DOWN",
+                "BYTES DOWN",
+                "SUBPROTOCOL",
+                "TLS",
+            ],
+            [
+                (
+                    r["id"],
+                    r["client"],
+                    r["route"],
+                    r["server"],
+                    _age(r["age"]),
+                    _age(r["idle"]),
+                    r["messages_up"],
+                    _size(r["bytes_up"]),
+                    r["messages_down"],
+                    _size(r["bytes_down"]),
+                    r["subprotocol"],
+                    "yes" if r["tls"] else "no",
+                )
+                for r in rows
+            ],
+            right="0456789",
+        )
+        total = len(self.gateway.sessions)
+        shown = f"{len(rows)} of {total}" if filter else str(total)
+        return Text(f"{text}\n({shown} session{'' if total == 1 else 's'})")
+
+    def session(self, id: int) -> Text:
+        """Everything known about one live session."""
+        session = self._find(id)
+        d = status.session_detail(session)
+        rtt = (
+            "pings off"
+            if not d["ping_interval"]
+            else f"client {_rtt(d['client_ping_rtt'])}, backend {_rtt(d['backend_ping_rtt'])}"
+        )
+        lines = [
+            ("session", d["id"]),
+            ("state", d["state"]),
+            ("client", d["client"]),
+            ("host", d["host"]),
+            ("path", d["path"]),
+            ("route", f"{d['route']} -> upstream {d['upstream']}"),
+            ("server", d["server"]),
+            ("subprotocol", d["subprotocol"] or "-"),
+            ("tls", "yes" if d["tls"] else "no"),
+            ("age", _age(d["age"])),
+            ("idle", _age(d["idle"])),
+            ("connect time", _ms(None if d["connect_time"] is None else d["connect_time"] * 1000)),
+            ("ping rtt", rtt),
+            ("client->backend", f"{d['messages_up']} messages, {_size(d['bytes_up'])}"),
+            ("backend->client", f"{d['messages_down']} messages, {_size(d['bytes_down'])}"),
+        ]
+        width = max(len(k) for k, _ in lines)
+        out = [f"{k.ljust(width)}  {v}" for k, v in lines]
+        out.append("forwarded headers:")
+        out += [f"  {k}: {v}" for k, v in d["forwarded_headers"].items()]
+        out.append("request headers:")
+        out += [f"  {k}: {v}" for k, v in d["request_headers"].items()]
+        return Text("\n".join(out))
+
+    def upstreams(self) -> Text:
+        """Every server of every upstream: state, weight, active sessions, fails, last check."""
+        now = self._console.clock.seconds()
+        return Text(_upstream_table(status.upstreams(self.gateway, now)))
+
+    def stats(self) -> Text:
+        """Totals since start and current rates."""
+        s = status.stats(self.gateway, self._console.sampler)
+        rates = s["rates"]
+        handshakes = ", ".join(f"{k} {v}" for k, v in sorted(s["handshakes"].items())) or "none"
+        rows = [
+            ("uptime", _age(s["uptime"])),
+            (
+                "sessions",
+                f"{s['sessions_active']} active, {s['sessions_opened']} opened, "
+                f"{s['sessions_closed']} closed",
+            ),
+            ("handshakes", handshakes),
+            (
+                "client->backend",
+                f"{s['messages_up']} messages, {_size(s['bytes_up'])}; now "
+                f"{_rate(rates.get('messages_up', 0.0))} msg/s, "
+                f"{_size(rates.get('bytes_up', 0.0))}/s",
+            ),
+            (
+                "backend->client",
+                f"{s['messages_down']} messages, {_size(s['bytes_down'])}; now "
+                f"{_rate(rates.get('messages_down', 0.0))} msg/s, "
+                f"{_size(rates.get('bytes_down', 0.0))}/s",
+            ),
+            ("versions", ", ".join(f"{k} {v}" for k, v in s["versions"].items())),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return Text("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
+
+    # -- acting --------------------------------------------------------------------------------
+
+    def kick(self, id: int, code: int = 1001, reason: str = "") -> Text:
+        """Close one session: ``code`` and ``reason`` to the client, 1001 to the backend."""
+        session = self._find(id)
+        if code not in _KICK_CODES:
+            raise ValueError(f"{code} cannot be sent: use 1000-1003, 1007-1014 or 3000-4999")
+        self._logged("kick", f"session={id} client={session.client_address} code={code}")
+        session.close(code, reason, by=f"console ({self._user})")
+        return Text(f"closing session {id} with {code}" + (f" {reason!r}" if reason else ""))
+
+    def drain(self, server: str, deadline: float | str | None = None) -> Text:
+        """Send no new sessions to ``server``; with ``deadline`` (seconds or "30s"), close its
+        sessions within that time."""
+        url = self._server(server)
+        seconds = None if deadline is None else parse_duration(deadline)
+        result = self._call("drain", url, deadline=seconds)
+        self._logged("drain", f"server={url} deadline={seconds}")
+        text = f"draining {url}: no new sessions"
+        if isinstance(result, int) and not isinstance(result, bool):
+            text += f"; {result} live session{'' if result == 1 else 's'} on it"
+            text += " stay" if seconds is None else f" close within {_age(seconds)}"
+        return Text(text)
+
+    def undrain(self, server: str) -> Text:
+        """Let ``server`` take new sessions again."""
+        url = self._server(server)
+        result = self._call("undrain", url)
+        self._logged("undrain", f"server={url}")
+        return self._acted(f"{url} takes new sessions again", result)
+
+    def weight(self, server: str, w: int) -> Text:
+        """Set the balancing weight of ``server``."""
+        url = self._server(server)
+        if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+            raise ValueError("a weight is a whole number of at least 1")
+        result = self._call("set_weight", url, w)
+        self._logged("weight", f"server={url} weight={w}")
+        return self._acted(f"{url} weight {w}", result)
+
+    def reload(self) -> Text:
+        """Re-read the config file, as SIGHUP does; show what changed or why it was refused."""
+        if self._console.reload is None:
+            return Text("reload is not available (the gate was not started with --config)")
+        self._logged("reload", "")
+        try:
+            changes = self._console.reload()
+        except ConfigError as e:
+            return Text("new config refused; the current one stays:\n" + "\n".join(e.problems))
+        if changes is None or changes is True:
+            return Text("reloaded")
+        if changes is False:
+            return Text("reload failed; see the log")
+        lines = list(changes)
+        return Text("reloaded: " + ("\n".join(lines) if lines else "no changes"))
+
+    def tap(self, id: int) -> Text | None:
+        """Stream one session's messages (direction, type, size, preview) until Ctrl-C."""
+        session = self._find(id)
+        if self._terminal.live is not None:
+            return Text("a live view is already running")
+        self._logged("tap", f"session={id} client={session.client_address}")
+        self._terminal.write_lines(
+            [f"tapping session {id} ({session.client_address} <-> {_url(session)}); Ctrl-C to stop"]
+        )
+        _Tap(self, session).start()
+        return None
+
+    def top(self) -> None:
+        """A live view of the busiest sessions and the servers until Ctrl-C."""
+        if self._terminal.live is not None:
+            return
+        _Top(self).start()
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _find(self, id: int) -> Session:
+        session = self.gateway.sessions.get(id)
+        if session is None:
+            raise LookupError(f"no live session {id}")
+        return session
+
+    def _server(self, text: str) -> str:
+        matches = status.find_servers(self.gateway, str(text))
+        if len(matches) != 1:
+            raise LookupError(
+                f"{text!r} names no server"
+                if not matches
+                else f"{text!r} names {len(matches)} servers: {', '.join(matches)}"
+            )
+        return matches[0]
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        method = getattr(self.gateway, name, None)
+        if method is None:
+            raise NotImplementedError(f"{name} is not available in this version of the gateway")
+        return method(*args, **kwargs)
+
+    def _acted(self, text: str, result: Any) -> Text:
+        if isinstance(result, str) and result:
+            return Text(result)
+        return Text(text)
+
+    def _logged(self, verb: str, detail: str) -> None:
+        self._console.log.info(
+            "console_{verb} user={user} {detail}", verb=verb, user=self._user, detail=detail
+        )
+
+
+def _url(session: Session) -> str:
+    return session.server.url if session.server is not None else "-"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms" if value >= 10 else f"{value:.1f} ms"
+
+
+def _rtt(value: int | None) -> str:
+    """Autobahn measures ping round trips in whole milliseconds."""
+    return "no pong yet" if value is None else "<1 ms" if value < 1 else f"{value} ms"
+
+
+def _dedent(text: str) -> str:
+    lines = text.strip("\n").splitlines()
+    indent = min((len(x) - len(x.lstrip()) for x in lines[1:] if x.strip()), default=0)
+    return "\n".join([lines[0].strip()] + [x[indent:] for x in lines[1:]])
+
+
+# -- the terminal protocol ------------------------------------------------------------------------
+
+
+class ConsoleManhole(manhole.ColoredManhole):
+    """
+    The manhole, with a ``gate`` in its namespace, a greeting, and live views: while one runs,
+    Ctrl-C (or q) ends it and other keys are ignored.
+    """
+
+    width = 80
+    height = 24
+
+    def __init__(self, console: Console, user: str) -> None:
+        self.console = console
+        self.user = user
+        self.live: _LiveView | None = None
+        super().__init__({"gate": Gate(console, user, self)})
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.console.log.info("console_session_opened user={user}", user=self.user)
+
+    def initializeScreen(self) -> None:
+        self.terminal.reset()
+        self.terminal.write(
+            f"wsgate console, logged in as {self.user}. gate.help() lists the commands; "
+            "Ctrl-D leaves.\n".encode()
+        )
+        self.terminal.write(self.ps[self.pn])
+        self.setInsertMode()
+
+    def connectionLost(self, reason: Any) -> None:
+        if self.live is not None:
+            live, self.live = self.live, None
+            live.finish()
+        self.console.log.info("console_session_closed user={user}", user=self.user)
+
+    def keystrokeReceived(self, keyID: Any, modifier: Any) -> None:
+        if self.live is not None:
+            if keyID in (_CTRL_C, b"q"):
+                self.live.stop()
+            return
+        super().keystrokeReceived(keyID, modifier)
+
+    def lineReceived(self, line: bytes) -> None:
+        more = self.interpreter.push(line)
+        self.pn = bool(more)
+        if self.live is None:
+            self._prompt()
+
+    def _prompt(self) -> None:
+        if self._needsNewline():
+            self.terminal.nextLine()
+        self.terminal.write(self.ps[self.pn])
+
+    def write_lines(self, lines: Iterable[str]) -> None:
+        if self._needsNewline():
+            self.terminal.nextLine()
+        self.terminal.write("".join(f"{line}\n" for line in lines).encode("utf-8", "replace"))
+
+    def redraw(self, text: str) -> None:
+        self.terminal.eraseDisplay()
+        self.terminal.cursorHome()
+        self.terminal.write(text.encode("utf-8", "replace") + b"\n")
+
+    def end_live(self, summary: str) -> None:
+        self.live = None
+        self.write_lines([summary])
+        self.terminal.write(self.ps[self.pn])
+
+
+# -- SSH -------------------------------------------------------------------------------------------
+
+
+def load_host_key(path: str) -> keys.Key:
+    """
+    The console's SSH host key: read from ``path``, or made (Ed25519) and written there with mode
+    0600 when the file does not exist yet, so that clients' ``known_hosts`` stay valid.
+    """
+    if not os.path.exists(path):
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
+        key = keys.Key(ed25519.Ed25519PrivateKey.generate())
+        data = key.toString("openssh")
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        Console.log.info(
+            "console_host_key_created {path} {fingerprint}",
+            path=path,
+            fingerprint=key.fingerprint(keys.FingerprintFormats.SHA256_BASE64),
+        )
+        return key
+    try:
+        with open(path, "rb") as f:
+            key = keys.Key.fromString(f.read())
+    except (OSError, keys.BadKeyError, ValueError) as e:
+        raise ConsoleError(f"{path}: not a usable SSH private key: {e}") from None
+    if key.isPublic():
+        raise ConsoleError(f"{path}: a public key; the host key must be a private key")
+    return key
+
+
+def load_authorized_keys(path: str) -> list[tuple[keys.Key, str]]:
+    """
+    The public keys of an OpenSSH ``authorized_keys`` file with their comments.  Blank lines and
+    ``#`` comments are skipped; a line with options (``from=...``) or that is not a key is an
+    error, so that no restriction is silently ignored.
+    """
+    found = []
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ConsoleError(f"{path}: {e.strerror or e}") from None
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        parts = line.split(None, 2)
+        try:
+            if len(parts) < 2:
+                raise ValueError("too short")
+            key = keys.Key.fromString(b" ".join(parts[:2]))
+        except (keys.BadKeyError, ValueError, IndexError, TypeError):
+            raise ConsoleError(
+                f"{path}:{number}: not a public key line (key options such as from= are not "
+                "supported)"
+            ) from None
+        comment = parts[2].decode("utf-8", "replace") if len(parts) > 2 else ""
+        found.append((key, comment))
+    return found
+
+
+def load_users(path: str) -> dict[bytes, bytes]:
+    """
+    ``name:hash`` lines (as ``htpasswd -B`` writes them): the bcrypt hash of each user's password.
+    Any other hash, or a plain password, is an error.
+    """
+    users = {}
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ConsoleError(f"{path}: {e.strerror or e}") from None
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        name, sep, hashed = line.partition(b":")
+        if not sep or not name:
+            raise ConsoleError(f"{path}:{number}: expected name:bcrypt-hash")
+        if not hashed.startswith(_BCRYPT_PREFIXES) or len(hashed) != 60:
+            raise ConsoleError(
+                f"{path}:{number}: the password of {name.decode(errors='replace')!r} is not a "
+                "bcrypt hash (make one with `htpasswd -nB NAME`); plain passwords are refused"
+            )
+        users[name] = hashed
+    return users
+
+
+@implementer(IAuthorizedKeysDB)
+class _AuthorizedKeys:
+    """An ``IAuthorizedKeysDB``: every key of the file, for any user name, read at each login."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def getAuthorizedKeys(self, avatarId: bytes) -> list[keys.Key]:
+        try:
+            return [key for key, _ in load_authorized_keys(self.path)]
+        except ConsoleError as e:
+            Console.log.error("console_keys_unreadable {problem}", problem=str(e))
+            return []
+
+
+@implementer(ICredentialsChecker)
+class _KeyChecker:
+    """:class:`SSHPublicKeyChecker` on the authorized keys; logs which key let whom in."""
+
+    credentialInterfaces = (ISSHPrivateKey,)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._checker = SSHPublicKeyChecker(_AuthorizedKeys(path))  # type: ignore[arg-type]
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred:
+        d = defer.maybeDeferred(self._checker.requestAvatarId, credentials)
+        if credentials.signature is not None:
+            d.addCallback(self._logged, credentials)
+        return d
+
+    def _logged(self, avatar: bytes, credentials: Any) -> bytes:
+        key = keys.Key.fromString(credentials.blob)
+        comments = [c for k, c in _safe_keys(self.path) if k == key]
+        Console.log.info(
+            "console_login user={user} key={fingerprint} {comment}",
+            user=avatar.decode("utf-8", "replace"),
+            fingerprint=key.fingerprint(keys.FingerprintFormats.SHA256_BASE64),
+            comment=comments[0] if comments else "",
+        )
+        return avatar
+
+
+def _safe_keys(path: str) -> list[tuple[keys.Key, str]]:
+    try:
+        return load_authorized_keys(path)
+    except ConsoleError:
+        return []
+
+
+@implementer(ICredentialsChecker)
+class _PasswordChecker:
+    """bcrypt passwords from the users file, checked in a thread (bcrypt is slow on purpose)."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, path: str, reactor: Any) -> None:
+        self.path = path
+        self.reactor = reactor
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred:
+        try:
+            users = load_users(self.path)
+        except ConsoleError as e:
+            Console.log.error("console_users_unreadable {problem}", problem=str(e))
+            users = {}
+        hashed = users.get(credentials.username)
+        password = credentials.password
+        d = threads.deferToThreadPool(
+            self.reactor,
+            self.reactor.getThreadPool(),
+            bcrypt.checkpw,
+            password,
+            hashed or _DUMMY_HASH,
+        )
+
+        def checked(ok: bool) -> bytes:
+            user = credentials.username.decode("utf-8", "replace")
+            if ok and hashed is not None:
+                Console.log.info("console_login user={user} password", user=user)
+                return credentials.username
+            Console.log.warn("console_login_refused user={user} password", user=user)
+            raise cred_error.UnauthorizedLogin()
+
+        return d.addCallback(checked)
+
+
+class _ConsoleSession(manhole_ssh.TerminalSession):
+    """A terminal session that follows window size changes and ignores EOF (Ctrl-D quits)."""
+
+    _shell: Any = None
+
+    def openShell(self, proto: Any) -> None:
+        self._shell = self.transportFactory(
+            proto,
+            self.chainedProtocolFactory(),
+            IConchUser(self.original),
+            self.width,
+            self.height,
+        )
+
+    def windowChanged(self, newWindowSize: Any) -> None:
+        if self._shell is not None:
+            height, width = newWindowSize[:2]
+            self._shell.chainedProtocol.terminalProtocol.terminalSize(width, height)
+
+    def eofReceived(self) -> None:
+        pass
+
+
+@implementer(IRealm)
+class _ConsoleRealm(manhole_ssh.TerminalRealm):
+    """Gives each logged-in user a terminal running a :class:`ConsoleManhole` in their name."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self.console = console
+
+    def _getAvatar(self, avatarId: bytes) -> Any:
+        user = avatarId.decode("utf-8", "replace")
+        comp = components.Componentized()
+        avatar = self.userFactory(comp, avatarId)
+        session = _ConsoleSession(comp)
+        session.transportFactory = self.transportFactory
+        session.chainedProtocolFactory = lambda: insults.ServerProtocol(  # type: ignore[misc,assignment]
+            ConsoleManhole, self.console, user
+        )
+        comp.setComponent(IConchUser, avatar)
+        comp.setComponent(ISession, session)
+        return avatar
+
+
+class _ConchFactory(manhole_ssh.ConchFactory):
+    """An SSH factory with the console's own host key (not the class-level shared dicts)."""
+
+    def __init__(self, portal: Portal, host_key: keys.Key) -> None:
+        super().__init__(portal)
+        name = host_key.sshType()
+        self.publicKeys = {name: host_key.public()}  # type: ignore[dict-item]
+        self.privateKeys = {name: host_key}  # type: ignore[dict-item]
+
+
+def console_service(spec: ConsoleSpec, console: Console, reactor: Any) -> service.Service:
+    """
+    The console's listening service.  Raises :class:`ConsoleError` when its key files are
+    unusable or no one could log in (no key and no user).
+    """
+    checkers: list[Any] = []
+    problems = []
+    usable = 0
+    if spec.authorized_keys is not None:
+        try:
+            usable += len(load_authorized_keys(spec.authorized_keys))
+            checkers.append(_KeyChecker(spec.authorized_keys))
+        except ConsoleError as e:
+            problems.append(str(e))
+    if spec.users is not None:
+        try:
+            usable += len(load_users(spec.users))
+            checkers.append(_PasswordChecker(spec.users, reactor))
+        except ConsoleError as e:
+            problems.append(str(e))
+    try:
+        host_key = load_host_key(spec.host_key)
+    except (ConsoleError, OSError) as e:
+        problems.append(str(e))
+    if not problems and usable == 0:
+        problems.append(
+            "no way to log in: the authorized_keys and users files hold no key and no user"
+        )
+    if problems:
+        raise ConsoleError("\n".join(problems))
+    realm: Any = _ConsoleRealm(console)
+    factory = _ConchFactory(Portal(realm, checkers), host_key)
+    return strports.service(spec.endpoint, factory)  # type: ignore[arg-type]

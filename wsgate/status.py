@@ -1,0 +1,284 @@
+"""
+What the console and the admin listener show: plain-data snapshots of the Gateway, and a sampler
+that keeps the last 15 minutes of totals for rates and charts.
+
+Owns the shape of a session row, a server row and the stats, shared by ``gate.sessions()``,
+``/status.json`` and ``/metrics`` so that all three always agree.  Must not change the Gateway:
+it only reads it.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import autobahn
+from twisted.application import service
+from twisted.internet import task
+from twisted.logger import Logger
+
+import twisted
+import wsgate
+
+if TYPE_CHECKING:
+    from wsgate.bridge import Session
+    from wsgate.gateway import Clock, Gateway
+
+__all__ = [
+    "HISTORY_SECONDS",
+    "Sampler",
+    "find_servers",
+    "session_detail",
+    "session_row",
+    "sessions",
+    "snapshot",
+    "stats",
+    "upstreams",
+]
+
+HISTORY_SECONDS = 15 * 60
+SAMPLE_INTERVAL = 1.0
+# Rates are averaged over this many seconds of samples (steadier than one interval).
+RATE_WINDOW = 5.0
+
+_VERSIONS = {
+    "wsgate": wsgate.__version__,
+    "python": platform.python_version(),
+    "twisted": twisted.__version__,
+    "autobahn": autobahn.__version__,
+}
+
+
+def session_row(session: Session) -> dict[str, Any]:
+    """One live session: who, where to, how old, how busy."""
+    row = session.describe()
+    upstream = getattr(session, "upstream", None)
+    return {
+        "id": row["session_id"],
+        "client": f"{row['client']}:{session.client_port}"
+        if session.client_port
+        else row["client"],
+        "route": row["route"],
+        "upstream": upstream.name if upstream is not None else None,
+        "server": row["server"],
+        "path": row["path"],
+        "age": row["duration"],
+        "idle": row["idle"],
+        "messages_up": row["messages_up"],
+        "bytes_up": row["bytes_up"],
+        "messages_down": row["messages_down"],
+        "bytes_down": row["bytes_down"],
+        "subprotocol": row["subprotocol"],
+        "tls": row["tls"],
+        "state": session.state,
+    }
+
+
+def session_detail(session: Session) -> dict[str, Any]:
+    """Everything known about one session: its row, the request, the forwarded headers, ping RTTs."""
+    detail = session_row(session)
+    detail.update(
+        started=session.started,
+        connect_time=(session.opened_at - session.started)
+        if session.opened_at is not None
+        else None,
+        host=session.request.host,
+        request_headers=dict(session.request.headers),
+        forwarded_headers=session.forwarded_headers(),
+        ping_interval=getattr(getattr(session, "route", None), "ping_interval", 0.0),
+        client_ping_rtt=getattr(session.client, "ping_rtt", None),
+        backend_ping_rtt=getattr(session.backend, "ping_rtt", None),
+        client_close=session.client_close,
+        backend_close=session.backend_close,
+        closed_by=session.closed_by,
+    )
+    return detail
+
+
+def sessions(gateway: Gateway, filter: str | None = None) -> list[dict[str, Any]]:
+    """Live sessions, oldest first; ``filter`` keeps those whose route, server or client contains it."""
+    rows = [session_row(s) for s in list(gateway.sessions.values())]
+    if filter:
+        rows = [
+            r
+            for r in rows
+            if any(filter in str(r[k] or "") for k in ("route", "server", "client", "upstream"))
+        ]
+    return rows
+
+
+def upstreams(gateway: Gateway, now: float) -> list[dict[str, Any]]:
+    """Every backend server of every upstream with its state and load."""
+    rows = []
+    for name, upstream in gateway.upstreams.items():
+        for server in upstream.servers:
+            last = getattr(server, "last_check", None)
+            rows.append(
+                {
+                    "upstream": name,
+                    "server": server.url,
+                    "state": getattr(server, "state", "up"),
+                    "backup": bool(getattr(server, "backup", False)),
+                    "weight": server.weight,
+                    "active": server.active,
+                    "sessions_total": server.sessions_total,
+                    "fails": server.fails,
+                    "last_check": None if last is None else now - last,
+                }
+            )
+    return rows
+
+
+def _totals(gateway: Gateway) -> dict[str, int]:
+    """Messages and bytes each way: finished sessions (counters) plus the live ones."""
+    totals = {
+        key: gateway.counters[key.replace("_", ".")]
+        for key in ("messages_up", "bytes_up", "messages_down", "bytes_down")
+    }
+    for session in list(gateway.sessions.values()):
+        for direction, relay in (("up", session.up), ("down", session.down)):
+            if relay is not None:
+                totals[f"messages_{direction}"] += relay.messages
+                totals[f"bytes_{direction}"] += relay.bytes
+    return totals
+
+
+def stats(gateway: Gateway, sampler: Sampler | None = None) -> dict[str, Any]:
+    """Totals since start and current rates (per second, over the last few seconds)."""
+    counters = gateway.counters
+    handshakes = {
+        key.split(".", 1)[1]: count
+        for key, count in counters.items()
+        if key.startswith("handshakes.")
+    }
+    result: dict[str, Any] = {
+        "sessions_active": len(gateway.sessions),
+        "sessions_opened": counters["sessions.opened"],
+        "sessions_closed": counters["sessions.closed"],
+        "handshakes": handshakes,
+        **_totals(gateway),
+        "versions": dict(_VERSIONS),
+    }
+    result["rates"] = sampler.rates() if sampler is not None else {}
+    result["uptime"] = sampler.uptime() if sampler is not None else None
+    return result
+
+
+def snapshot(
+    gateway: Gateway,
+    sampler: Sampler | None,
+    limit: int | None = None,
+    history: bool = True,
+) -> dict[str, Any]:
+    """
+    The whole picture, as ``/status.json`` serves it: time, stats, upstreams, sessions (the
+    ``limit`` busiest when given; ``sessions_shown`` says how many) and the sampled history.
+    """
+    now = gateway.clock.seconds()
+    rows = sessions(gateway)
+    if limit is not None and len(rows) > limit:
+        rows.sort(key=lambda r: r["messages_up"] + r["messages_down"], reverse=True)
+        rows = rows[:limit]
+    result: dict[str, Any] = {
+        "time": now,
+        "stats": stats(gateway, sampler),
+        "upstreams": upstreams(gateway, now),
+        "sessions": rows,
+    }
+    if history:
+        result["history"] = sampler.history() if sampler is not None else []
+    return result
+
+
+def find_servers(gateway: Gateway, text: str) -> list[str]:
+    """Server URLs equal to ``text``, or else containing it (``"8011"`` finds ``ws://h:8011``)."""
+    urls = [s.url for u in gateway.upstreams.values() for s in u.servers]
+    exact = [u for u in urls if u == text]
+    return exact or sorted({u for u in urls if text in u})
+
+
+class Sampler(service.Service):
+    """
+    Every second, records ``(time, active sessions, messages up, messages down, bytes up, bytes
+    down)`` totals; keeps :data:`HISTORY_SECONDS` of them.  Rates and the status page's charts are
+    differences between samples.
+    """
+
+    log = Logger()
+
+    def __init__(self, gateway: Gateway, clock: Clock, interval: float = SAMPLE_INTERVAL) -> None:
+        self.gateway = gateway
+        self.clock = clock
+        self.interval = interval
+        self.samples: deque[tuple[float, int, int, int, int, int]] = deque(
+            maxlen=int(HISTORY_SECONDS / interval) + 1
+        )
+        self.started: float | None = None
+        self._loop: task.LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.started = self.clock.seconds()
+        self._loop = task.LoopingCall(self.sample)
+        self._loop.clock = self.clock  # type: ignore[assignment]
+        self._loop.start(self.interval, now=True).addErrback(
+            lambda failure: self.log.failure("sampler_failed", failure)
+        )
+
+    def stopService(self) -> Any:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        return super().stopService()
+
+    def sample(self) -> None:
+        totals = _totals(self.gateway)
+        self.samples.append(
+            (
+                self.clock.seconds(),
+                len(self.gateway.sessions),
+                totals["messages_up"],
+                totals["messages_down"],
+                totals["bytes_up"],
+                totals["bytes_down"],
+            )
+        )
+
+    def uptime(self) -> float | None:
+        return None if self.started is None else self.clock.seconds() - self.started
+
+    def rates(self) -> dict[str, float]:
+        """Per-second messages and bytes each way over the last :data:`RATE_WINDOW` seconds."""
+        keys = ("messages_up", "messages_down", "bytes_up", "bytes_down")
+        if len(self.samples) < 2:
+            return dict.fromkeys(keys, 0.0)
+        last = self.samples[-1]
+        first = last
+        for sample in reversed(self.samples):
+            first = sample
+            if last[0] - sample[0] >= RATE_WINDOW:
+                break
+        span = last[0] - first[0]
+        if span <= 0:
+            return dict.fromkeys(keys, 0.0)
+        return {key: (last[i + 2] - first[i + 2]) / span for i, key in enumerate(keys)}
+
+    def history(self) -> list[dict[str, float]]:
+        """Per-sample points for charts: time, active sessions, messages/s and bytes/s each way."""
+        points = []
+        previous = None
+        for sample in self.samples:
+            t, active = sample[0], sample[1]
+            point: dict[str, float] = {"t": t, "active": active}
+            if previous is not None and t > previous[0]:
+                span = t - previous[0]
+                point["messages_up"] = (sample[2] - previous[2]) / span
+                point["messages_down"] = (sample[3] - previous[3]) / span
+                point["bytes_up"] = (sample[4] - previous[4]) / span
+                point["bytes_down"] = (sample[5] - previous[5]) / span
+            else:
+                point.update(messages_up=0.0, messages_down=0.0, bytes_up=0.0, bytes_down=0.0)
+            points.append(point)
+            previous = sample
+        return points
