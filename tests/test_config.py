@@ -157,3 +157,45 @@ class RouteMatchTests(SynchronousTestCase):
         self.assertFalse(route.matches("chat.example.com", "/chatter"))
         self.assertFalse(route.matches("other.example.com", "/chat"))
         self.assertTrue(config.Route(path="/", upstream="u").matches("any", "/x"))
+
+
+class LimitsConfigTests(SynchronousTestCase):
+    def test_limits_and_route_limits(self) -> None:
+        """[limits] and the per-route limit keys convert their units; bad values are named."""
+        base = {
+            "listen": [{"endpoint": "tcp:1", "proxy_protocol": True}],
+            "route": [
+                {"upstream": "u", "max_frame_size": "1KiB", "allowed_origins": ["https://a"]}
+            ],
+            "upstream": {"u": {"servers": [{"url": "ws://a:1"}]}},
+        }
+        c = config.parse(
+            {
+                **base,
+                "limits": {
+                    "shutdown_grace": "2m",
+                    "max_header_size": "8KiB",
+                    "trusted_proxies": ["10.0.0.0/8"],
+                },
+            },
+            "x.toml",
+        )
+        self.assertEqual((c.limits.shutdown_grace, c.limits.max_header_size), (120.0, 8192))
+        self.assertEqual(str(c.limits.trusted_proxies[0]), "10.0.0.0/8")
+        self.assertEqual(
+            (c.routes[0].max_frame_size, c.routes[0].allowed_origins), (1024, ("https://a",))
+        )
+        self.assertTrue(c.listeners[0].proxy_protocol)
+        e = self.assertRaises(
+            config.ConfigError,
+            config.parse,
+            {
+                **base,
+                "limits": {"trusted_proxies": ["nonsense"], "max_sessions": -1, "shutdown": 1},
+            },
+            "x.toml",
+        )
+        self.assertEqual(
+            sorted(p.split(": ")[1] for p in e.problems),
+            ["limits.max_sessions", "limits.shutdown", "limits.trusted_proxies"],
+        )
