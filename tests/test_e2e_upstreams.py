@@ -109,7 +109,8 @@ class FailoverTests(TestCase):
         """
         One of three backends is dead (a closed port): 200 connects in a row all succeed, none is
         answered with an error; with passive health the dead server costs one failed attempt, and
-        without it (max_fails = 0) every third session fails over within its own handshake.
+        without it (max_fails = 0; 30 connects, as every refused connect costs the connector
+        about 0.3 s) every third session fails over within its own handshake.
         """
         live = [start_node_backend(self, name=n) for n in ("one", "two")]
         dead = free_port()
@@ -127,7 +128,7 @@ class FailoverTests(TestCase):
             )
             names: Counter[str] = Counter()
             started = time.monotonic()
-            for _ in range(200):
+            for _ in range(200 if max_fails else 30):
                 with connect(f"ws://{LOOPBACK}:{port}/", open_timeout=5) as ws:
                     ws.send("__name__")
                     names[str(ws.recv(timeout=5))] += 1
@@ -135,12 +136,12 @@ class FailoverTests(TestCase):
             log = gate.stdout()  # type: ignore[attr-defined]
             failed = log.count("backend_attempt_failed")
             figures[max_fails] = (dict(names), failed, elapsed)
-            self.assertEqual(sum(names.values()), 200)
+            self.assertEqual(sum(names.values()), 200 if max_fails else 30)
             self.assertEqual(set(names), {"one", "two"})
             self.assertNotIn("session_refused", log)
             if max_fails:
                 self.assertEqual(failed, 1)
                 self.assertIn("server_down", log)
             else:
-                self.assertGreaterEqual(failed, 60)
+                self.assertEqual(failed, 10)
         print(f"failover figures: {figures}")
