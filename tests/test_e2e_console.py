@@ -227,6 +227,24 @@ class ConsoleTests(ConsoleGateCase):
         self.type(console, f'gate.undrain("{busy}")')
         self.assertRegex(self.type(console, "gate.upstreams()"), re.escape(busy) + r"\s+up")
 
+    def test_reload(self) -> None:
+        """gate.reload() re-reads the config file and prints what changed; a broken file is
+        refused with its problems and the running config stays."""
+        console = self.login()
+        text = self.config.read_text()
+        added = f"ws://{LOOPBACK}:1"
+        self.config.write_text(text.replace("servers = [", f'servers = [{{ url = "{added}" }}, '))
+        screen = self.type(console, "gate.reload()")
+        self.assertIn("reloaded", screen)
+        self.assertIn(added, screen)
+        self.assertIn(added, self.type(console, "gate.upstreams()"))
+        self.gate.wait_for_output("console_reload user=ops")
+        self.config.write_text(text + '[[route]]\nupstream = "nope"\n')
+        screen = self.type(console, "gate.reload()")
+        self.assertIn("new config refused; the current one stays", screen)
+        self.assertIn("no upstream named 'nope'", screen)
+        self.assertIn(added, self.type(console, "gate.upstreams()"))
+
     def test_password_login(self) -> None:
         """A user of the users file logs in with the right password."""
         console = self.ssh(

@@ -37,7 +37,10 @@ class Gateway:
     Routes, upstreams, live sessions and counters.
 
     ``counters`` keys: ``handshakes.<result>`` (``ok``, ``404``, ``502``, ...), ``sessions.opened``,
-    ``sessions.closed``.  Per-session figures live on each :class:`~wsgate.bridge.Session`.
+    ``sessions.closed``, and ``messages.up``/``bytes.up``/``messages.down``/``bytes.down`` of
+    finished sessions.  ``closed`` counts finished sessions by route, upstream, server and close
+    code; ``connect_time`` and ``session_duration`` are histograms (all read by ``/metrics``).
+    Figures of live sessions live on each :class:`~wsgate.bridge.Session`.
     """
 
     log = Logger()
