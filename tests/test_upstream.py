@@ -474,3 +474,81 @@ class GatewayTests(SynchronousTestCase):
         for backend in servers.values():
             rooms = Counter(r.params["room"][0] for r in backend.requests)
             self.assertTrue(all(n == 3 for n in rooms.values()), rooms)
+
+
+class ConfigTests(SynchronousTestCase):
+    def problems(self, upstream: dict[str, Any], route: dict[str, Any] | None = None) -> list[str]:
+        data = {
+            "listen": [{"endpoint": "tcp:0"}],
+            "route": [{"path": "/", "upstream": "u", **(route or {})}],
+            "upstream": {"u": upstream},
+        }
+        try:
+            configmod.parse(data, "t.toml")
+        except configmod.ConfigError as e:
+            return e.problems
+        return []
+
+    def test_valid(self) -> None:
+        """Every upstream key parses into the spec, with units converted."""
+        config = configmod.parse(
+            {
+                "listen": [{"endpoint": "tcp:0"}],
+                "route": [{"path": "/", "upstream": "u", "http": True}],
+                "upstream": {
+                    "u": {
+                        "balance": "hash",
+                        "key": "cookie:sid",
+                        "max_fails": 3,
+                        "fail_timeout": "30s",
+                        "resolve_interval": "1m",
+                        "rebalance_threshold": 1.25,
+                        "health": {"type": "http", "path": "/up", "interval": "500ms"},
+                        "servers": [
+                            {"url": "ws://a.test:1", "max_conns": 5},
+                            {"url": "ws://b.test:1", "backup": True, "resolve": True},
+                        ],
+                    }
+                },
+            },
+            "t.toml",
+        )
+        spec = config.upstreams["u"]
+        self.assertEqual((spec.balance, spec.key, spec.fail_timeout), ("hash", "cookie:sid", 30.0))
+        self.assertEqual(spec.resolve_interval, 60.0)
+        assert spec.health is not None
+        self.assertEqual(
+            (spec.health.type, spec.health.path, spec.health.interval), ("http", "/up", 0.5)
+        )
+        self.assertEqual((spec.servers[0].max_conns, spec.servers[1].backup), (5, True))
+        self.assertTrue(config.routes[0].http)
+
+    def test_problems(self) -> None:
+        """Bad values are reported with file and key path."""
+        table = [
+            ({"balance": "fastest"}, "t.toml: upstream.u.balance: 'fastest' is not one of"),
+            ({"balance": "hash", "key": "body:x"}, "t.toml: upstream.u.key: 'body:x' is not"),
+            ({"key": "ip"}, 't.toml: upstream.u.key: only with balance = "hash"'),
+            ({"max_fails": -1}, "t.toml: upstream.u.max_fails: expected a whole number"),
+            ({"rebalance_threshold": 0.5}, "t.toml: upstream.u.rebalance_threshold: expected more"),
+            ({"health": {"type": "icmp"}}, "t.toml: upstream.u.health.type: 'icmp' is not one of"),
+            (
+                {"health": {"path": "/x"}},
+                't.toml: upstream.u.health.path: not used by type = "tcp"',
+            ),
+            ({"health": {"fall": 0}}, "t.toml: upstream.u.health.fall: expected a whole number"),
+            ({"health": {"nope": 1}}, "t.toml: upstream.u.health.nope: unknown key"),
+        ]
+        for options, expected in table:
+            problems = self.problems({"servers": [{"url": "ws://a.test:1"}], **options})
+            self.assertTrue(any(p.startswith(expected) for p in problems), (options, problems))
+        problems = self.problems({"servers": [{"url": "wss://a.test:1", "resolve": True}]})
+        self.assertTrue(
+            problems[0].startswith("t.toml: upstream.u.servers[0].resolve: only for ws://")
+        )
+        problems = self.problems({"servers": [{"url": "ws://a.test:1", "backup": True}]})
+        self.assertEqual(
+            problems, ["t.toml: upstream.u.servers: every server is a backup: mark one primary"]
+        )
+        problems = self.problems({"servers": [{"url": "ws://a.test:1"}]}, {"http": "yes"})
+        self.assertEqual(problems, ["t.toml: route[0].http: expected true or false"])
