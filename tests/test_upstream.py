@@ -464,6 +464,31 @@ class GatewayTests(SynchronousTestCase):
             self.assertLessEqual(abs(count - 40), 4)
         self.assertEqual(counts, {A: 40, B: 40, C: 40})
 
+    def test_rebalance_hash(self) -> None:
+        """
+        With hash, rebalance() after adding a server closes exactly the sessions whose key now
+        belongs to it (1012), and they reconnect to it; the other sessions stay.
+        """
+        backends: dict[str, Any] = {A: BackendFactory(), B: BackendFactory()}
+        config = gate_config([A, B], balance="hash", key="query:room")
+        net = Network(config, backends)
+        clients = [net.client(f"/chat?room={i}") for i in range(30)]
+        backends[C] = BackendFactory()
+        upstream = net.gateway.upstreams["u"]
+        upstream.update(gate_config([A, B, C], balance="hash", key="query:room").upstreams["u"])
+        owners = {i: upstream.owner(str(i)) for i in range(30)}
+        moving = sum(owner is upstream.find(C) for owner in owners.values())
+        self.assertGreater(moving, 5)
+        self.assertEqual(net.gateway.rebalance("u", window=0), moving)
+        net.flush()
+        closed = [i for i, c in enumerate(clients) if c.close is not None]
+        self.assertEqual(len(closed), moving)
+        self.assertTrue(all(clients[i].close[0] == 1012 for i in closed))  # type: ignore[index]
+        for i in closed:
+            net.client(f"/chat?room={i}")
+        self.assertEqual(by_server(net)[C], moving)
+        self.assertEqual(sum(by_server(net).values()), 30)
+
     def test_hash_through_gate(self) -> None:
         """With key = "query:room", every client of a room lands on the same server."""
         servers = {A: BackendFactory(), B: BackendFactory(), C: BackendFactory()}
