@@ -85,6 +85,7 @@ from autobahn.twisted.websocket import (
 from autobahn.util import encode_truncate
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.error import TimeoutError
 from twisted.internet.interfaces import IPushProducer, ISSLTransport
@@ -96,6 +97,7 @@ from wsgate.config import ServerSpec
 from wsgate.gateway import Gateway
 from wsgate.httpproxy import start_http
 from wsgate.limits import MessageRate, client_address
+from wsgate.tunnel import Tunnel
 from wsgate.upstream import Server
 
 __all__ = [
@@ -340,8 +342,9 @@ class Session:
         self.opened_at: float | None = (
             None  # when the backend accepted (connect time = this - started)
         )
-        self.up: Relay | None = None  # client -> backend
-        self.down: Relay | None = None  # backend -> client
+        # client -> backend and backend -> client: Relays in message mode, Tunnels in tunnel mode
+        self.up: Relay | Tunnel | None = None
+        self.down: Relay | Tunnel | None = None
         self.throttles: tuple[_ReadThrottle, _ReadThrottle] | None = None
         self.client_close: str | None = None
         self.backend_close: str | None = None
@@ -354,6 +357,9 @@ class Session:
         self._handshake: Deferred | None = None
         self._timer: Any = None
         self._lost: set[str] = set()
+        self.tunnel = False
+        self._ping_timer: Any = None
+        self._ping_seq = 0
         peer = client.transport.getPeer()
         self.peer_address = str(getattr(peer, "host", peer))
         self.client_address = client_address(
@@ -386,7 +392,9 @@ class Session:
         self.route = route
         self.route_path = route.path
         self.upstream = self.gateway.upstreams[route.upstream]
-        self.client.autoPingInterval = route.ping_interval
+        # In tunnel mode Autobahn stops reading frames after the handshake: the gate pings itself.
+        self.tunnel = route.mode == "tunnel"
+        self.client.autoPingInterval = 0 if self.tunnel else route.ping_interval
         self.client.autoPingTimeout = route.ping_timeout
         handshake = self._handshake = Deferred()
         self._timer = self.gateway.clock.callLater(
@@ -520,6 +528,26 @@ class Session:
         """The client got its 101: start relaying."""
         client, backend = self.client, self.backend
         assert backend is not None
+        if self.tunnel:
+            self._start_tunnel()
+        else:
+            self._start_relay()
+        self.throttles = (_ReadThrottle(backend.transport), _ReadThrottle(client.transport))
+        client.transport.registerProducer(self.throttles[0], True)
+        backend.transport.registerProducer(self.throttles[1], True)
+        if self.tunnel:
+            _write_eagerly(client.transport)
+            _write_eagerly(backend.transport)
+        self.gateway.handshake_result("ok")
+        self.gateway.session_opened(self)
+        if self.gateway.closing:
+            self.close(1001, "gateway shutting down")
+        if self.route.idle_timeout > 0:
+            self._timer = self.gateway.clock.callLater(self.route.idle_timeout, self._check_idle)
+
+    def _start_relay(self) -> None:
+        """Message mode: Autobahn decodes each side, the relays re-encode toward the other."""
+        client, backend = self.client, self.backend
         now = self.gateway.clock.seconds
         route = self.route
         self.up = Relay(client, backend, route.max_message_size, now, route.max_frame_size)
@@ -528,15 +556,78 @@ class Session:
             self.up.limit_rate(route, self.gateway.clock)
         self.up.wire()
         self.down.wire()
-        self.throttles = (_ReadThrottle(backend.transport), _ReadThrottle(client.transport))
-        client.transport.registerProducer(self.throttles[0], True)
-        backend.transport.registerProducer(self.throttles[1], True)
-        self.gateway.handshake_result("ok")
-        self.gateway.session_opened(self)
-        if self.gateway.closing:
-            self.close(1001, "gateway shutting down")
-        if self.route.idle_timeout > 0:
-            self._timer = self.gateway.clock.callLater(self.route.idle_timeout, self._check_idle)
+
+    def _start_tunnel(self) -> None:
+        """
+        Tunnel mode: from now on each leg's bytes go to a Tunnel instead of Autobahn, including
+        what Autobahn had already read past the handshake.
+        """
+        client, backend = self.client, self.backend
+        assert backend is not None
+        route = self.route
+        limits = (route.max_message_size, route.max_frame_size, self.gateway.clock.seconds)
+        up = Tunnel(backend.transport, self, True, *limits)
+        down = Tunnel(client.transport, self, False, *limits)
+        up.partner, down.partner = down, up
+        self.up, self.down = up, down
+        for leg, tunnel in ((client, up), (backend, down)):
+            leg.dataReceived = tunnel.dataReceived  # type: ignore[method-assign]
+            early, leg.data = leg.data, b""
+            if early:
+                tunnel.dataReceived(early)
+        if route.ping_interval > 0:
+            self._ping_timer = self.gateway.clock.callLater(route.ping_interval, self._tunnel_ping)
+
+    # -- tunnel events (wsgate/tunnel.py) -----------------------------------------------------------
+
+    def closed(self, tunnel: Tunnel, code: int | None, reason: str) -> None:
+        """A peer sent a Close through the tunnel (already forwarded to the other peer)."""
+        side = "client" if tunnel is self.up else "backend"
+        self._record_end(side, _describe_close("close", code, reason))
+
+    def violation(self, tunnel: Tunnel, code: int, reason: str) -> None:
+        """A peer broke the frame rules or a limit: ``code`` to it, the policy's close to the other."""
+        side = "client" if tunnel is self.up else "backend"
+        self.gateway.warnings.warn(
+            "session_failed",
+            "{session_id} {side} {client} code={code} reason={reason}",
+            session_id=self.id,
+            side=side,
+            client=self.client_address,
+            code=code,
+            reason=reason,
+        )
+        self._record_end(side, _describe_close("failed", code, reason))
+        assert tunnel.partner is not None
+        tunnel.partner.close(code, reason)  # toward the peer at fault
+        tunnel.close(*partner_close(side, "failed", code, reason))
+        leg = self.client if side == "client" else self.backend
+        assert leg is not None
+        leg.transport.loseConnection()
+
+    def _record_end(self, side: str, description: str) -> None:
+        if getattr(self, f"{side}_close") is None:
+            setattr(self, f"{side}_close", description)
+        if self.closed_by is None:
+            self.closed_by = side
+
+    def _tunnel_ping(self) -> None:
+        """Ping both peers; one that has not answered the previous ping in ping_timeout is dropped."""
+        route = self.route
+        self._ping_seq += 1
+        for tunnel in (self.down, self.up):
+            assert isinstance(tunnel, Tunnel)
+            tunnel.ping(self._ping_seq)
+        self._ping_timer = self.gateway.clock.callLater(route.ping_timeout, self._tunnel_pong_due)
+
+    def _tunnel_pong_due(self) -> None:
+        for tunnel, leg in ((self.down, self.client), (self.up, self.backend)):
+            assert isinstance(tunnel, Tunnel) and leg is not None
+            if tunnel.ping_payload is not None and not tunnel.sink_closed:
+                leg.transport.abortConnection()  # its partner is closed by leg_lost
+                return
+        wait = max(self.route.ping_interval - self.route.ping_timeout, 0.0)
+        self._ping_timer = self.gateway.clock.callLater(wait, self._tunnel_ping)
 
     # -- closing ------------------------------------------------------------------------------
 
@@ -544,6 +635,10 @@ class Session:
         """Close both legs: ``code`` and ``reason`` to the client, 1001 and ``reason`` to the backend."""
         if self.closed_by is None:
             self.closed_by = by
+        if isinstance(self.down, Tunnel) and isinstance(self.up, Tunnel):
+            self.down.close(code, reason)
+            self.up.close(1001, reason)
+            return
         _send_close(self.client, code, reason)
         if self.backend is not None:
             _send_close(self.backend, 1001, reason)
@@ -574,6 +669,9 @@ class Session:
         if self.state == "REFUSED":
             self._finish_refused()
             return
+        if self.tunnel and self.up is not None:
+            self._tunnel_leg_lost(side)
+            return
         if leg.failedByMe:
             reason = _text(leg.localCloseReason)
             self.gateway.warnings.warn(
@@ -594,6 +692,20 @@ class Session:
         if len(self._lost) == 2:
             self._finish()
 
+    def _tunnel_leg_lost(self, side: str) -> None:
+        """In tunnel mode: a leg is gone; tell its partner (a Close unless one went already) and end it."""
+        self._record_end(side, "dropped")
+        self._lost.add(side)
+        survivor = self.backend if side == "client" else self.client
+        toward = self.up if side == "client" else self.down
+        if "client" not in self._lost or "backend" not in self._lost:
+            assert isinstance(toward, Tunnel) and survivor is not None
+            if toward.at_boundary:
+                toward.close(*partner_close(side, "dropped", None, ""))
+            survivor.transport.loseConnection()
+        else:
+            self._finish()
+
     def _leg_ended(self, leg: WebSocketProtocol, kind: str, code: int | None, reason: str) -> None:
         side = "client" if leg is self.client else "backend"
         if getattr(self, f"{side}_close") is not None:
@@ -609,6 +721,8 @@ class Session:
         self.state = "CLOSED"
         self._release()
         self._cancel_timer()
+        if self._ping_timer is not None and self._ping_timer.active():
+            self._ping_timer.cancel()
         if self.server is not None:
             self.server.active -= 1
         self.gateway.session_closed(self)
@@ -663,6 +777,37 @@ class Session:
         headers["X-Forwarded-Host"] = incoming.get("host", "")
         headers["X-Real-IP"] = self.client_address
         return headers
+
+
+def _write_eagerly(transport: Any) -> None:
+    """
+    Make a plain TCP transport send at once when nothing is queued, instead of queueing every
+    write and asking epoll to wake it when the socket is writable: for small relayed messages the
+    send buffer is nearly always empty, and Twisted's queue-then-wait costs two ``epoll_ctl`` calls
+    and a loop pass per write.  Whatever the socket does not take at once is queued the usual way,
+    so buffering, backpressure (producer pausing) and error handling stay Twisted's.
+
+    Measured (64 B echo, 64 connections, gate on one core): tunnel mode 33.5k -> 52k msg/s with
+    it; message mode 15.9k -> 13.4k, because there Twisted's deferred writes coalesce Autobahn's
+    several writes per message.  So tunnel sessions only.
+    """
+    if not isinstance(transport, tcp.Connection):
+        return  # TLS and other transports keep their own write path
+    queue = transport.write
+    send = transport.socket.send
+
+    def write(data: bytes) -> None:
+        if transport._tempDataLen or transport.offset != len(transport.dataBuffer):
+            queue(data)  # keep order behind what is already queued
+            return
+        try:
+            sent = send(data)
+        except OSError:
+            sent = 0  # EAGAIN, or an error the queued write will report as connection loss
+        if sent < len(data):
+            queue(data[sent:])
+
+    transport.write = write  # type: ignore[method-assign]
 
 
 def _send_close(leg: WebSocketProtocol, code: int | None, reason: str) -> None:
@@ -911,7 +1056,7 @@ class _BackendLegFactory(WebSocketClientFactory):
             failByDrop=False,
             openHandshakeTimeout=session.upstream.spec.handshake_timeout,
             closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
-            autoPingInterval=route.ping_interval,
+            autoPingInterval=0 if session.tunnel else route.ping_interval,
             autoPingTimeout=route.ping_timeout,
             maxFramePayloadSize=0,
             maxMessagePayloadSize=0,

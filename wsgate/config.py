@@ -206,6 +206,9 @@ class Route:
     throttle: bool = False
     allowed_origins: tuple[str, ...] = ()
     required_subprotocol: str | None = None
+    # "message": decode and re-encode every message (all features); "tunnel": relay frames as
+    # bytes after both handshakes, parsing headers only (wsgate/tunnel.py).
+    mode: str = "message"
     # Reverse-proxy plain HTTP requests (not WebSocket upgrades) to the upstream; else 426.
     http: bool = False
 
@@ -803,6 +806,7 @@ def _route(table: _Table, upstreams: Mapping[str, UpstreamSpec]) -> Route:
         ping_timeout=table.get("ping_timeout", 10.0, parse_duration),
         max_message_size=table.get("max_message_size", 16 * 1024**2, parse_size),
         max_frame_size=table.get("max_frame_size", 0, parse_size),
+        mode=table.get("mode", "message", _choice("message", "tunnel")),
         max_messages_per_second=table.get("max_messages_per_second", 0.0, _non_negative),
         max_bytes_per_second=table.get("max_bytes_per_second", 0, parse_size),
         throttle=table.get("throttle", False, _typed(bool, "true or false")),

@@ -76,9 +76,8 @@ class Gateway:
         upstreams = {}
         for name, spec in config.upstreams.items():
             current = self.upstreams.get(name)
-            update = getattr(current, "update", None)  # Upstream.update: being added (issue 4)
-            if current is not None and update is not None:
-                update(spec)
+            if current is not None:
+                current.update(spec)
                 upstreams[name] = current
             else:
                 upstreams[name] = Upstream(spec, self.clock, self.counters)

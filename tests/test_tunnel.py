@@ -1,0 +1,206 @@
+"""
+Tunnel mode in memory: frames relayed as bytes behave as they do directly (types, fragmentation,
+control frames between fragments, close handshake, invalid UTF-8 rejected by the peer), and the
+gate still counts, limits, closes, pings and taps.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.helpers import BackendFactory, Network, make_config, upgrade_request
+from tests.test_limits import frame
+from wsgate.tunnel import Tunnel, close_frame
+
+A = "ws://a.test:1"
+
+
+def tunnel_net(backend: Any, **route: Any) -> Network:
+    return Network(make_config([A], mode="tunnel", **route), {A: backend})
+
+
+def close_code(data: bytes) -> int | None:
+    """The code of the first Close frame (unmasked, from the gate) in ``data``."""
+    at = data.find(b"\x88")
+    return struct.unpack("!H", data[at + 2 : at + 4])[0] if at >= 0 else None
+
+
+class RelayTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.backend = BackendFactory()
+        self.net = tunnel_net(self.backend)
+        self.client = self.net.client()
+        (self.session,) = self.net.gateway.sessions.values()
+
+    def test_is_a_tunnel(self) -> None:
+        """The session relays through Tunnels, not Autobahn's message hooks."""
+        self.assertIsInstance(self.session.up, Tunnel)
+        self.assertIsInstance(self.session.down, Tunnel)
+
+    def test_types_sizes_fragments(self) -> None:
+        """Text, binary, empty, large and fragmented messages arrive intact both ways."""
+        messages = [(b"hello", False), (b"\x00\xff", True), (b"", False), (b"x" * 1_500_000, True)]
+        for payload, binary in messages:
+            self.client.proto.sendMessage(payload, binary)
+        self.client.proto.sendMessage(("é" * 5000).encode(), False, fragmentSize=999)
+        self.net.flush()
+        expected = messages + [(("é" * 5000).encode(), False)]
+        self.assertEqual(self.backend.received, expected)
+        self.assertEqual(self.client.received, expected)
+        info = self.session.describe()
+        self.assertEqual(info["messages_up"], 5)
+        self.assertEqual(info["bytes_up"], sum(len(p) for p, _ in expected))
+
+    def test_close_end_to_end(self) -> None:
+        """A Close travels to the other peer and that peer's own answer back; the session ends."""
+        self.client.proto.sendClose(4001, "bye")
+        self.net.flush()
+        self.assertEqual(self.backend.closes, [(4001, "bye")])
+        self.assertEqual(self.client.close, (1000, None))  # the test backend answers 1000
+        self.assertEqual(self.net.gateway.sessions, {})
+        self.assertEqual(self.session.client_close, "4001 'bye'")
+
+    def test_backend_closes(self) -> None:
+        """The backend's Close reaches the client."""
+        self.client.proto.sendMessage(b"close 4002 done")
+        self.net.flush()
+        self.assertEqual(self.client.close, (4002, "done"))
+        self.assertEqual(self.session.closed_by, "backend")
+
+    def test_kick(self) -> None:
+        """Session.close injects its code to the client and 1001 to the backend (masked)."""
+        self.session.close(4009, "kicked")
+        self.net.flush()
+        self.assertEqual(self.client.close, (4009, "kicked"))
+        self.assertEqual(self.backend.closes, [(1001, "kicked")])
+
+    def test_drops(self) -> None:
+        """A dropped backend gives the client 1011."""
+        self.backend.connections[0].transport.loseConnection()
+        self.net.flush()
+        self.assertEqual(self.client.close[0], 1011)
+        self.assertEqual(self.net.gateway.sessions, {})
+
+    def test_client_drop(self) -> None:
+        """A dropped client gives the backend 1001."""
+        self.client.proto.transport.loseConnection()
+        self.net.flush()
+        self.assertEqual(self.backend.closes, [(1001, "client went away")])
+        self.assertEqual(self.net.gateway.sessions, {})
+
+    def test_tap(self) -> None:
+        """The tap sees each message's type, size and unmasked first bytes."""
+        seen: list[tuple] = []
+        self.session.up.tap = lambda *event: seen.append(event)
+        self.client.proto.sendMessage(b"tap me")
+        self.client.proto.sendMessage(b"\x07" * 100, True)
+        self.net.flush()
+        self.assertEqual(seen, [(False, 6, b"tap me"), (True, 100, b"\x07" * 64)])
+
+
+class ConformanceTests(SynchronousTestCase):
+    """Raw frames from the client, as in the Autobahn TestSuite's edge cases."""
+
+    def setUp(self) -> None:
+        self.backend = BackendFactory()
+        self.net = tunnel_net(self.backend, max_message_size="32KiB")
+        self.raw = self.net.raw(upgrade_request())
+        self.assertTrue(self.raw.data.startswith(b"HTTP/1.1 101"))
+        self.raw.data = b""
+
+    def send(self, data: bytes) -> bytes:
+        self.raw.transport.write(data)
+        self.net.flush()
+        return self.raw.data
+
+    def test_ping_between_fragments(self) -> None:
+        """A ping between the fragments of a message is answered and the message arrives whole."""
+        got = self.send(frame(1, b"hel", fin=False) + frame(9, b"p") + frame(0, b"lo"))
+        self.assertEqual(self.backend.received, [(b"hello", False)])
+        self.assertTrue(got.startswith(b"\x8a\x01p"))  # the backend's pong, forwarded
+        self.assertIn(b"\x81\x05hello", got)
+
+    def test_invalid_utf8_rejected_by_backend(self) -> None:
+        """Invalid UTF-8 passes the tunnel; the backend closes 1007 and the client sees it."""
+        self.assertEqual(close_code(self.send(frame(1, b"\xff\xfe"))), 1007)
+        self.assertEqual(self.backend.received, [])
+
+    def test_violations(self) -> None:
+        """Frame-rule violations close 1002 to the client and 1001 to the backend."""
+        for bad in [
+            frame(1, b"x", masked=False),
+            b"\xc1\x80\0\0\0\0",
+            frame(3, b""),
+            frame(9, b"", fin=False),
+        ]:
+            backend = BackendFactory()
+            net = tunnel_net(backend)
+            raw = net.raw(upgrade_request())
+            raw.data = b""
+            raw.transport.write(bad)
+            net.flush()
+            self.assertEqual(close_code(raw.data), 1002, bad)
+            self.assertEqual([c for c, _ in backend.closes], [1001], bad)
+
+    def test_too_big(self) -> None:
+        """A message over max_message_size: 1009 to the client, 1001 to the backend, nothing forwarded."""
+        self.assertEqual(close_code(self.send(frame(2, b"x" * 40000))), 1009)
+        self.assertEqual(self.backend.received, [])
+        self.assertEqual([c for c, _ in self.backend.closes], [1001])
+
+
+class EarlyDataTests(SynchronousTestCase):
+    def test_backend_greets_at_once(self) -> None:
+        """A message the backend sends right after its 101 reaches the client."""
+        backend = BackendFactory()
+        backend.protocol = type(
+            "Greeter", (backend.protocol,), {"onOpen": lambda s: s.sendMessage(b"hi")}
+        )
+        net = tunnel_net(backend)
+        client = net.client()
+        self.assertEqual(client.received, [(b"hi", False)])
+
+
+class PingTests(SynchronousTestCase):
+    def test_pings_consumed_and_dead_peer_found(self) -> None:
+        """The gate's pings are answered and consumed; a peer that stops answering is dropped."""
+        backend = BackendFactory()
+        pongs: list[bytes] = []
+        deaf = [False]
+
+        def on_ping(proto: Any, payload: bytes) -> None:
+            if not deaf[0]:
+                proto.sendPong(payload)
+
+        backend.protocol = type(
+            "Pinged",
+            (backend.protocol,),
+            {"onPing": on_ping, "onPong": lambda s, p: pongs.append(p)},
+        )
+        net = tunnel_net(backend, ping_interval="10s", ping_timeout="5s")
+        client = net.client()
+        (session,) = net.gateway.sessions.values()
+        for _ in range(30):  # one second at a time, so frames move between timer events
+            net.advance(1)
+        self.assertIsNone(client.close)
+        self.assertEqual(pongs, [])  # the client's pongs to the gate are not forwarded
+        self.assertIsNotNone(session.up.ping_rtt)
+        self.assertIsNotNone(session.down.ping_rtt)
+        deaf[0] = True
+        for _ in range(15):
+            net.advance(1)
+        self.assertEqual(client.close[0], 1011)
+        self.assertEqual(net.gateway.sessions, {})
+
+
+class FrameHelperTests(SynchronousTestCase):
+    def test_close_frame(self) -> None:
+        """Close frames are built masked toward a backend and plain toward a client."""
+        self.assertEqual(close_frame(1000, "ok", masked=False), b"\x88\x04\x03\xe8ok")
+        masked = close_frame(1001, "", masked=True)
+        self.assertEqual(masked[:2], b"\x88\x82")
+        mask = masked[2:6]
+        self.assertEqual(bytes(b ^ mask[i] for i, b in enumerate(masked[6:])), b"\x03\xe9")

@@ -1,0 +1,287 @@
+"""
+Tunnel mode: after both handshakes, relay bytes instead of messages.
+
+A :class:`Tunnel` carries one direction of a session.  It parses frame headers only and forwards
+data-frame payloads untouched as they arrive (client frames stay masked toward the backend, which
+is legal; backend frames stay unmasked toward the client), so a message costs one header parse
+instead of Autobahn's full decode and re-encode.  Because it knows where frames begin and end, the
+gate keeps what matters:
+
+- message and payload-byte counters, and the last-activity time (registry, idle timeout, metrics);
+- the close code and reason each side sent (only a Close frame's payload is unmasked);
+- the maximum message size (Close 1009 to the sender, 1001 to the other side) and the frame rules
+  a proxy must enforce (masking, opcodes, control frames): violations get Close 1002;
+- injection of the gate's own frames at frame boundaries: Close for kick, idle timeout and
+  shutdown, and keepalive Pings, masked toward the backend; Pongs answering the gate's Pings are
+  consumed, not forwarded;
+- the console's tap (the first bytes of each message, unmasked, only while someone taps).
+
+Control frames (at most 125 bytes) are buffered whole, to be inspected; data frames stream.
+Once a Close has gone to a peer, nothing more is sent to it.  Invalid UTF-8 is not checked here:
+the receiving peer checks it and closes with 1007, which travels back as any Close does.
+No extension is negotiated in tunnel mode (RSV bits must be 0): never an extension mismatch.
+
+This module must not know about Autobahn or servers: the :class:`~wsgate.bridge.Session` wires a
+tunnel to a source protocol's ``dataReceived`` and a sink transport, and reacts to its events.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["Tunnel", "close_frame", "control_frame"]
+
+_CLOSE, _PING, _PONG = 8, 9, 10
+_PREVIEW = 64
+
+
+def _unmask(payload: bytes, mask: bytes | None, offset: int = 0) -> bytes:
+    if mask is None or not payload:
+        return payload
+    key = (mask * ((len(payload) + offset) // 4 + 2))[offset : offset + len(payload)]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(
+        len(payload), "big"
+    )
+
+
+def control_frame(opcode: int, payload: bytes, masked: bool) -> bytes:
+    """A complete control frame (payload at most 125 bytes), masked with a random key if asked."""
+    if not masked:
+        return bytes([0x80 | opcode, len(payload)]) + payload
+    mask = os.urandom(4)
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + _unmask(payload, mask)
+
+
+def close_frame(code: int | None, reason: str, masked: bool) -> bytes:
+    payload = b"" if code is None else struct.pack("!H", code) + reason.encode()[:123]
+    return control_frame(_CLOSE, payload, masked)
+
+
+class Tunnel:
+    """
+    One direction of a tunnelled session: ``dataReceived`` takes the source's bytes, and whole
+    frames (headers parsed, payloads streamed) are written to ``sink``.
+
+    ``events`` is told ``closed(tunnel, code, reason)`` when the source sends a Close and
+    ``violation(tunnel, code, reason)`` when the source breaks the frame rules (the session then
+    closes both sides).  ``messages``, ``bytes``, ``last`` and ``tap`` are those of a Relay.
+    """
+
+    def __init__(
+        self,
+        sink: Any,
+        events: Any,
+        from_client: bool,
+        max_size: int,
+        max_frame: int,
+        now: Callable[[], float],
+    ) -> None:
+        self.sink = sink  # the transport of the other leg
+        self.events = events
+        self.from_client = from_client  # client frames must be masked; backend frames must not
+        self.max_size = max_size
+        self.max_frame = max_frame
+        self.messages = 0
+        self.bytes = 0
+        self._now = now
+        self.last = now()
+        self.tap: Callable[[bool, int, bytes], None] | None = None
+        self.partner: Tunnel | None = None  # the other direction (answers to our pings come there)
+        self.sink_closed = False  # a Close went to the sink: send nothing more
+        self.source_closed = False  # the source sent a Close or broke the rules: ignore the rest
+        self.ping_payload: bytes | None = None  # our outstanding ping toward the sink
+        self.ping_sent = 0.0
+        self.ping_rtt: float | None = None
+        self._head = b""  # a frame header not complete yet
+        self._remaining = 0  # payload bytes of the current frame still to come
+        self._control: bytearray | None = None  # a control frame being buffered whole
+        self._forward = True  # whether the current data frame goes on
+        self._mask: bytes | None = None
+        self._offset = 0
+        self._opcode = 0
+        self._fin = False
+        self._in_message = False
+        self._binary = False
+        self._size = 0  # of the current message
+        self._preview = b""
+        self._pending: list[bytes] = []  # frames of the gate's to inject at the next boundary
+        self._out: list[bytes] | None = None  # what dataReceived is about to write, while it runs
+
+    # -- bytes in --------------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.source_closed:
+            return
+        out: list[bytes] = []
+        self._out = out  # frames injected while this runs join the same write, in order
+        if self._head:
+            data, self._head = self._head + data, b""
+        view = memoryview(data)
+        i, n = 0, len(data)
+        while i < n and not self.source_closed:
+            if self._remaining:
+                take = min(self._remaining, n - i)
+                chunk = view[i : i + take]
+                i += take
+                self._remaining -= take
+                if self._control is not None:
+                    self._control += chunk
+                else:
+                    if self._forward:
+                        out.append(chunk.tobytes())
+                    if self.tap is not None and len(self._preview) < _PREVIEW:
+                        self._peek(chunk.tobytes())
+                    self._offset += take
+                if not self._remaining:
+                    self._frame_done(out)
+                continue
+            if n - i < 2:
+                self._head = data[i:]
+                break
+            b0, b1 = data[i], data[i + 1]
+            length = b1 & 0x7F
+            size = 2 + (2 if length == 126 else 8 if length == 127 else 0) + (4 if b1 & 0x80 else 0)
+            if n - i < size:
+                self._head = data[i:]
+                break
+            if length == 126:
+                length = int.from_bytes(data[i + 2 : i + 4], "big")
+            elif length == 127:
+                length = int.from_bytes(data[i + 2 : i + 10], "big")
+            header = data[i : i + size]
+            i += size
+            self._mask = header[-4:] if b1 & 0x80 else None
+            self._begin_frame(b0, b1, length, header, out)
+        self._out = None
+        self._write(out)
+
+    def _begin_frame(self, b0: int, b1: int, length: int, header: bytes, out: list[bytes]) -> None:
+        opcode, fin = b0 & 0x0F, bool(b0 & 0x80)
+        problem = None
+        if bool(b1 & 0x80) != self.from_client:
+            problem = "client frame not masked" if self.from_client else "masked server frame"
+        elif b0 & 0x70:
+            problem = "reserved bits set (no extension was negotiated)"
+        elif opcode >= 8:
+            if opcode > _PONG:
+                problem = f"reserved opcode {opcode}"
+            elif not fin or length > 125:
+                problem = "fragmented or oversized control frame"
+        elif opcode > 2:
+            problem = f"reserved opcode {opcode}"
+        elif (opcode == 0) != self._in_message:
+            problem = (
+                "continuation frame outside a message"
+                if opcode == 0
+                else "new message inside a fragmented one"
+            )
+        if problem is not None:
+            self._violation(1002, problem)
+            return
+        self._opcode, self._fin, self._remaining, self._offset = opcode, fin, length, 0
+        if opcode >= 8:
+            self._control = bytearray(header)
+        else:
+            if opcode:
+                self._in_message, self._binary, self._size, self._preview = (
+                    True,
+                    opcode == 2,
+                    0,
+                    b"",
+                )
+            self._size += length
+            self.bytes += length
+            if self._size > self.max_size > 0 or length > self.max_frame > 0:
+                self._violation(
+                    1009, f"message larger than {self.max_size or self.max_frame} bytes"
+                )
+                return
+            self._forward = not self.sink_closed
+            if self._forward:
+                out.append(header)
+        if not length:
+            self._frame_done(out)
+
+    def _frame_done(self, out: list[bytes]) -> None:
+        if self._control is not None:
+            frame, self._control = bytes(self._control), None
+            self._control_frame(frame, out)
+        elif self._fin:
+            self._in_message = False
+            self.messages += 1
+            self.last = self._now()
+            if self.tap is not None:
+                self.tap(self._binary, self._size, self._preview)
+        pending, self._pending = self._pending, []
+        for frame in pending:
+            if self.sink_closed:
+                break
+            out.append(frame)
+            self.sink_closed = frame[0] & 0x0F == _CLOSE
+
+    def _control_frame(self, frame: bytes, out: list[bytes]) -> None:
+        payload = _unmask(frame[2 + (4 if frame[1] & 0x80 else 0) :], self._mask)
+        if (
+            self._opcode == _PONG
+            and self.partner is not None
+            and payload == self.partner.ping_payload
+        ):
+            self.partner.ping_payload = None
+            self.partner.ping_rtt = self._now() - self.partner.ping_sent
+            return  # the answer to the gate's own ping
+        if self._opcode == _CLOSE:
+            code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
+            reason = payload[2:].decode("utf-8", "replace")
+            self.source_closed = True
+            if not self.sink_closed:
+                out.append(frame)
+                self.sink_closed = True
+            self.events.closed(self, code, reason)
+            return
+        if not self.sink_closed:
+            out.append(frame)
+
+    def _peek(self, chunk: bytes) -> None:
+        need = _PREVIEW - len(self._preview)
+        self._preview += _unmask(chunk[:need], self._mask, self._offset % 4)
+
+    def _violation(self, code: int, reason: str) -> None:
+        self.source_closed = True
+        self._remaining, self._control = 0, None  # the rest of the source's bytes are ignored
+        self.events.violation(self, code, reason)
+
+    # -- the gate's own frames -------------------------------------------------------------------
+
+    def inject(self, frame: bytes) -> None:
+        """Send one of the gate's frames to the sink at the next frame boundary."""
+        if self.sink_closed:
+            return
+        if not self.at_boundary:
+            self._pending.append(frame)  # in the middle of a frame toward the sink
+            return
+        self.sink_closed = frame[0] & 0x0F == _CLOSE
+        if self._out is not None:
+            self._out.append(frame)
+        else:
+            self.sink.write(frame)
+
+    def close(self, code: int | None, reason: str) -> None:
+        """Send a Close to the sink (masked toward a backend)."""
+        self.inject(close_frame(code, reason, masked=self.from_client))
+
+    def ping(self, seq: int) -> None:
+        """Ping the sink; the answer comes back through the partner tunnel."""
+        self.ping_payload = b"wsgate:%d" % seq
+        self.ping_sent = self._now()
+        self.inject(control_frame(_PING, self.ping_payload, masked=self.from_client))
+
+    @property
+    def at_boundary(self) -> bool:
+        return not (self._remaining and self._control is None and self._forward)
+
+    def _write(self, out: list[bytes]) -> None:
+        if out:
+            self.sink.write(b"".join(out) if len(out) > 1 else out[0])
