@@ -1,7 +1,7 @@
 #!/bin/sh
 # Install the real external peers the end-to-end tests drive: Node.js + npm (for the ws echo backend
-# and wscat in tests/fixtures/node), openssl, the OpenSSH client (console tests) and Chromium (the
-# status page, rendered headless).
+# and wscat in tests/fixtures/node), openssl, the OpenSSH client (console tests), Chromium (the
+# status page, rendered headless) and HAProxy (PROXY protocol in front of several gates).
 #
 # Idempotent and non-interactive: system packages are installed only when their command is missing
 # (needs root then), and `npm ci` runs only when node_modules does not match package-lock.json.
@@ -12,9 +12,12 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 fixtures="$root/tests/fixtures/node"
 stamp="$fixtures/node_modules/.wsgate-package-lock.sha256"
 
+# haproxy is installed in /usr/sbin, which a non-root PATH may lack.
+PATH="$PATH:/usr/sbin:/sbin"
+
 # command -> Debian package providing it
 missing=""
-for pair in node:nodejs npm:npm openssl:openssl ssh:openssh-client ssh-keygen:openssh-client chromium:chromium; do
+for pair in node:nodejs npm:npm openssl:openssl ssh:openssh-client ssh-keygen:openssh-client chromium:chromium haproxy:haproxy; do
     cmd=${pair%%:*}
     pkg=${pair#*:}
     if ! command -v "$cmd" >/dev/null 2>&1; then
@@ -38,7 +41,7 @@ if [ -n "$missing" ]; then
     # shellcheck disable=SC2086  # word splitting of the package list is intended
     apt-get install -y --no-install-recommends $missing </dev/null
 else
-    echo "install-test-deps: node, npm, openssl, ssh and chromium already installed"
+    echo "install-test-deps: node, npm, openssl, ssh, chromium and haproxy already installed"
 fi
 
 lock_sum=$(sha256sum "$fixtures/package-lock.json" | cut -d' ' -f1)
