@@ -97,7 +97,7 @@ from wsgate.config import ServerSpec
 from wsgate.gateway import Gateway
 from wsgate.httpproxy import start_http
 from wsgate.limits import MessageRate, client_address
-from wsgate.tunnel import Tunnel
+from wsgate.tunnel import Tunnel, data_frame
 from wsgate.upstream import Server
 
 __all__ = [
@@ -113,6 +113,8 @@ __all__ = [
 _OPEN = WebSocketProtocol.STATE_OPEN
 # A single-frame message up to this size is relayed as one message; larger or fragmented ones stream.
 _WHOLE_FRAME = 128 * 1024
+# Messages up to this size are framed (and masked toward a backend) by the relay itself.
+_SMALL_MESSAGE = 4096
 # How much of a message the console's tap sees.
 _TAP_PREVIEW = 64
 # How long a leg waits for its peer to answer a Close before dropping the connection.
@@ -245,11 +247,12 @@ class Relay:
     def wire(self) -> None:
         """Take over the source leg's message hooks."""
         src = self.source
-        src.onMessageBegin = self.onMessageBegin
-        src.onMessageFrameBegin = self.onMessageFrameBegin
-        src.onMessageFrameData = self.onMessageFrameData
-        src.onMessageFrameEnd = self.onMessageFrameEnd
-        src.onMessageEnd = self.onMessageEnd
+        # Autobahn's adapter calls _onMessageX, which only calls onMessageX: take both over.
+        src._onMessageBegin = src.onMessageBegin = self.onMessageBegin
+        src._onMessageFrameBegin = src.onMessageFrameBegin = self.onMessageFrameBegin
+        src._onMessageFrameData = src.onMessageFrameData = self.onMessageFrameData
+        src._onMessageFrameEnd = src.onMessageFrameEnd = self.onMessageFrameEnd
+        src._onMessageEnd = src.onMessageEnd = self.onMessageEnd
 
     def onMessageBegin(self, isBinary: bool) -> None:
         self._binary = isBinary
@@ -308,11 +311,15 @@ class Relay:
         if self._dropping or self.source.failedByMe:
             return
         if self._chunks is not None:
-            if self.sink.state == _OPEN:
+            sink = self.sink
+            if sink.state == _OPEN:
                 chunks = self._chunks
-                self.sink.sendMessage(
-                    chunks[0] if len(chunks) == 1 else b"".join(chunks), self._binary
-                )
+                payload = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                if len(payload) <= _SMALL_MESSAGE:
+                    # Framed here: Autobahn's sendMessage costs more than the relay itself.
+                    sink.sendData(data_frame(payload, self._binary, not sink.factory.isServer))
+                else:
+                    sink.sendMessage(payload, self._binary)  # Autobahn's C masking
             self._chunks = None
         else:
             self.sink.endMessage()
@@ -831,6 +838,18 @@ def _text(raw: bytes | str | None) -> str:
     return raw or ""
 
 
+def _send_data(leg: Any, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+    """
+    The legs' ``sendData``: Autobahn's, minus the debug-log arguments and traffic statistics it
+    computes on every write even with debug logging off (the gate keeps its own counters).
+    Queued writes (sync, chopped) keep Autobahn's path.
+    """
+    if sync or chopsize or leg.send_queue:
+        WebSocketProtocol.sendData(leg, data, sync, chopsize)
+    else:
+        leg.transport.write(data)
+
+
 class _QuietLog:
     """
     The legs' Autobahn log: only errors pass.  Autobahn logs every failed handshake and failed
@@ -862,6 +881,7 @@ class ClientLeg(WebSocketServerProtocol):
     """The client side of a session: accepts the upgrade only once the backend has accepted."""
 
     log = _QuietLog()
+    sendData = _send_data
     session: Session | None = None
     transport: Any
     http: Any = None  # an httpproxy.HttpExchange once a plain HTTP request was handed over
@@ -914,7 +934,7 @@ class ClientLeg(WebSocketServerProtocol):
         if self.http is not None:
             self.http.client_data(data)
         else:
-            super().dataReceived(data)
+            self._dataReceived(data)  # Autobahn's, without its per-read debug-log arguments
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
         if code in (405, 426) and self.http is None and self.session is None:
@@ -1001,6 +1021,9 @@ class BackendLeg(WebSocketClientProtocol):
     """The backend side of a session: reports its handshake's outcome to the session."""
 
     log = _QuietLog()
+    sendData = _send_data
+    # Autobahn's dataReceived only adds per-read debug-log arguments to _dataReceived.
+    dataReceived = WebSocketClientProtocol._dataReceived
 
     transport: Any
     ping_rtt: int | None = None

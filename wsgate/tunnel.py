@@ -30,15 +30,17 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable
+from random import getrandbits
 from typing import Any
 
-__all__ = ["Tunnel", "close_frame", "control_frame"]
+__all__ = ["Tunnel", "close_frame", "control_frame", "data_frame", "xor_mask"]
 
 _CLOSE, _PING, _PONG = 8, 9, 10
 _PREVIEW = 64
 
 
-def _unmask(payload: bytes, mask: bytes | None, offset: int = 0) -> bytes:
+def xor_mask(payload: bytes, mask: bytes | None, offset: int = 0) -> bytes:
+    """Mask or unmask ``payload`` with a 4-byte key, starting ``offset`` bytes into the key."""
     if mask is None or not payload:
         return payload
     key = (mask * ((len(payload) + offset) // 4 + 2))[offset : offset + len(payload)]
@@ -52,7 +54,24 @@ def control_frame(opcode: int, payload: bytes, masked: bool) -> bytes:
     if not masked:
         return bytes([0x80 | opcode, len(payload)]) + payload
     mask = os.urandom(4)
-    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + _unmask(payload, mask)
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + xor_mask(payload, mask)
+
+
+def data_frame(payload: bytes, binary: bool, masked: bool) -> bytes:
+    """A whole, unfragmented text or binary message frame, masked with a fresh key if asked."""
+    n = len(payload)
+    mask_bit = 0x80 if masked else 0
+    b0 = 0x82 if binary else 0x81
+    if n < 126:
+        head = bytes((b0, mask_bit | n))
+    elif n < 65536:
+        head = struct.pack("!BBH", b0, mask_bit | 126, n)
+    else:
+        head = struct.pack("!BBQ", b0, mask_bit | 127, n)
+    if not masked:
+        return head + payload
+    key = getrandbits(32).to_bytes(4, "big")
+    return head + key + xor_mask(payload, key)
 
 
 def close_frame(code: int | None, reason: str, masked: bool) -> bytes:
@@ -223,7 +242,7 @@ class Tunnel:
             self.sink_closed = frame[0] & 0x0F == _CLOSE
 
     def _control_frame(self, frame: bytes, out: list[bytes]) -> None:
-        payload = _unmask(frame[2 + (4 if frame[1] & 0x80 else 0) :], self._mask)
+        payload = xor_mask(frame[2 + (4 if frame[1] & 0x80 else 0) :], self._mask)
         if (
             self._opcode == _PONG
             and self.partner is not None
@@ -246,7 +265,7 @@ class Tunnel:
 
     def _peek(self, chunk: bytes) -> None:
         need = _PREVIEW - len(self._preview)
-        self._preview += _unmask(chunk[:need], self._mask, self._offset % 4)
+        self._preview += xor_mask(chunk[:need], self._mask, self._offset % 4)
 
     def _violation(self, code: int, reason: str) -> None:
         self.source_closed = True
