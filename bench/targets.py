@@ -1,8 +1,8 @@
 """The proxies measured side by side, and how each one is configured and started.
 
-A target is one line in ``TARGETS``.  wsgate variants are either a command line (``wsgate_argv``)
-or a TOML config (``wsgate_config``, see :func:`wsgate_toml`); the placeholders ``@LISTEN@``,
-``@TLS_LISTEN@`` and ``@BACKEND@`` are filled in at start.  Every target listens on 127.0.0.1 only,
+A target is one entry in ``TARGETS``.  wsgate variants are either a command line
+(``wsgate_argv``) or a TOML config (``wsgate_config``, see :func:`wsgate_toml`); placeholders such
+as ``@LISTEN@``, ``@TLS_LISTEN@`` and ``@BACKEND@`` are filled in at start.  Every target listens on 127.0.0.1 only,
 on a plain port (W1-W5) and a TLS port (W6) with the same self-signed certificate, and proxies to
 the one echo backend of the run.
 """
@@ -45,7 +45,8 @@ def wsgate_toml(top: str = "", route: str = "") -> str:
 endpoint = "@LISTEN@"
 
 [[listen]]
-endpoint = "@TLS_LISTEN@"
+endpoint = "@TLS_TCP_LISTEN@"
+tls = {{ cert = "@CERT@", key = "@KEY@" }}
 
 [[route]]
 path = "/"
@@ -91,12 +92,17 @@ TARGETS: tuple[Target, ...] = (
         wsgate_argv=WSGATE_CLI,
         goal="message",
     ),
-    # Coming with the gateway's fast path and workers; each variant is one line, e.g.:
+    Target(
+        "wsgate-tunnel",
+        "wsgate",
+        'wsgate, 1 process, tunnel mode (route mode = "tunnel")',
+        wsgate_config=wsgate_toml(route='mode = "tunnel"'),
+        goal="tunnel",
+    ),
+    # With the gateway's workers (one entry each), e.g.:
     # Target("wsgate-2w", "wsgate", "wsgate, workers = 2, message mode (cores 0+1)",
     #        wsgate_config=wsgate_toml(top="workers = 2"), cpus=BOTH_CPUS, base="wsgate",
     #        goal="message"),
-    # Target("wsgate-tunnel", "wsgate", "wsgate, 1 process, tunnel mode",
-    #        wsgate_config=wsgate_toml(route='mode = "tunnel"'), goal="tunnel"),
 )
 
 
@@ -241,6 +247,9 @@ def start(t: Target, env: Env) -> Running:
             "LISTEN": f"tcp:{port}:interface=127.0.0.1",
             "TLS_LISTEN": f"ssl:{tls_port}:interface=127.0.0.1:privateKey={env.key}"
             f":certKey={env.cert}",
+            "TLS_TCP_LISTEN": f"tcp:{tls_port}:interface=127.0.0.1",
+            "CERT": str(env.cert),
+            "KEY": str(env.key),
             "BACKEND": f"ws://127.0.0.1:{env.backend_port}",
         }
         if t.wsgate_config:
