@@ -276,6 +276,8 @@ class Config:
     limits: Limits = field(default_factory=lambda: Limits())
     console: ConsoleSpec | None = None
     admin: AdminSpec | None = None
+    # Worker processes sharing the listeners (``workers``; "auto" is resolved to the core count).
+    workers: int = 1
 
 
 def parse_duration(value: object) -> float:
@@ -437,6 +439,18 @@ def _positive_int(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError("expected a whole number of at least 1")
     return value
+
+
+def _workers(value: object) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, str):
+        raise ValueError('expected a whole number of at least 1 or "auto"')
+    return _positive_int(value)
+
+
+# Endpoint kinds a parent can bind and hand to its workers (``workers`` > 1).
+_SHAREABLE = ("tcp", "tcp6", "unix")
 
 
 def _choice(*choices: str) -> Callable[[object], str]:
@@ -860,6 +874,15 @@ def parse(data: Mapping[str, Any], source: str, base_dir: str | None = None) -> 
     console = _console(console_table) if console_table is not None else None
     admin_table = top.subtable("admin")
     admin = _admin(admin_table) if admin_table is not None else None
+    workers = top.get("workers", 1, _workers)
+    if workers > 1:
+        for i, listener in enumerate(listeners):
+            kind = listener.endpoint.lower().removeprefix("haproxy:").split(":", 1)[0]
+            if kind not in _SHAREABLE:
+                reader.problem(
+                    f"listen[{i}].endpoint",
+                    f"with workers > 1 a listener is tcp:, tcp6: or unix: ({kind}: cannot be shared)",
+                )
     top.done()
     if reader.problems:
         raise ConfigError(reader.problems)
@@ -872,6 +895,7 @@ def parse(data: Mapping[str, Any], source: str, base_dir: str | None = None) -> 
         limits=limits,
         console=console,
         admin=admin,
+        workers=workers,
     )
 
 

@@ -449,10 +449,14 @@ class Gate:
         shown = f"{len(rows)} of {total}" if filter else str(total)
         return Text(f"{text}\n({shown} session{'' if total == 1 else 's'})")
 
-    def session(self, id: int) -> Text:
+    def session(self, id: int | str) -> Text | defer.Deferred:
         """Everything known about one live session."""
-        session = self._find(id)
-        d = status.session_detail(session)
+        if isinstance(self.gateway, status.GateFigures):
+            # With workers the detail comes from the session's worker: a Deferred of the text.
+            return self.gateway.session_detail(id).addCallback(self._session_text)  # type: ignore[attr-defined]
+        return self._session_text(status.session_detail(self._find(id)))  # type: ignore[arg-type]
+
+    def _session_text(self, d: dict[str, Any]) -> Text:
         rtt = (
             "pings off"
             if not d["ping_interval"]
@@ -520,11 +524,18 @@ class Gate:
 
     # -- acting --------------------------------------------------------------------------------
 
-    def kick(self, id: int, code: int = 1001, reason: str = "") -> Text:
+    def kick(self, id: int | str, code: int = 1001, reason: str = "") -> Text:
         """Close one session: ``code`` and ``reason`` to the client, 1001 to the backend."""
-        session = self._find(id)
         if code not in _KICK_CODES:
             raise ValueError(f"{code} cannot be sent: use 1000-1003, 1007-1014 or 3000-4999")
+        if isinstance(self.gateway, status.GateFigures):
+            # With workers: the session's worker closes it (ids are "WORKER:ID").
+            figures: Any = self.gateway
+            figures.kick(id, code, reason, f"console ({self._user})")
+            client = figures.sessions[id]["client"]
+            self._logged("kick", f"session={id} client={client} code={code}")
+            return Text(f"closing session {id} with {code}" + (f" {reason!r}" if reason else ""))
+        session = self._find(id)  # type: ignore[arg-type]
         self._logged("kick", f"session={id} client={session.client_address} code={code}")
         session.close(code, reason, by=f"console ({self._user})")
         return Text(f"closing session {id} with {code}" + (f" {reason!r}" if reason else ""))
@@ -576,6 +587,8 @@ class Gate:
 
     def tap(self, id: int) -> Text | None:
         """Stream one session's messages (direction, type, size, preview) until Ctrl-C."""
+        if isinstance(self.gateway, status.GateFigures):
+            return Text("tap is not available with workers > 1: run one worker to tap a session")
         session = self._find(id)
         if self._terminal.live is not None:
             return Text("a live view is already running")

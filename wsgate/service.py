@@ -9,16 +9,15 @@ root) and a busy port fails at startup.  It must not hold logic of its own.
 
 from __future__ import annotations
 
-import pprint
 import signal
 from typing import Any
 
 import txaio
-from autobahn.websocket import protocol as autobahn_protocol
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python import usage
 
 from wsgate import config as configmod
@@ -38,8 +37,9 @@ from wsgate.tls import (
     tls_server_factory,
     unverified_servers,
 )
+from wsgate.workers import SharedSocketEndpoint, WorkerPool
 
-__all__ = ["Options", "makeService"]
+__all__ = ["Options", "makeService", "worker_service"]
 
 DEMO_LISTEN = "tcp:8020"
 DEMO_PORT = 8010
@@ -222,43 +222,15 @@ class _GracefulStop(service.Service):
         return self.gateway.shutdown()
 
 
-class _LazyFormat:
-    """
-    Stands in for ``pprint.pformat`` in Autobahn's protocol module, whose only uses are debug log
-    arguments: formats when (if ever) the log line is written, not on every connection (it was a
-    quarter of a handshake's CPU with debug logging off).
-    """
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: object) -> None:
-        self.value = value
-
-    def __str__(self) -> str:
-        return pprint.pformat(self.value)
-
-
 def _no_reload() -> list[str]:
     raise configmod.ConfigError(["nothing to reload: wsgate was started without --config"])
 
 
-# Twisted listens with a backlog of 50: a burst of new clients overflows it and waits for SYN
-# retransmits (1 s, then 3 s).  NGINX uses 511; the kernel caps it at net.core.somaxconn.
-LISTEN_BACKLOG = 1024
-
-
 def _endpoint(listener: configmod.Listener) -> str:
-    """
-    The listener's endpoint string: TCP listeners get ``backlog=1024`` unless they set one, and
-    the string goes behind Twisted's PROXY protocol wrapper when asked.
-    """
-    endpoint = listener.endpoint
-    kind = endpoint.split(":", 1)[0].lower()
-    if kind in ("tcp", "tcp6") and "backlog=" not in endpoint:
-        endpoint += f":backlog={LISTEN_BACKLOG}"
-    if listener.proxy_protocol and not endpoint.lower().startswith("haproxy:"):
-        endpoint = f"haproxy:{endpoint}"
-    return endpoint
+    """The listener's endpoint string, behind Twisted's PROXY protocol wrapper when asked."""
+    if listener.proxy_protocol and not listener.endpoint.lower().startswith("haproxy:"):
+        return f"haproxy:{listener.endpoint}"
+    return listener.endpoint
 
 
 def _add_monitoring(
@@ -312,18 +284,65 @@ def _add_upstream_services(
             AutoRebalance(name, find, gateway.rebalance, reactor).setServiceParent(top)
 
 
+def _adopted(reactor: Any, listener: configmod.Listener, adopted: dict[str, Any]) -> Any:
+    """A worker's endpoint for a listener: the socket its parent bound, inherited as a descriptor."""
+    endpoint: Any = SharedSocketEndpoint(reactor, adopted["fd"], adopted["family"])
+    if listener.proxy_protocol or listener.endpoint.lower().startswith("haproxy:"):
+        endpoint = proxyEndpoint(endpoint)
+    return endpoint
+
+
+def _parent_service(
+    options: Options | dict[str, Any], config: configmod.Config, reactor: Any
+) -> service.MultiService:
+    """``workers`` > 1: the parent binds the listeners, supervises the workers, aggregates."""
+    top = service.MultiService()
+    pool = WorkerPool(
+        config,
+        options["config"],
+        reactor,
+        rows=config.console is not None or config.admin is not None,
+    )
+    pool.setServiceParent(top)
+    top.workers = pool  # type: ignore[attr-defined]
+    top.reload = pool.reload  # type: ignore[attr-defined]
+    _add_monitoring(config, pool.aggregate, top, reactor)  # type: ignore[arg-type]
+    for redirect in config.redirects:
+        StreamServerEndpointService(
+            serverFromString(reactor, redirect.endpoint), redirect_site(redirect.https_port)
+        ).setServiceParent(top)
+    return top
+
+
+def worker_service(
+    config: configmod.Config, path: str, listeners: list[dict[str, Any]], reactor: Any
+) -> service.MultiService:
+    """
+    One worker of ``workers = N``: the gate on the sockets its parent bound (``listeners``: fd,
+    address family and endpoint of each, in config order), without console, admin or redirects.
+    """
+    by_endpoint = {entry["endpoint"]: entry for entry in listeners}
+    adopted = {
+        listener.endpoint: by_endpoint.get(listener.endpoint, entry)
+        for listener, entry in zip(config.listeners, listeners, strict=False)
+    }
+    return makeService({"gate_config": config, "config": path, "adopted": adopted}, reactor)
+
+
 def makeService(options: Options | dict[str, Any], reactor: Any = None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
     config: configmod.Config = options["gate_config"]
     # Autobahn logs every frame at debug level through txaio; twistd would format them all.
     txaio.set_global_log_level("info")  # type: ignore[attr-defined]
-    # ... but builds two of them with pprint on every connection all the same.
-    autobahn_protocol.pformat = _LazyFormat  # type: ignore[assignment]
+    adopted: dict[str, Any] | None = options.get("adopted")
+    if config.workers > 1 and adopted is None:
+        return _parent_service(options, config, reactor)
     top = service.MultiService()
     gateway = Gateway(config, reactor)
     top.gateway = gateway  # type: ignore[attr-defined]
-    _add_monitoring(config, gateway, top, reactor)
+    if adopted is None:
+        _add_monitoring(config, gateway, top, reactor)
     if options.get("demo"):
         demo: Any = EchoBackendFactory()
         strports.service(f"tcp:{options['demo-port']}:interface=127.0.0.1", demo).setServiceParent(
@@ -337,8 +356,17 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
         _UnverifiedWarning(unverified).setServiceParent(top)
     tls_listeners: dict[str, ServerTLS] = {}
     for listener in config.listeners:
+        if adopted is not None:
+            if listener.endpoint not in adopted:
+                continue
+            endpoint = _adopted(reactor, listener, adopted[listener.endpoint])
+        else:
+            endpoint = serverFromString(reactor, _endpoint(listener))
         if listener.tls is None:
-            strports.service(_endpoint(listener), factory).setServiceParent(top)
+            if adopted is None:
+                strports.service(_endpoint(listener), factory).setServiceParent(top)
+            else:
+                StreamServerEndpointService(endpoint, factory).setServiceParent(top)
             continue
         try:
             server_tls = tls_listeners[listener.endpoint] = ServerTLS(listener.tls)
@@ -347,10 +375,9 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
                 f"invalid TLS certificates for {listener.endpoint}:\n{e}"
             ) from None
         StreamServerEndpointService(
-            serverFromString(reactor, _endpoint(listener)),
-            tls_server_factory(server_tls, factory, reactor),
+            endpoint, tls_server_factory(server_tls, factory, reactor)
         ).setServiceParent(top)
-    for redirect in config.redirects:
+    for redirect in config.redirects if adopted is None else ():
         StreamServerEndpointService(
             serverFromString(reactor, redirect.endpoint), redirect_site(redirect.https_port)
         ).setServiceParent(top)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import platform
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import autobahn
 from twisted.application import service
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HISTORY_SECONDS",
+    "GateFigures",
     "Sampler",
     "find_servers",
     "session_detail",
@@ -48,6 +49,22 @@ _VERSIONS = {
     "twisted": twisted.__version__,
     "autobahn": autobahn.__version__,
 }
+
+
+@runtime_checkable
+class GateFigures(Protocol):
+    """
+    A gate of several processes (``workers = N``; :class:`wsgate.workers.Aggregate`).  It has no
+    Session or Upstream objects to read: its workers made the rows with the functions below and it
+    hands them over.  Like a Gateway it also has ``clock``, ``config``, ``sessions`` (a mapping, by
+    worker-qualified id, of session rows), ``counters``, ``closed`` and the two histograms.
+    """
+
+    def session_rows(self) -> list[dict[str, Any]]: ...
+
+    def server_rows(self, now: float) -> list[dict[str, Any]]: ...
+
+    def live_totals(self) -> dict[str, int]: ...
 
 
 def session_row(session: Session) -> dict[str, Any]:
@@ -98,7 +115,10 @@ def session_detail(session: Session) -> dict[str, Any]:
 
 def sessions(gateway: Gateway, filter: str | None = None) -> list[dict[str, Any]]:
     """Live sessions, oldest first; ``filter`` keeps those whose route, server or client contains it."""
-    rows = [session_row(s) for s in list(gateway.sessions.values())]
+    if isinstance(gateway, GateFigures):
+        rows = gateway.session_rows()
+    else:
+        rows = [session_row(s) for s in list(gateway.sessions.values())]
     if filter:
         rows = [
             r
@@ -110,6 +130,8 @@ def sessions(gateway: Gateway, filter: str | None = None) -> list[dict[str, Any]
 
 def upstreams(gateway: Gateway, now: float) -> list[dict[str, Any]]:
     """Every backend server of every upstream with its state and load."""
+    if isinstance(gateway, GateFigures):
+        return gateway.server_rows(now)
     rows = []
     for name, upstream in gateway.upstreams.items():
         for server in upstream.servers:
@@ -132,6 +154,8 @@ def upstreams(gateway: Gateway, now: float) -> list[dict[str, Any]]:
 
 def _totals(gateway: Gateway) -> dict[str, int]:
     """Messages and bytes each way: finished sessions (counters) plus the live ones."""
+    if isinstance(gateway, GateFigures):
+        return gateway.live_totals()
     totals = {
         key: gateway.counters[key.replace("_", ".")]
         for key in ("messages_up", "bytes_up", "messages_down", "bytes_down")
@@ -193,7 +217,7 @@ def snapshot(
 
 def find_servers(gateway: Gateway, text: str) -> list[str]:
     """Server URLs equal to ``text``, or else containing it (``"8011"`` finds ``ws://h:8011``)."""
-    urls = [s.url for u in gateway.upstreams.values() for s in u.servers]
+    urls = [row["server"] for row in upstreams(gateway, 0.0)]
     exact = [u for u in urls if u == text]
     return exact or sorted({u for u in urls if text in u})
 

@@ -1,0 +1,859 @@
+"""
+``workers = N``: one supervising parent and N worker processes sharing each listening socket.
+
+Theory of operation.  The parent binds every ``[[listen]]`` socket itself in
+``privilegedStartService`` (so ports still bind before ``twistd --uid`` drops root, and a busy port
+fails at startup), stops reading from them, and spawns N children (``python -m wsgate.worker``)
+that inherit the sockets as file descriptors and adopt them; the kernel hands each new connection
+to whichever worker accepts it first.  A worker runs the whole gateway of one process (Gateway,
+listeners, health checks, reload) except the console and the admin listener, which stay in the
+parent.  A worker that dies is restarted after a bounded backoff and the sessions it had are logged
+as lost.  SIGHUP in the parent validates the file and fans out to every worker; stopping the
+parent (SIGTERM) asks every worker to stop (each closes its sessions with 1001 within
+``shutdown_grace``) and ends after the last one.
+
+Control channel.  Each worker's stdin and stdout carry newline-delimited JSON messages: requests
+``{"id", "call", "args"}`` from the parent, answers ``{"id", "result"}`` or ``{"id", "error"}``
+and unsolicited ``{"log": ...}`` events from the worker (its log goes to the parent's log, each
+line prefixed with the worker's number).  Not AMP: a busy worker's session table is far larger
+than AMP's 64 KiB value limit.
+
+Aggregation.  :class:`Aggregate` is what the console, ``/metrics`` and the status page read in the
+parent instead of a Gateway (see :class:`wsgate.status.GateFigures`): the latest snapshot of every
+worker (polled each second), summed, with session ids qualified by the worker (``"2:17"`` is
+session 17 of worker 2).  Verbs go to the workers: ``kick`` to the worker that owns the session,
+``drain``/``undrain``/``set_weight`` to all of them.  Figures are up to one poll interval old.
+
+Must not: hold gateway logic of its own (workers run the ordinary Gateway) or wire services
+together (``service.py`` does; it passes the builder of a worker's service tree to
+:func:`run_worker`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, error, protocol, task, tcp
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import Logger, LogLevel, formatEvent
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from wsgate import config as configmod
+from wsgate import status
+from wsgate.gateway import Clock, config_changes
+from wsgate.metrics import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram
+
+__all__ = [
+    "Aggregate",
+    "Channel",
+    "SharedSocketEndpoint",
+    "WorkerControl",
+    "WorkerPool",
+    "qualified_id",
+    "run_worker",
+    "split_id",
+]
+
+POLL_INTERVAL = 1.0
+REQUEST_TIMEOUT = 10.0
+# Restart delays after a worker dies: doubling from the first to the last, reset after a worker
+# that lived STABLE_AFTER seconds.
+RESTART_FIRST = 0.5
+RESTART_MAX = 30.0
+STABLE_AFTER = 30.0
+# After stop, how long beyond shutdown_grace the parent waits before it kills workers.
+STOP_MARGIN = 5.0
+LOST_LOGGED = 100
+
+
+def qualified_id(worker: int, session_id: int) -> str:
+    """Worker 2's session 17 is ``"2:17"`` in the parent."""
+    return f"{worker}:{session_id}"
+
+
+def split_id(text: object) -> tuple[int, int]:
+    """``"2:17"`` -> (2, 17); a LookupError for anything else."""
+    worker, sep, number = str(text).partition(":")
+    if not sep or not worker.isdigit() or not number.isdigit():
+        raise LookupError(
+            f"no live session {text!r}: with workers, session ids are WORKER:ID, e.g. '2:17'"
+        )
+    return int(worker), int(number)
+
+
+# -- the control channel ---------------------------------------------------------------------------
+
+
+class Channel:
+    """
+    Newline-delimited JSON over a byte stream, both ways: requests get a Deferred that fires with
+    the answer (or fails with :class:`RemoteError`, or times out); incoming requests and events go
+    to ``on_request`` / ``on_event``.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        write: Callable[[bytes], None],
+        clock: Clock,
+        on_request: Callable[[str, dict[str, Any]], Any] | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self._write = write
+        self._clock = clock
+        self._on_request = on_request
+        self._on_event = on_event
+        self._buffer = b""
+        self._next = 1
+        self._pending: dict[int, defer.Deferred] = {}
+        self.closed = False
+
+    def send(self, message: dict[str, Any]) -> None:
+        if not self.closed:
+            self._write(json.dumps(message, separators=(",", ":"), default=str).encode() + b"\n")
+
+    def request(self, call: str, timeout: float = REQUEST_TIMEOUT, **args: Any) -> defer.Deferred:
+        if self.closed:
+            return defer.fail(RemoteError(f"{call}: the worker is gone"))
+        request_id = self._next
+        self._next += 1
+        d: defer.Deferred = defer.Deferred(lambda _: self._forget(request_id))
+        self._pending[request_id] = d
+        d.addTimeout(timeout, self._clock)  # type: ignore[arg-type]
+        self.send({"id": request_id, "call": call, "args": args})
+        return d
+
+    def _forget(self, request_id: int) -> None:
+        self._pending.pop(request_id, None)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while b"\n" in self._buffer:
+            line, self._buffer = self._buffer.split(b"\n", 1)
+            if line.strip():
+                self._dispatch(line)
+
+    def _dispatch(self, line: bytes) -> None:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            self.log.warn("worker_channel_garbage {line!r}", line=line[:200])
+            return
+        if "call" in message:
+            self._answer(message)
+        elif "id" in message:
+            d = self._pending.pop(message["id"], None)
+            if d is None:
+                return
+            if "error" in message:
+                d.errback(RemoteError(message["error"]))
+            else:
+                d.callback(message.get("result"))
+        elif self._on_event is not None:
+            self._on_event(message)
+
+    def _answer(self, message: dict[str, Any]) -> None:
+        request_id = message.get("id")
+        if self._on_request is None:
+            self.send({"id": request_id, "error": "no requests here"})
+            return
+        d = defer.maybeDeferred(self._on_request, message["call"], message.get("args") or {})
+        d.addCallbacks(
+            lambda result: self.send({"id": request_id, "result": result}),
+            lambda failure: self.send({"id": request_id, "error": _problem(failure)}),
+        )
+
+    def lost(self) -> None:
+        """The stream ended: every pending request fails."""
+        self.closed = True
+        pending, self._pending = self._pending, {}
+        for d in pending.values():
+            d.errback(RemoteError("the worker is gone"))
+
+
+class RemoteError(Exception):
+    """The other side of a :class:`Channel` answered with an error (or went away)."""
+
+
+def _problem(failure: Failure) -> str:
+    value = failure.value
+    if isinstance(value, configmod.ConfigError):
+        return "\n".join(value.problems)
+    if isinstance(value, KeyError | LookupError) and value.args:
+        return str(value.args[0])
+    return str(value) or failure.getErrorMessage()
+
+
+# -- inside a worker -------------------------------------------------------------------------------
+
+
+class _TakeTurnsPort(tcp.Port):
+    """
+    A TCP port that accepts one connection per wake-up.  Every worker polls the shared socket;
+    Twisted's default accepts up to a hundred at once, so one worker would take a whole burst of
+    connections while the others get none.  One at a time, the idle workers win the race.
+    """
+
+    def doRead(self) -> None:
+        self.numberAccepts = 1
+        super().doRead()
+
+
+@implementer(IStreamServerEndpoint)
+class SharedSocketEndpoint:
+    """A listening socket inherited from the parent (``fd``), shared with the other workers."""
+
+    def __init__(self, reactor: Any, fd: int, family: int) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.family = family
+
+    def listen(self, factory: protocol.Factory) -> defer.Deferred:
+        try:
+            if self.family == socket.AF_UNIX:
+                port = self.reactor.adoptStreamPort(self.fd, self.family, factory)
+            else:
+                port = _TakeTurnsPort._fromListeningDescriptor(
+                    self.reactor, self.fd, self.family, factory
+                )
+                port.startListening()
+            os.close(self.fd)
+        except Exception:  # noqa: BLE001  a Deferred's failure, as endpoints report it
+            return defer.fail()
+        return defer.succeed(port)
+
+
+class WorkerControl:
+    """
+    What a worker answers on its control channel: snapshots of its Gateway for the parent's
+    :class:`Aggregate`, and the verbs (kick, drain, undrain, weight, reload, stop).
+    """
+
+    log = Logger()
+
+    def __init__(self, top: Any, stop: Callable[[], None]) -> None:
+        self.top = top
+        self.gateway = top.gateway
+        self.stop = stop
+
+    def __call__(self, call: str, args: dict[str, Any]) -> Any:
+        method = getattr(self, f"call_{call}", None)
+        if method is None:
+            raise LookupError(f"unknown call {call!r}")
+        return method(**args)
+
+    def call_snapshot(self, rows: bool = True) -> dict[str, Any]:
+        gateway = self.gateway
+        now = gateway.clock.seconds()
+        stats = status.stats(gateway)
+        return {
+            "pid": os.getpid(),
+            "time": now,
+            "counters": dict(gateway.counters),
+            "closed": [[list(key), count] for key, count in gateway.closed.items()],
+            "connect_time": _histogram_data(gateway.connect_time),
+            "session_duration": _histogram_data(gateway.session_duration),
+            "totals": {k: stats[k] for k in _TOTALS},
+            "servers": status.upstreams(gateway, now),
+            "session_count": len(gateway.sessions),
+            "sessions": status.sessions(gateway) if rows else None,
+        }
+
+    def call_session(self, id: int) -> dict[str, Any]:
+        return status.session_detail(self._find(id))
+
+    def call_kick(self, id: int, code: int, reason: str, by: str) -> None:
+        self._find(id).close(code, reason, by=by)
+
+    def call_drain(self, url: str, deadline: float | None, window: float) -> int:
+        return self.gateway.drain(url, deadline=deadline, window=window)
+
+    def call_undrain(self, url: str) -> None:
+        self.gateway.undrain(url)
+
+    def call_set_weight(self, url: str, weight: int) -> None:
+        self.gateway.set_weight(url, weight)
+
+    def call_reload(self) -> list[str]:
+        return list(self.top.reload())
+
+    def call_stop(self) -> None:
+        self.stop()
+
+    def _find(self, id: int) -> Any:
+        session = self.gateway.sessions.get(id)
+        if session is None:
+            raise LookupError(f"no live session {id}")
+        return session
+
+
+_TOTALS = ("messages_up", "bytes_up", "messages_down", "bytes_down")
+
+
+def _histogram_data(histogram: Histogram) -> dict[str, Any]:
+    return {"counts": histogram.counts, "sum": histogram.sum, "count": histogram.count}
+
+
+class _StdioControl(protocol.Protocol):
+    """The worker's end of the channel, on its stdin and stdout (``twisted.internet.stdio``)."""
+
+    def __init__(self, clock: Clock, on_lost: Callable[[], None]) -> None:
+        self.clock = clock
+        self.on_lost = on_lost
+        self.channel: Channel | None = None
+        self.answer: Callable[[str, dict[str, Any]], Any] | None = None
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        self.channel = Channel(transport.write, self.clock, self._request)
+
+    def _request(self, call: str, args: dict[str, Any]) -> Any:
+        if self.answer is None:
+            raise RemoteError("the worker is still starting")
+        return self.answer(call, args)
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.channel is not None
+        self.channel.data_received(data)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self.channel is not None:
+            self.channel.lost()
+        closed, self._closed = self._closed, None
+        if closed is not None:
+            closed.callback(None)
+        self.on_lost()
+
+    _closed: defer.Deferred | None = None
+
+    def flush(self, timeout: float = 2.0) -> defer.Deferred:
+        """Write out what is buffered (the last log lines) and close; bounded by ``timeout``."""
+        if self.transport is None or (self.channel is not None and self.channel.closed):
+            return defer.succeed(None)
+        self._closed = defer.Deferred()
+        self._closed.addTimeout(timeout, self.clock)  # type: ignore[arg-type]
+        transport: Any = self.transport
+        transport.loseConnection()
+        return self._closed.addErrback(lambda _: None)
+
+
+class _ForwardedLog:
+    """A log observer that sends every event's text to the parent through the channel."""
+
+    def __init__(self, control: _StdioControl) -> None:
+        self.control = control
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        channel = self.control.channel
+        if channel is None or channel.closed:
+            return
+        text = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None:
+            text += "\n" + failure.getTraceback()
+        level = event.get("log_level") or LogLevel.info
+        if level < LogLevel.info:
+            return
+        try:
+            channel.send({"log": text, "level": level.name, "ns": event.get("log_namespace")})
+        except Exception:  # noqa: BLE001  a broken pipe must not loop through the log again
+            pass
+
+
+def run_worker(argv: list[str], build: Callable[..., Any]) -> int:
+    """
+    The worker process (``python -m wsgate.worker INDEX CONFIG LISTENERS-JSON``): adopt the
+    inherited sockets, build the gate with ``build(config, path, listeners, reactor)`` and run it
+    until the parent says stop, the parent goes away, or SIGTERM/SIGINT.
+    """
+    from twisted.internet import reactor, stdio
+    from twisted.logger import globalLogBeginner
+
+    index, path, listeners = int(argv[0]), argv[1], json.loads(argv[2])
+    the_reactor: Any = reactor
+    stopping: list[bool] = []
+
+    def stop() -> None:
+        if not stopping:
+            stopping.append(True)
+            the_reactor.callLater(0, the_reactor.stop)
+
+    control = _StdioControl(the_reactor, stop)
+    stdio.StandardIO(control)  # type: ignore[no-untyped-call]
+    observer: Any = _ForwardedLog(control)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    log = Logger(namespace="wsgate.worker")
+    try:
+        config = configmod.load(path)
+        top = build(config, path, listeners, the_reactor)
+        top.privilegedStartService()
+    except Exception:  # noqa: BLE001  reported to the parent, which restarts with a backoff
+        log.failure("worker_start_failed {index}", index=index)
+        the_reactor.callLater(0, the_reactor.stop)
+        the_reactor.run()
+        return 1
+    control.answer = WorkerControl(top, stop)
+    # Stop the gate (sessions close within the grace), then flush the last log lines to the parent
+    # before the reactor drops every connection.
+    the_reactor.addSystemEventTrigger(
+        "before",
+        "shutdown",
+        lambda: defer.maybeDeferred(top.stopService).addBoth(lambda _: control.flush()),
+    )
+    the_reactor.callWhenRunning(top.startService)
+    the_reactor.run()
+    return 0
+
+
+# -- in the parent ---------------------------------------------------------------------------------
+
+
+class Aggregate:
+    """
+    The gateway as the console, ``/metrics`` and the status page see it with workers: one object
+    over every worker's latest snapshot (a :class:`wsgate.status.GateFigures`).  Counters,
+    close counts and histograms are summed; servers are merged by URL (active sessions summed,
+    ``draining`` if any worker drains it, ``up`` if any worker sees it up); sessions carry a
+    ``worker`` field and worker-qualified ids.  ``send(worker, call, **args)`` reaches one worker
+    and ``broadcast(call, **args)`` all of them; both return Deferreds.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: configmod.Config,
+        clock: Clock,
+        send: Callable[..., defer.Deferred],
+        broadcast: Callable[..., defer.Deferred],
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self._send = send
+        self._broadcast = broadcast
+        self.snapshots: dict[int, dict[str, Any]] = {}
+        self._refresh()
+
+    # -- what status.py reads ------------------------------------------------------------------
+
+    def update(self, worker: int, snapshot: dict[str, Any] | None) -> None:
+        """Take a worker's latest snapshot (None: the worker is gone)."""
+        if snapshot is None:
+            self.snapshots.pop(worker, None)
+        else:
+            self.snapshots[worker] = snapshot
+        self._refresh()
+
+    def _refresh(self) -> None:
+        counters: Counter[str] = Counter()
+        closed: Counter[tuple[str, str, str, str]] = Counter()
+        connect_time = Histogram(CONNECT_BUCKETS)
+        session_duration = Histogram(DURATION_BUCKETS)
+        sessions: dict[str, dict[str, Any]] = {}
+        for worker, snap in sorted(self.snapshots.items()):
+            counters.update(snap["counters"])
+            for key, count in snap["closed"]:
+                closed[tuple(key)] += count  # type: ignore[index]
+            _add_histogram(connect_time, snap["connect_time"])
+            _add_histogram(session_duration, snap["session_duration"])
+            for row in snap.get("sessions") or ():
+                row = dict(row, id=qualified_id(worker, row["id"]), worker=worker)
+                sessions[row["id"]] = row
+        self.counters = counters
+        self.closed = closed
+        self.connect_time = connect_time
+        self.session_duration = session_duration
+        self.sessions = sessions
+
+    def session_count(self) -> int:
+        return sum(s["session_count"] for s in self.snapshots.values())
+
+    def session_rows(self) -> list[dict[str, Any]]:
+        return list(self.sessions.values())
+
+    def live_totals(self) -> dict[str, int]:
+        totals = dict.fromkeys(_TOTALS, 0)
+        for snap in self.snapshots.values():
+            for key in _TOTALS:
+                totals[key] += snap["totals"][key]
+        return totals
+
+    def server_rows(self, now: float) -> list[dict[str, Any]]:
+        merged: dict[tuple[str, str], dict[str, Any]] = {}
+        states: dict[tuple[str, str], set[str]] = {}
+        for _, snap in sorted(self.snapshots.items()):
+            for row in snap["servers"]:
+                key = (row["upstream"], row["server"])
+                states.setdefault(key, set()).add(row["state"])
+                current = merged.get(key)
+                if current is None:
+                    merged[key] = dict(row)
+                    continue
+                current["active"] += row["active"]
+                current["sessions_total"] += row["sessions_total"]
+                current["fails"] = max(current["fails"], row["fails"])
+                ages = [a for a in (current["last_check"], row["last_check"]) if a is not None]
+                current["last_check"] = min(ages) if ages else None
+        for key, row in merged.items():
+            seen = states[key]
+            row["state"] = "draining" if "draining" in seen else "up" if "up" in seen else "down"
+        return list(merged.values())
+
+    def workers(self) -> list[dict[str, Any]]:
+        """One row per live worker: number, pid, sessions."""
+        return [
+            {"worker": w, "pid": s["pid"], "sessions": s["session_count"]}
+            for w, s in sorted(self.snapshots.items())
+        ]
+
+    # -- verbs (the console calls these) --------------------------------------------------------
+
+    def session_detail(self, id: str) -> defer.Deferred:
+        worker, number = split_id(id)
+        d = self._send(worker, "session", id=number)
+        return d.addCallback(lambda detail: dict(detail, id=id, worker=worker))
+
+    def kick(self, id: str, code: int, reason: str, by: str) -> defer.Deferred:
+        worker, number = split_id(id)
+        if id not in self.sessions:
+            raise LookupError(f"no live session {id}")
+        return self._send(worker, "kick", id=number, code=code, reason=reason, by=by)
+
+    def drain(self, url: str, deadline: float | None = None, window: float = 10.0) -> int:
+        self._command("drain", url=url, deadline=deadline, window=window)
+        return sum(1 for r in self.sessions.values() if r["server"] == url and r["state"] == "OPEN")
+
+    def undrain(self, url: str) -> None:
+        self._command("undrain", url=url)
+
+    def set_weight(self, url: str, weight: int) -> None:
+        if not isinstance(weight, int) or isinstance(weight, bool) or weight < 1:
+            raise ValueError("weight must be a whole number of at least 1")
+        self._command("set_weight", url=url, weight=weight)
+
+    def _command(self, call: str, **args: Any) -> None:
+        self._broadcast(call, **args).addErrback(
+            lambda failure: self.log.error(
+                "workers_{call}_failed {problem}", call=call, problem=failure.getErrorMessage()
+            )
+        )
+
+
+def _add_histogram(histogram: Histogram, data: dict[str, Any]) -> None:
+    for i, count in enumerate(data["counts"][: len(histogram.counts)]):
+        histogram.counts[i] += count
+    histogram.sum += data["sum"]
+    histogram.count += data["count"]
+
+
+class _Refuse(protocol.Factory):
+    """The parent never accepts on the shared sockets; should it, the connection is dropped."""
+
+    noisy = False
+
+    def buildProtocol(self, addr: Any) -> None:
+        return None
+
+
+def _family(address: Any) -> int:
+    if isinstance(address, IPv6Address):
+        return socket.AF_INET6
+    if isinstance(address, IPv4Address):
+        return socket.AF_INET
+    if isinstance(address, UNIXAddress):
+        return socket.AF_UNIX
+    raise ValueError(f"cannot share a listener on {address!r}")
+
+
+class _WorkerProcess(protocol.ProcessProtocol):
+    """The parent's end of one worker: its channel, its pid, when it started."""
+
+    def __init__(self, pool: WorkerPool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.pid: int | None = None
+        self.started = pool.reactor.seconds()
+        self.channel = Channel(self._write, pool.reactor, on_event=self._event)
+        self.ended: defer.Deferred = defer.Deferred()
+
+    def _write(self, data: bytes) -> None:
+        transport: Any = self.transport
+        if transport is not None:
+            transport.write(data)
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.pid = self.transport.pid
+
+    def outReceived(self, data: bytes) -> None:
+        self.channel.data_received(data)
+
+    def _event(self, message: dict[str, Any]) -> None:
+        if "log" in message:
+            level = LogLevel.levelWithName(message.get("level") or "info")
+            Logger(namespace=message.get("ns") or "wsgate.worker").emit(
+                level, "worker {worker}: {text}", worker=self.index, text=message["log"]
+            )
+
+    def processEnded(self, reason: Failure) -> None:
+        self.channel.lost()
+        self.pool.worker_ended(self, reason)
+        self.ended.callback(None)
+
+
+class WorkerPool(service.Service):
+    """
+    Binds the shared sockets, runs and supervises the workers, polls their snapshots into the
+    :class:`Aggregate`, fans out SIGHUP (``reload``) and stop.  ``command(index, listeners)``
+    is the argv of a worker; the default runs ``python -m wsgate.worker``.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: configmod.Config,
+        path: str,
+        reactor: Any,
+        rows: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.path = path
+        self.reactor = reactor
+        self.rows = rows
+        self.env = env
+        self.count = config.workers
+        self.aggregate = Aggregate(config, reactor, self.send, self.broadcast)
+        self.ports: list[Any] = []
+        self.listeners: list[dict[str, Any]] = []
+        self.processes: dict[int, _WorkerProcess] = {}
+        self.stopping = False
+        self._delays: dict[int, float] = {}
+        self._restarts: dict[int, Any] = {}
+        self._poll: task.LoopingCall | None = None
+        self._previous_hup: Any = None
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        """Bind every listener now (as root, before --uid), and stop the parent reading them."""
+        super().privilegedStartService()
+        for listener in self.config.listeners:
+            endpoint = listener.endpoint
+            if endpoint.lower().startswith("haproxy:"):
+                endpoint = endpoint[len("haproxy:") :]
+            results: list[Any] = []
+            serverFromString(self.reactor, endpoint).listen(_Refuse()).addBoth(results.append)
+            result = results[0] if results else None
+            if isinstance(result, Failure):
+                result.raiseException()
+            if result is None:
+                raise RuntimeError(f"{endpoint}: did not bind at once")
+            result.stopReading()
+            self.ports.append(result)
+            self.listeners.append(
+                {
+                    "fd": result.fileno(),
+                    "family": _family(result.getHost()),
+                    "endpoint": listener.endpoint,
+                }
+            )
+
+    def startService(self) -> None:
+        super().startService()
+        for index in range(1, self.count + 1):
+            self._spawn(index)
+        self._previous_hup = signal.signal(signal.SIGHUP, self._hangup)
+        self._poll = task.LoopingCall(self.poll)
+        self._poll.clock = self.reactor
+        self._poll.start(POLL_INTERVAL, now=False).addErrback(
+            lambda failure: self.log.failure("workers_poll_failed", failure)
+        )
+
+    def command(self, index: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "wsgate.worker",
+            str(index),
+            self.path,
+            json.dumps(self.listeners),
+        ]
+
+    def _spawn(self, index: int) -> None:
+        self._restarts.pop(index, None)
+        process = _WorkerProcess(self, index)
+        child_fds: dict[int, Any] = {0: "w", 1: "r", 2: 2}
+        for listener in self.listeners:
+            child_fds[listener["fd"]] = listener["fd"]
+        argv = self.command(index)
+        self.reactor.spawnProcess(
+            process,
+            argv[0],
+            argv,
+            env=self.env,
+            childFDs=child_fds,  # type: ignore[arg-type]
+        )
+        self.processes[index] = process
+        self.log.info("worker_started {worker} pid={pid}", worker=index, pid=process.pid)
+
+    # -- supervision ---------------------------------------------------------------------------
+
+    def worker_ended(self, process: _WorkerProcess, reason: Failure) -> None:
+        index = process.index
+        if self.processes.get(index) is process:
+            del self.processes[index]
+        snapshot = self.aggregate.snapshots.get(index)
+        self.aggregate.update(index, None)
+        exit_code = getattr(reason.value, "exitCode", None)
+        signal_number = getattr(reason.value, "signal", None)
+        how = f"signal {signal_number}" if signal_number else f"exit {exit_code}"
+        if self.stopping:
+            self.log.info(
+                "worker_stopped {worker} pid={pid} {how}", worker=index, pid=process.pid, how=how
+            )
+            return
+        lost = snapshot["session_count"] if snapshot else 0
+        self.log.error(
+            "worker_died {worker} pid={pid} {how}: {lost} sessions lost",
+            worker=index,
+            pid=process.pid,
+            how=how,
+            lost=lost,
+        )
+        for row in ((snapshot or {}).get("sessions") or [])[:LOST_LOGGED]:
+            self.log.warn(
+                "session_lost {session_id} client={client} route={route} server={server}",
+                session_id=qualified_id(index, row["id"]),
+                client=row["client"],
+                route=row["route"],
+                server=row["server"],
+            )
+        lived = self.reactor.seconds() - process.started
+        delay = RESTART_FIRST if lived >= STABLE_AFTER else self._delays.get(index, RESTART_FIRST)
+        self._delays[index] = min(delay * 2, RESTART_MAX)
+        self.log.info("worker_restart {worker} in {delay}s", worker=index, delay=delay)
+        self._restarts[index] = self.reactor.callLater(delay, self._spawn, index)
+
+    def poll(self) -> defer.Deferred:
+        """Ask every worker for its snapshot; the Aggregate takes each as it arrives."""
+        calls = []
+        for index, process in list(self.processes.items()):
+            d = process.channel.request("snapshot", rows=self.rows)
+            d.addCallbacks(
+                lambda snap, index=index, process=process: self._snapshot(index, process, snap),
+                lambda failure, index=index: self.log.warn(
+                    "worker_snapshot_failed {worker}: {problem}",
+                    worker=index,
+                    problem=failure.getErrorMessage(),
+                ),
+            )
+            calls.append(d)
+        return defer.gatherResults(calls)
+
+    def _snapshot(self, index: int, process: _WorkerProcess, snapshot: dict[str, Any]) -> None:
+        if self.processes.get(index) is process:
+            self.aggregate.update(index, snapshot)
+
+    # -- fan-out -------------------------------------------------------------------------------
+
+    def send(self, index: int, call: str, **args: Any) -> defer.Deferred:
+        process = self.processes.get(index)
+        if process is None:
+            return defer.fail(LookupError(f"no worker {index} running"))
+        return process.channel.request(call, **args)
+
+    def broadcast(self, call: str, **args: Any) -> defer.Deferred:
+        calls = [p.channel.request(call, **args) for p in list(self.processes.values())]
+        return defer.gatherResults(calls, consumeErrors=True)
+
+    def _hangup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload_logged)
+
+    def reload_logged(self) -> None:
+        try:
+            self.reload()
+        except configmod.ConfigError as e:
+            for problem in e.problems:
+                self.log.error("config_reload_refused {problem}", problem=problem)
+            self.log.error("config_reload_refused: the running config stays")
+
+    def reload(self) -> list[str]:
+        """Validate the file here, then have every worker reload it; returns what changed."""
+        new = configmod.load(self.path)
+        changes = config_changes(self.config, new)
+        if new.workers != self.config.workers:
+            changes.append("workers changed: restart wsgate to apply it (kept as it is)")
+        self.config = self.aggregate.config = new
+        for index, process in list(self.processes.items()):
+            process.channel.request("reload").addCallbacks(
+                lambda result, index=index: self.log.info("worker_reloaded {worker}", worker=index),
+                lambda failure, index=index: self.log.error(
+                    "worker_reload_failed {worker}: {problem}",
+                    worker=index,
+                    problem=failure.getErrorMessage(),
+                ),
+            )
+        return changes
+
+    # -- stop ----------------------------------------------------------------------------------
+
+    def stopService(self) -> defer.Deferred:
+        """Every worker closes its sessions (1001) within the grace; then the sockets close."""
+        super().stopService()
+        self.stopping = True
+        if self._previous_hup is not None:
+            signal.signal(signal.SIGHUP, self._previous_hup)
+            self._previous_hup = None
+        if self._poll is not None and self._poll.running:
+            self._poll.stop()
+        for call in self._restarts.values():
+            if call.active():
+                call.cancel()
+        self._restarts.clear()
+        processes = list(self.processes.values())
+        for process in processes:
+            process.channel.request("stop").addErrback(self._terminate, process)
+        ended = defer.DeferredList([p.ended for p in processes])
+        grace = self.config.limits.shutdown_grace + STOP_MARGIN
+        kill = self.reactor.callLater(grace, self._kill, processes)
+        ended.addBoth(lambda result: kill.cancel() if kill.active() else None)
+        ended.addBoth(lambda _: self._close_ports())
+        return ended
+
+    def _terminate(self, failure: Failure, process: _WorkerProcess) -> None:
+        _signal(process, "TERM")
+
+    def _kill(self, processes: Iterable[_WorkerProcess]) -> None:
+        for process in processes:
+            if not process.ended.called:
+                self.log.warn(
+                    "worker_killed {worker} pid={pid}", worker=process.index, pid=process.pid
+                )
+                _signal(process, "KILL")
+
+    def _close_ports(self) -> defer.Deferred:
+        ports, self.ports = self.ports, []
+        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+
+
+def _signal(process: _WorkerProcess, name: str) -> None:
+    try:
+        transport: Any = process.transport
+        if transport is not None:
+            transport.signalProcess(name)
+    except error.ProcessExitedAlready:
+        pass
