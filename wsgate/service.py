@@ -9,10 +9,12 @@ root) and a busy port fails at startup.  It must not hold logic of its own.
 
 from __future__ import annotations
 
+import pprint
 import signal
 from typing import Any
 
 import txaio
+from autobahn.websocket import protocol as autobahn_protocol
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import serverFromString
@@ -222,15 +224,43 @@ class _GracefulStop(service.Service):
         return self.gateway.shutdown()
 
 
+class _LazyFormat:
+    """
+    Stands in for ``pprint.pformat`` in Autobahn's protocol module, whose only uses are debug log
+    arguments: formats when (if ever) the log line is written, not on every connection (it was a
+    quarter of a handshake's CPU with debug logging off).
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __str__(self) -> str:
+        return pprint.pformat(self.value)
+
+
 def _no_reload() -> list[str]:
     raise configmod.ConfigError(["nothing to reload: wsgate was started without --config"])
 
 
+# Twisted listens with a backlog of 50: a burst of new clients overflows it and waits for SYN
+# retransmits (1 s, then 3 s).  NGINX uses 511; the kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
+
+
 def _endpoint(listener: configmod.Listener) -> str:
-    """The listener's endpoint string, behind Twisted's PROXY protocol wrapper when asked."""
-    if listener.proxy_protocol and not listener.endpoint.lower().startswith("haproxy:"):
-        return f"haproxy:{listener.endpoint}"
-    return listener.endpoint
+    """
+    The listener's endpoint string: TCP listeners get ``backlog=1024`` unless they set one, and
+    the string goes behind Twisted's PROXY protocol wrapper when asked.
+    """
+    endpoint = listener.endpoint
+    kind = endpoint.split(":", 1)[0].lower()
+    if kind in ("tcp", "tcp6") and "backlog=" not in endpoint:
+        endpoint += f":backlog={LISTEN_BACKLOG}"
+    if listener.proxy_protocol and not endpoint.lower().startswith("haproxy:"):
+        endpoint = f"haproxy:{endpoint}"
+    return endpoint
 
 
 def _add_monitoring(
@@ -335,6 +365,8 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
     config: configmod.Config = options["gate_config"]
     # Autobahn logs every frame at debug level through txaio; twistd would format them all.
     txaio.set_global_log_level("info")  # type: ignore[attr-defined]
+    # ... but builds two of them with pprint on every connection all the same.
+    autobahn_protocol.pformat = _LazyFormat  # type: ignore[assignment]
     adopted: dict[str, Any] | None = options.get("adopted")
     if config.workers > 1 and adopted is None:
         return _parent_service(options, config, reactor)
