@@ -199,3 +199,20 @@ class LimitsConfigTests(SynchronousTestCase):
             sorted(p.split(": ")[1] for p in e.problems),
             ["limits.max_sessions", "limits.shutdown", "limits.trusted_proxies"],
         )
+
+
+class ListenerEndpointTests(SynchronousTestCase):
+    def test_socket_endpoint(self) -> None:
+        """TCP listeners bind with backlog=1024 unless set; haproxy: wrappers are peeled off."""
+        cases = {
+            "tcp:8020": "tcp:8020:backlog=1024",
+            "tcp:8020:interface=127.0.0.1": "tcp:8020:interface=127.0.0.1:backlog=1024",
+            "tcp6:8020:backlog=64": "tcp6:8020:backlog=64",
+            "haproxy:tcp:8020": "tcp:8020:backlog=1024",
+            "unix:/run/wsgate.sock": "unix:/run/wsgate.sock",
+        }
+        for endpoint, expected in cases.items():
+            self.assertEqual(config.Listener(endpoint).socket_endpoint, expected)
+        self.assertTrue(config.Listener("haproxy:tcp:1").behind_proxy)
+        self.assertTrue(config.Listener("tcp:1", proxy_protocol=True).behind_proxy)
+        self.assertFalse(config.Listener("tcp:1").behind_proxy)

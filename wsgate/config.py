@@ -63,6 +63,9 @@ _SIZE_UNITS = {
 }
 
 
+LISTEN_BACKLOG = 1024
+
+
 class ConfigError(Exception):
     """
     A configuration was refused.  ``problems`` holds one ``FILE: key.path: reason`` line per problem.
@@ -105,6 +108,25 @@ class Listener:
     endpoint: str
     tls: ListenerTLS | None = None
     proxy_protocol: bool = False
+
+    @property
+    def behind_proxy(self) -> bool:
+        """Whether connections start with a PROXY protocol header."""
+        return self.proxy_protocol or self.endpoint.lower().startswith("haproxy:")
+
+    @property
+    def socket_endpoint(self) -> str:
+        """
+        The endpoint string of the listening socket itself: without a ``haproxy:`` wrapper, and
+        for TCP with ``backlog=1024`` unless the string sets one (Twisted's default of 50
+        overflows in bursts of new clients, who then wait for SYN retransmits; NGINX uses 511).
+        """
+        endpoint = self.endpoint
+        if endpoint.lower().startswith("haproxy:"):
+            endpoint = endpoint[len("haproxy:") :]
+        if endpoint.split(":", 1)[0].lower() in ("tcp", "tcp6") and "backlog=" not in endpoint:
+            endpoint += f":backlog={LISTEN_BACKLOG}"
+        return endpoint
 
 
 @dataclass(frozen=True)

@@ -244,23 +244,10 @@ def _no_reload() -> list[str]:
     raise configmod.ConfigError(["nothing to reload: wsgate was started without --config"])
 
 
-# Twisted listens with a backlog of 50: a burst of new clients overflows it and waits for SYN
-# retransmits (1 s, then 3 s).  NGINX uses 511; the kernel caps it at net.core.somaxconn.
-LISTEN_BACKLOG = 1024
-
-
 def _endpoint(listener: configmod.Listener) -> str:
-    """
-    The listener's endpoint string: TCP listeners get ``backlog=1024`` unless they set one, and
-    the string goes behind Twisted's PROXY protocol wrapper when asked.
-    """
-    endpoint = listener.endpoint
-    kind = endpoint.split(":", 1)[0].lower()
-    if kind in ("tcp", "tcp6") and "backlog=" not in endpoint:
-        endpoint += f":backlog={LISTEN_BACKLOG}"
-    if listener.proxy_protocol and not endpoint.lower().startswith("haproxy:"):
-        endpoint = f"haproxy:{endpoint}"
-    return endpoint
+    """The listener's endpoint string, behind Twisted's PROXY protocol wrapper when asked."""
+    endpoint = listener.socket_endpoint
+    return f"haproxy:{endpoint}" if listener.behind_proxy else endpoint
 
 
 def _add_monitoring(
@@ -317,7 +304,7 @@ def _add_upstream_services(
 def _adopted(reactor: Any, listener: configmod.Listener, adopted: dict[str, Any]) -> Any:
     """A worker's endpoint for a listener: the socket its parent bound, inherited as a descriptor."""
     endpoint: Any = SharedSocketEndpoint(reactor, adopted["fd"], adopted["family"])
-    if listener.proxy_protocol or listener.endpoint.lower().startswith("haproxy:"):
+    if listener.behind_proxy:
         endpoint = proxyEndpoint(endpoint)
     return endpoint
 

@@ -652,9 +652,7 @@ class WorkerPool(service.Service):
         """Bind every listener now (as root, before --uid), and stop the parent reading them."""
         super().privilegedStartService()
         for listener in self.config.listeners:
-            endpoint = listener.endpoint
-            if endpoint.lower().startswith("haproxy:"):
-                endpoint = endpoint[len("haproxy:") :]
+            endpoint = listener.socket_endpoint
             results: list[Any] = []
             serverFromString(self.reactor, endpoint).listen(_Refuse()).addBoth(results.append)
             result = results[0] if results else None
