@@ -19,7 +19,6 @@ from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
-from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python import usage
 
 from wsgate import config as configmod
@@ -30,6 +29,7 @@ from wsgate.demo import EchoBackendFactory
 from wsgate.discovery import DnsDiscovery
 from wsgate.gateway import Gateway
 from wsgate.health import AutoRebalance, HealthChecker, Probes
+from wsgate.proxy_protocol import proxy_protocol_endpoint
 from wsgate.status import Sampler
 from wsgate.tls import (
     BackendConnector,
@@ -244,10 +244,21 @@ def _no_reload() -> list[str]:
     raise configmod.ConfigError(["nothing to reload: wsgate was started without --config"])
 
 
-def _endpoint(listener: configmod.Listener) -> str:
-    """The listener's endpoint string, behind Twisted's PROXY protocol wrapper when asked."""
-    endpoint = listener.socket_endpoint
-    return f"haproxy:{endpoint}" if listener.behind_proxy else endpoint
+def _listening(reactor: Any, listener: configmod.Listener, endpoint: Any = None) -> Any:
+    """
+    The listener's endpoint (its socket's, unless a worker inherited ``endpoint``), speaking the
+    PROXY protocol when asked.
+    """
+    if endpoint is None:
+        endpoint = serverFromString(reactor, listener.socket_endpoint)
+    return proxy_protocol_endpoint(endpoint) if listener.behind_proxy else endpoint
+
+
+def _listener_service(endpoint: Any, factory: Any) -> StreamServerEndpointService:
+    """A listener's service: binds in privilegedStartService; a busy port fails the start."""
+    listener = StreamServerEndpointService(endpoint, factory)
+    listener._raiseSynchronously = True  # as strports.service does
+    return listener
 
 
 def _add_monitoring(
@@ -303,10 +314,9 @@ def _add_upstream_services(
 
 def _adopted(reactor: Any, listener: configmod.Listener, adopted: dict[str, Any]) -> Any:
     """A worker's endpoint for a listener: the socket its parent bound, inherited as a descriptor."""
-    endpoint: Any = SharedSocketEndpoint(reactor, adopted["fd"], adopted["family"])
-    if listener.behind_proxy:
-        endpoint = proxyEndpoint(endpoint)
-    return endpoint
+    return _listening(
+        reactor, listener, SharedSocketEndpoint(reactor, adopted["fd"], adopted["family"])
+    )
 
 
 def _parent_service(
@@ -380,12 +390,9 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
                 continue
             endpoint = _adopted(reactor, listener, adopted[listener.endpoint])
         else:
-            endpoint = serverFromString(reactor, _endpoint(listener))
+            endpoint = _listening(reactor, listener)
         if listener.tls is None:
-            if adopted is None:
-                strports.service(_endpoint(listener), factory).setServiceParent(top)
-            else:
-                StreamServerEndpointService(endpoint, factory).setServiceParent(top)
+            _listener_service(endpoint, factory).setServiceParent(top)
             continue
         try:
             server_tls = tls_listeners[listener.endpoint] = ServerTLS(listener.tls)
@@ -393,7 +400,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
             raise usage.UsageError(
                 f"invalid TLS certificates for {listener.endpoint}:\n{e}"
             ) from None
-        StreamServerEndpointService(
+        _listener_service(
             endpoint, tls_server_factory(server_tls, factory, reactor)
         ).setServiceParent(top)
     for redirect in config.redirects if adopted is None else ():
