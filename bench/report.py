@@ -290,7 +290,7 @@ def _scaling(run: Run) -> list[str]:
         if not t.base:
             continue
         for w in run.workloads:
-            if w.key in ("W4",) or w.key in t.skip:
+            if w.key in ("W4",) or w.key in t.skip or run.get(t.base, w.key) is None:
                 continue
             rows.append([f"`{t.name}` / `{t.base}`", w.key, fratio(_ratio(run, t, w, t.base))])
     if not rows:

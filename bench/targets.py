@@ -99,10 +99,26 @@ TARGETS: tuple[Target, ...] = (
         wsgate_config=wsgate_toml(route='mode = "tunnel"'),
         goal="tunnel",
     ),
-    # With the gateway's workers (one entry each), e.g.:
-    # Target("wsgate-2w", "wsgate", "wsgate, workers = 2, message mode (cores 0+1)",
-    #        wsgate_config=wsgate_toml(top="workers = 2"), cpus=BOTH_CPUS, base="wsgate",
-    #        goal="message"),
+    Target(
+        "wsgate-2w",
+        "wsgate",
+        "wsgate, workers = 2, message mode (cores 0+1)",
+        wsgate_config=wsgate_toml(top="workers = 2"),
+        cpus=BOTH_CPUS,
+        base="wsgate",
+        goal="message",
+        skip=("W6",),
+    ),
+    Target(
+        "wsgate-tunnel-2w",
+        "wsgate",
+        "wsgate, workers = 2, tunnel mode (cores 0+1)",
+        wsgate_config=wsgate_toml(top="workers = 2", route='mode = "tunnel"'),
+        cpus=BOTH_CPUS,
+        base="wsgate-tunnel",
+        goal="tunnel",
+        skip=("W6",),
+    ),
 )
 
 
