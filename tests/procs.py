@@ -33,6 +33,7 @@ __all__ = [
     "free_port",
     "free_ports",
     "node_command",
+    "start_configured_gate",
     "start_gate",
     "start_node_backend",
     "start_process",
@@ -285,6 +286,21 @@ def start_gate(case: _Case, *args: str, timeout: float = 10.0) -> Process:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     return start_process(case, argv, ready_port=port, timeout=timeout, cwd=REPO, env=env)
+
+
+def start_configured_gate(
+    case: _Case, config_path: str | os.PathLike[str], port: int, *twistd_options: str
+) -> Process:
+    """
+    Run ``twistd -n --pidfile= [TWISTD_OPTIONS] wsgate --config PATH`` from this checkout and
+    wait until it accepts connections on ``port`` (a listener of the config).
+    """
+    twistd = str(Path(sys.executable).with_name("twistd"))
+    argv = [twistd, "-n", "--pidfile=", *twistd_options, "wsgate", "--config", str(config_path)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return start_process(case, argv, ready_port=port, cwd=REPO, env=env)
 
 
 def _tcp_port(endpoint: str) -> int:

@@ -24,7 +24,7 @@ from twisted.trial.unittest import TestCase
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from tests.procs import LOOPBACK, REPO, Process, free_ports, start_process
+from tests.procs import LOOPBACK, REPO, Process, free_ports, start_configured_gate, start_process
 
 BACKEND = REPO / "tests" / "fixtures" / "ab_backend.py"
 ARTIFACTS = REPO / "test-artifacts"
@@ -82,15 +82,7 @@ class ConsoleGateCase(TestCase):
         self.known_hosts = self.dir / "known_hosts"
 
     def start_gate(self) -> Process:
-        twistd = str(Path(sys.executable).with_name("twistd"))
-        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-        gate = start_process(
-            self,
-            [twistd, "-n", "--pidfile=", "wsgate", "--config", str(self.config)],
-            ready_port=self.gate_port,
-            cwd=REPO,
-            env=env,
-        )
+        gate = start_configured_gate(self, self.config, self.gate_port)
         from tests.procs import wait_for_port
 
         wait_for_port(LOOPBACK, self.ssh_port, 10, gate)

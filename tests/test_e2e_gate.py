@@ -18,7 +18,7 @@ from pathlib import Path
 from twisted.trial.unittest import TestCase
 from websockets.sync.client import connect
 
-from tests.procs import LOOPBACK, REPO, free_ports, start_process
+from tests.procs import LOOPBACK, REPO, free_ports, start_configured_gate, start_process
 
 BACKEND = REPO / "tests" / "fixtures" / "ab_backend.py"
 MiB = 1024 * 1024
@@ -62,15 +62,7 @@ class GateCase(TestCase):
             f'[[route]]\nupstream = "u"\n{route}\n'
             f'[upstream.u]\nservers = [{{ url = "ws://{LOOPBACK}:{backend_port}" }}]\n{extra}\n'
         )
-        twistd = str(Path(sys.executable).with_name("twistd"))
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        self.gate = start_process(
-            self,
-            [twistd, "-n", "--pidfile=", "wsgate", "--config", str(config)],
-            ready_port=gate_port,
-            cwd=REPO,
-            env=env,
-        )
+        self.gate = start_configured_gate(self, config, gate_port)
         self.url = f"ws://{LOOPBACK}:{gate_port}"
         self.gate_port = gate_port
 

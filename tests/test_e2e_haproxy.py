@@ -16,7 +16,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -33,6 +32,7 @@ from tests.procs import (
     REPO,
     Process,
     free_ports,
+    start_configured_gate,
     start_node_backend,
     start_process,
 )
@@ -58,15 +58,7 @@ def start_gate_config(case: TestCase, text: str, port: int) -> Process:
     """A gate process with config ``text``; ready once ``port`` (its first listener) accepts."""
     path = Path(case.mktemp())
     path.write_text(text)
-    twistd = str(Path(sys.executable).with_name("twistd"))
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    return start_process(
-        case,
-        [twistd, "-n", "--pidfile=", "wsgate", "--config", str(path)],
-        ready_port=port,
-        cwd=REPO,
-        env=env,
-    )
+    return start_configured_gate(case, path, port)
 
 
 def proxied_gate_config(port: int, admin_port: int, backends: list[int], extra: str = "") -> str:

@@ -7,9 +7,7 @@ client through the gate (long-polling over ``http = true``, then the upgrade, ke
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,10 +18,10 @@ from websockets.sync.client import connect
 from tests.procs import (
     LOOPBACK,
     NODE_FIXTURES,
-    REPO,
     free_port,
     free_ports,
     node_command,
+    start_configured_gate,
     start_node_backend,
     start_process,
 )
@@ -32,15 +30,7 @@ from tests.procs import (
 def start_gate_config(case: TestCase, text: str, port: int) -> object:
     config = Path(case.mktemp())
     config.write_text(f'[[listen]]\nendpoint = "tcp:{port}:interface={LOOPBACK}"\n' + text)
-    twistd = str(Path(sys.executable).with_name("twistd"))
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    return start_process(
-        case,
-        [twistd, "-n", "--pidfile=", "wsgate", "--config", str(config)],
-        ready_port=port,
-        cwd=REPO,
-        env=env,
-    )
+    return start_configured_gate(case, config, port)
 
 
 class SocketIOTests(TestCase):

@@ -25,7 +25,7 @@ from twisted.trial.unittest import TestCase
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from tests.procs import LOOPBACK, REPO, Process, free_ports, start_process
+from tests.procs import LOOPBACK, REPO, Process, free_ports, start_configured_gate, start_process
 
 BACKEND = REPO / "tests" / "fixtures" / "ab_backend.py"
 _WAIT = 15.0
@@ -66,15 +66,7 @@ class WorkersTests(TestCase):
             f'[admin]\nendpoint = "tcp:{admin_port}:interface={LOOPBACK}"\n'
             '[limits]\nshutdown_grace = "5s"\n'
         )
-        twistd = str(Path(sys.executable).with_name("twistd"))
-        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-        self.gate: Process = start_process(
-            self,
-            [twistd, "-n", "--pidfile=", "wsgate", "--config", str(config)],
-            ready_port=gate_port,
-            cwd=REPO,
-            env=env,
-        )
+        self.gate: Process = start_configured_gate(self, config, gate_port)
         self.url = f"ws://{LOOPBACK}:{gate_port}"
         self.admin = f"http://{LOOPBACK}:{admin_port}"
         self.pids = self.worker_pids(2)

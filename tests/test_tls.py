@@ -120,23 +120,6 @@ def write_config(
     return path
 
 
-def start_gate(case: Any, config_path: str, port: int, *twistd: str) -> procs.Process:
-    """``twistd -n --pidfile= [TWISTD] wsgate --config PATH``, waited for on ``port``."""
-    argv = [
-        str(Path(sys.executable).with_name("twistd")),
-        "-n",
-        "--pidfile=",
-        *twistd,
-        "wsgate",
-        "--config",
-        config_path,
-    ]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(procs.REPO), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    return procs.start_process(case, argv, ready_port=port, cwd=procs.REPO, env=env)
-
-
 def start_backend(case: Any, port: int, cert: str, key: str, client_ca: str | None = None) -> Any:
     argv = [sys.executable, "-c", BACKEND, str(port), cert, key]
     if client_ca:
@@ -499,7 +482,7 @@ class FrontDoorTests(SynchronousTestCase):
                 }
             ],
         )
-        return start_gate(self, path, self.port)
+        return procs.start_configured_gate(self, path, self.port)
 
     def test_python_ssl(self) -> None:
         """Python's ssl client: the handshake verifies with the CA; SNI picks exact and wildcard
@@ -580,7 +563,7 @@ class BackendTLSTests(SynchronousTestCase):
             ],
             [{"url": f"wss://localhost:{self.backend_port}", **server}],
         )
-        return start_gate(self, path, self.port)
+        return procs.start_configured_gate(self, path, self.port)
 
     def backend(self, certs: Certs, *names: str, client_ca: str | None = None) -> None:
         files = certs.server("backend", *names)
@@ -664,7 +647,7 @@ class ReloadTests(SynchronousTestCase):
             [{"endpoint": f"tcp:{port}:interface={LOOPBACK}", "tls": first}],
             [{"url": f"wss://localhost:{backend_port}", "ca": certs.ca_file}],
         )
-        gate = start_gate(self, path, port)
+        gate = procs.start_configured_gate(self, path, port)
         old_der = pem_der(first["cert"])
         self.assertEqual(served(port, "localhost", certs.ca_file)["der"], old_der)
         with ws_client(port, certs.ca_file) as ws:
@@ -707,7 +690,7 @@ class PrivilegedPortTests(SynchronousTestCase):
                 }
             ],
         )
-        gate = start_gate(self, path, port, "--uid=65534", "--gid=65534")
+        gate = procs.start_configured_gate(self, path, port, "--uid=65534", "--gid=65534")
         self.assertEqual(served(port, "localhost", certs.ca_file)["cn"], "localhost")
         status = Path(f"/proc/{gate.pid}/status").read_text()
         uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))

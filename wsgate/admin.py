@@ -35,7 +35,9 @@ def _no_store(request: Request) -> None:
     request.setHeader(b"x-content-type-options", b"nosniff")
 
 
-class _Metrics(resource.Resource):
+class _GatewayResource(resource.Resource):
+    """A leaf page rendered from the gateway and the sampler's history."""
+
     isLeaf = True
 
     def __init__(self, gateway: Gateway, sampler: status.Sampler | None) -> None:
@@ -43,6 +45,8 @@ class _Metrics(resource.Resource):
         self.gateway = gateway
         self.sampler = sampler
 
+
+class _Metrics(_GatewayResource):
     def render_GET(self, request: Request) -> bytes:
         _no_store(request)
         request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
@@ -57,14 +61,7 @@ class _Metrics(resource.Resource):
         return text.encode("utf-8")
 
 
-class _Status(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, gateway: Gateway, sampler: status.Sampler | None) -> None:
-        super().__init__()
-        self.gateway = gateway
-        self.sampler = sampler
-
+class _Status(_GatewayResource):
     def render_GET(self, request: Request) -> bytes:
         _no_store(request)
         request.setHeader(b"content-type", b"application/json")

@@ -596,6 +596,17 @@ class Session:
     def violation(self, tunnel: Tunnel, code: int, reason: str) -> None:
         """A peer broke the frame rules or a limit: ``code`` to it, the policy's close to the other."""
         side = "client" if tunnel is self.up else "backend"
+        self._warn_failed(side, code, reason)
+        self._record_end(side, _describe_close("failed", code, reason))
+        assert tunnel.partner is not None
+        tunnel.partner.close(code, reason)  # toward the peer at fault
+        tunnel.close(*partner_close(side, "failed", code, reason))
+        leg = self.client if side == "client" else self.backend
+        assert leg is not None
+        leg.transport.loseConnection()
+
+    def _warn_failed(self, side: str, code: int | None, reason: str) -> None:
+        """The gate failed one leg (protocol error, limit): logged, rate limited."""
         self.gateway.warnings.warn(
             "session_failed",
             "{session_id} {side} {client} code={code} reason={reason}",
@@ -605,13 +616,6 @@ class Session:
             code=code,
             reason=reason,
         )
-        self._record_end(side, _describe_close("failed", code, reason))
-        assert tunnel.partner is not None
-        tunnel.partner.close(code, reason)  # toward the peer at fault
-        tunnel.close(*partner_close(side, "failed", code, reason))
-        leg = self.client if side == "client" else self.backend
-        assert leg is not None
-        leg.transport.loseConnection()
 
     def _record_end(self, side: str, description: str) -> None:
         if getattr(self, f"{side}_close") is None:
@@ -682,15 +686,7 @@ class Session:
             return
         if leg.failedByMe:
             reason = _text(leg.localCloseReason)
-            self.gateway.warnings.warn(
-                "session_failed",
-                "{session_id} {side} {client} code={code} reason={reason}",
-                session_id=self.id,
-                side=side,
-                client=self.client_address,
-                code=leg.localCloseCode,
-                reason=reason,
-            )
+            self._warn_failed(side, leg.localCloseCode, reason)
             self._leg_ended(leg, "failed", leg.localCloseCode, reason)
         elif leg.wasClean:
             self._leg_ended(leg, "close", leg.remoteCloseCode, leg.remoteCloseReason or "")

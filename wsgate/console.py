@@ -763,6 +763,17 @@ def load_host_key(path: str) -> keys.Key:
     return key
 
 
+def _content_lines(path: str) -> list[tuple[int, bytes]]:
+    """The numbered lines of a keys or users file that are not blank or # comments."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ConsoleError(f"{path}: {e.strerror or e}") from None
+    stripped = ((number, raw.strip()) for number, raw in enumerate(lines, 1))
+    return [(number, line) for number, line in stripped if line and not line.startswith(b"#")]
+
+
 def load_authorized_keys(path: str) -> list[tuple[keys.Key, str]]:
     """
     The public keys of an OpenSSH ``authorized_keys`` file with their comments.  Blank lines and
@@ -770,15 +781,7 @@ def load_authorized_keys(path: str) -> list[tuple[keys.Key, str]]:
     error, so that no restriction is silently ignored.
     """
     found = []
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise ConsoleError(f"{path}: {e.strerror or e}") from None
-    for number, raw in enumerate(lines, 1):
-        line = raw.strip()
-        if not line or line.startswith(b"#"):
-            continue
+    for number, line in _content_lines(path):
         parts = line.split(None, 2)
         try:
             if len(parts) < 2:
@@ -800,15 +803,7 @@ def load_users(path: str) -> dict[bytes, bytes]:
     Any other hash, or a plain password, is an error.
     """
     users = {}
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise ConsoleError(f"{path}: {e.strerror or e}") from None
-    for number, raw in enumerate(lines, 1):
-        line = raw.strip()
-        if not line or line.startswith(b"#"):
-            continue
+    for number, line in _content_lines(path):
         name, sep, hashed = line.partition(b":")
         if not sep or not name:
             raise ConsoleError(f"{path}:{number}: expected name:bcrypt-hash")

@@ -180,9 +180,7 @@ class _Reload(service.Service):
         try:
             self.reload()
         except configmod.ConfigError as e:
-            for problem in e.problems:
-                self.log.error("config_reload_refused {problem}", problem=problem)
-            self.log.error("config_reload_refused: the running config stays")
+            configmod.log_refused(e, self.log)
 
     def reload(self) -> list[str]:
         """Reload now; returns what changed, or raises ConfigError naming every problem."""

@@ -785,9 +785,7 @@ class WorkerPool(service.Service):
         try:
             self.reload()
         except configmod.ConfigError as e:
-            for problem in e.problems:
-                self.log.error("config_reload_refused {problem}", problem=problem)
-            self.log.error("config_reload_refused: the running config stays")
+            configmod.log_refused(e, self.log)
 
     def reload(self) -> list[str]:
         """Validate the file here, then have every worker reload it; returns what changed."""
