@@ -335,3 +335,35 @@ class ShutdownTests(SynchronousTestCase):
         self.assertEqual(done, [])
         net.advance(30)
         self.assertEqual(len(done), 1)
+
+
+class ConservationTests(SynchronousTestCase):
+    def test_kicks_and_reloads(self) -> None:
+        """
+        Numbered messages through sessions that are kicked and a gate that is reloaded, in both
+        modes: every echo a client got is the next one it sent, once; every session the gate ended
+        reached its client as a close code.
+        """
+        for mode in ("message", "tunnel"):
+            backend = BackendFactory()
+            net = Network(make_config([A], mode=mode), {A: backend})
+            clients = [net.client() for _ in range(6)]
+            for round_ in range(30):
+                for n, client in enumerate(clients):
+                    if client.close is None:
+                        client.proto.sendMessage(b"%d:%d" % (n, round_))
+                if round_ == 10:
+                    net.gateway.reload(make_config([A], mode=mode, idle_timeout="1h"))
+                if round_ in (5, 15, 25):
+                    victim = next(iter(net.gateway.sessions.values()))
+                    victim.close(4003, "kicked")
+                net.flush()
+            kicked = [c for c in clients if c.close is not None]
+            self.assertEqual(len(kicked), 3, mode)
+            for n, client in enumerate(clients):
+                got = [p for p, _ in client.received]
+                self.assertEqual(got, [b"%d:%d" % (n, r) for r in range(len(got))], mode)
+                if client.close is not None:
+                    self.assertEqual(client.close, (4003, "kicked"), mode)
+                else:
+                    self.assertEqual(len(got), 30, mode)
