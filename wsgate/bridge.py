@@ -7,7 +7,10 @@ Theory of operation
 Three objects make a session:
 
 - :class:`ClientLeg`: an Autobahn server protocol, one per accepted client connection.
-- :class:`BackendLeg`: an Autobahn client protocol, one per backend connection.
+- :class:`BackendLeg`: an Autobahn client protocol, one per backend connection.  All of them come
+  from one shared :class:`BackendLegFactory`; each session connects through a small
+  :class:`_BackendRequest` view of it (its request, subprotocols and timeouts), because an
+  Autobahn client factory is costly to make.
 - :class:`Session`: owns both legs, pairs their handshakes, relays messages and closes both.
 
 States of a session::
@@ -28,14 +31,22 @@ refused with 502 (503 when no server could be tried at all, 504 when the last at
 A client that leaves meanwhile abandons the attempt: the pending connect is cancelled or the half
 open backend connection aborted.
 
-Relay (``OPEN``).  Each direction is a :class:`Relay` whose methods *are* the source leg's Autobahn
-message hooks (wired as instance attributes, so Autobahn calls them directly).  A message that
-arrives as a single frame of up to ``_WHOLE_FRAME`` bytes is sent on as one message; anything else
-(fragmented or large) is streamed frame by frame as it arrives, so the gate never holds a large
-message in memory.  Text stays text, binary stays binary.  Backpressure: each leg's transport has a
-:class:`_ReadThrottle` registered as its producer, which pauses reading on the *other* leg while
-this leg's send buffer is full.  Pings are hop by hop (Autobahn answers them per leg); compression
-is not negotiated on either leg.
+Relay (``OPEN``), message mode.  Each direction is a :class:`Relay` whose methods *are* the source
+leg's Autobahn message hooks (wired as instance attributes in place of Autobahn's ``_onMessage*``
+adapters, so Autobahn calls them directly).  A message that arrives as a single frame of up to
+``_WHOLE_FRAME`` bytes is sent on as one message (framed by the relay itself up to
+``_SMALL_MESSAGE``); anything else (fragmented or large) is streamed frame by frame as it arrives,
+so the gate never holds a large message in memory.  Text stays text, binary stays binary.  Pings
+are hop by hop (Autobahn answers them per leg); compression is not negotiated on either leg.
+
+Relay, tunnel mode (a route's ``mode = "tunnel"``).  After both handshakes each leg's bytes go to
+a :class:`~wsgate.tunnel.Tunnel` instead of Autobahn: frame headers are parsed, payloads forwarded
+untouched, the close handshake runs end to end, and the gate's own Close and Ping frames are
+injected at frame boundaries (see ``tunnel.py``).  The Session reacts to its ``closed`` and
+``violation`` events and, when a leg's connection is lost, closes the other (``_tunnel_leg_lost``).
+
+Backpressure, both modes: each leg's transport has a :class:`_ReadThrottle` registered as its
+producer, which pauses reading on the *other* leg while this leg's send buffer is full.
 
 Closing (``CLOSING``).  When one leg ends, :func:`partner_close` decides what the other leg is sent:
 
@@ -57,9 +68,10 @@ peer's Close itself (echoing code and reason) and drops a peer that does not ans
 the close-handshake timeout, so no leg outlives its partner by more than that.
 
 Forwarded headers.  Toward the backend: the client's ``Origin``, ``Cookie``, ``Authorization`` and
-``User-Agent``; ``X-Forwarded-For`` (the client's value with the client address appended),
+``User-Agent``; ``X-Forwarded-For`` (the client's value with the connecting peer appended),
 ``X-Forwarded-Proto`` (``https`` when the client came over TLS, else ``http``),
-``X-Forwarded-Host`` (the client's ``Host``) and ``X-Real-IP``.  ``Host`` is the backend's own.
+``X-Forwarded-Host`` (the client's ``Host``) and ``X-Real-IP`` (the client address, which behind a
+trusted proxy or the PROXY protocol is the real client's).  ``Host`` is the backend's own.
 
 Plain HTTP.  A request that is not an upgrade (Autobahn answers 426, or 405 for a method other
 than GET) on a route with ``http = true`` is handed to ``httpproxy.start_http`` instead: the
