@@ -377,3 +377,18 @@ class TapTests(SynchronousTestCase):
         client.proto.sendMessage(b"not seen")
         net.flush()
         self.assertEqual(seen, [(False, 9, b"hello tap"), (True, 1000, b"\x01" * 64)])
+
+
+class StateTests(SynchronousTestCase):
+    def test_states(self) -> None:
+        """A session goes OPEN -> CLOSING (a close started) -> CLOSED (both legs gone)."""
+        backend = BackendFactory()
+        net = Network(make_config([A]), {A: backend})
+        client = net.client()
+        (session,) = net.gateway.sessions.values()
+        self.assertEqual(session.state, "OPEN")
+        session.close(4000, "bye")
+        self.assertEqual(session.state, "CLOSING")
+        net.flush()
+        self.assertEqual(session.state, "CLOSED")
+        self.assertEqual(client.close, (4000, "bye"))

@@ -204,10 +204,13 @@ class BadFrameTests(SynchronousTestCase):
         raw = self.net.raw(upgrade_request())
         self.assertTrue(raw.data.startswith(b"HTTP/1.1 101"))
         raw.data = b""
+        seen = len(self.backend.closes)
         raw.transport.write(data)
-        self.net.flush()
+        for _ in range(7):  # the raw client never answers the gate's Close: dropped after 5 s
+            self.net.advance(1)
         code = struct.unpack("!H", raw.data[2:4])[0] if raw.data[:1] == b"\x88" else None
-        return code, self.backend.closes[-1][0] if self.backend.closes else None
+        self.assertEqual(len(self.backend.closes), seen + 1, "the backend leg was not closed once")
+        return code, self.backend.closes[seen][0]
 
     def test_table(self) -> None:
         """Each protocol error closes only its session, with the right code each side."""
@@ -218,15 +221,31 @@ class BadFrameTests(SynchronousTestCase):
             (frame(2, b"x" * 2000), 1009),  # frame over max_frame_size
             (frame(9, b"p" * 10, fin=False), 1002),  # fragmented control frame
             (frame(0, b"x"), 1002),  # continuation without a message
+            (bytes([0x31, 0x81]) + b"\0\0\0\0", 1002),  # RSV bits, fragment cut short
         ]
         for data, code in cases:
             self.assertEqual(self.bad_session(data), (code, 1001), data)
         self.healthy.proto.sendMessage(b"still fine")
         self.net.flush()
         self.assertEqual(self.healthy.received, [(b"still fine", False)])
-        self.net.advance(6)  # the bad clients never answer the Close: dropped after 5 s
         self.assertEqual(list(self.net.gateway.sessions.values()), [self.healthy_session])
         self.assertEqual(self.backend.received, [(b"still fine", False)])
+
+
+class CutShortTests(SynchronousTestCase):
+    def test_client_vanishes_mid_frame(self) -> None:
+        """A client gone in the middle of a streamed frame: no Close can follow that frame, so
+        the backend connection is dropped (the backend sees 1006) and the session ends."""
+        backend = BackendFactory()
+        net = Network(make_config([A]), {A: backend})
+        raw = net.raw(upgrade_request())
+        header = bytes([0x82, 0x80 | 127]) + struct.pack("!Q", 200_000) + b"\0\0\0\0"
+        raw.transport.write(header + bytes(50_000))
+        net.flush()
+        raw.transport.loseConnection()
+        net.flush()
+        self.assertEqual([code for code, _ in backend.closes], [1006])
+        self.assertEqual(net.gateway.sessions, {})
 
 
 class RateLimitTests(SynchronousTestCase):

@@ -272,7 +272,7 @@ class Relay:
         self._size = 0
         self._chunks = None
         self._streaming = False
-        self._dropping = self.sink.state != _OPEN
+        self._dropping = self.sink.state != _OPEN or self.source.failedByMe
 
     def onMessageFrameBegin(self, length: int) -> None:
         self._size += length
@@ -283,7 +283,9 @@ class Relay:
                 WebSocketProtocol.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG,
                 f"{limit} larger than {self.max_size if limit == 'message' else self.max_frame} bytes",
             )
-        if self._dropping:
+        if self._dropping or self.source.failedByMe:
+            # Autobahn goes on delivering frames it has just failed: forward nothing of them.
+            self._dropping = True
             return
         if self._streaming:
             self.sink.beginMessageFrame(length)
@@ -630,6 +632,7 @@ class Session:
         )
 
     def _record_end(self, side: str, description: str) -> None:
+        self._closing()
         if getattr(self, f"{side}_close") is None:
             setattr(self, f"{side}_close", description)
         if self.closed_by is None:
@@ -659,6 +662,7 @@ class Session:
         """Close both legs: ``code`` and ``reason`` to the client, 1001 and ``reason`` to the backend."""
         if self.closed_by is None:
             self.closed_by = by
+        self._closing()
         if isinstance(self.down, Tunnel) and isinstance(self.up, Tunnel):
             self.down.close(code, reason)
             self.up.close(1001, reason)
@@ -724,6 +728,7 @@ class Session:
 
     def _leg_ended(self, leg: WebSocketProtocol, kind: str, code: int | None, reason: str) -> None:
         side = "client" if leg is self.client else "backend"
+        self._closing()
         if getattr(self, f"{side}_close") is not None:
             return
         setattr(self, f"{side}_close", _describe_close(kind, code, reason))
@@ -732,6 +737,10 @@ class Session:
         partner = self.backend if side == "client" else self.client
         if partner is not None:
             _send_close(partner, *partner_close(side, kind, code, reason))
+
+    def _closing(self) -> None:
+        if self.state == "OPEN":
+            self.state = "CLOSING"
 
     def _finish(self) -> None:
         self.state = "CLOSED"
@@ -827,9 +836,17 @@ def _write_eagerly(transport: Any) -> None:
 
 
 def _send_close(leg: WebSocketProtocol, code: int | None, reason: str) -> None:
-    """Start the close handshake on ``leg`` unless it is already closing."""
-    if leg.state == _OPEN:
-        leg.sendCloseFrame(code, encode_truncate(reason, 123) if code is not None else None)
+    """
+    Start the close handshake on ``leg`` unless it is already closing.  When a frame toward it was
+    cut short (its source failed or vanished in the middle of a streamed frame), no Close can
+    follow that frame: the connection is dropped instead, and its peer sees an abnormal closure.
+    """
+    if leg.state != _OPEN:
+        return
+    if leg.send_state == WebSocketProtocol.SEND_STATE_INSIDE_MESSAGE_FRAME:
+        leg.dropConnection(abort=True)
+        return
+    leg.sendCloseFrame(code, encode_truncate(reason, 123) if code is not None else None)
 
 
 def _describe_close(kind: str, code: int | None, reason: str) -> str:
