@@ -204,3 +204,21 @@ class FrameHelperTests(SynchronousTestCase):
         self.assertEqual(masked[:2], b"\x88\x82")
         mask = masked[2:6]
         self.assertEqual(bytes(b ^ mask[i] for i, b in enumerate(masked[6:])), b"\x03\xe9")
+
+
+class CloseTimeoutTests(SynchronousTestCase):
+    def test_peer_that_never_answers(self) -> None:
+        """A kicked tunnel session whose backend never answers the Close ends after 5 s anyway."""
+        backend = BackendFactory()
+        backend.protocol = type("Mute", (backend.protocol,), {"onCloseFrame": lambda s, c, r: None})
+        net = tunnel_net(backend)
+        client = net.client()
+        (session,) = net.gateway.sessions.values()
+        session.close(4009, "kicked")
+        for _ in range(4):
+            net.advance(1)
+        self.assertEqual(len(net.gateway.sessions), 1)
+        for _ in range(2):
+            net.advance(1)
+        self.assertEqual(net.gateway.sessions, {})
+        self.assertEqual(client.close[0], 4009)

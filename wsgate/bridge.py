@@ -381,6 +381,7 @@ class Session:
         self._lost: set[str] = set()
         self.tunnel = False
         self._ping_timer: Any = None
+        self._close_timer: Any = None
         self._ping_seq = 0
         peer = client.transport.getPeer()
         self.peer_address = str(getattr(peer, "host", peer))
@@ -633,6 +634,7 @@ class Session:
 
     def _record_end(self, side: str, description: str) -> None:
         self._closing()
+        self._arm_close_timeout()
         if getattr(self, f"{side}_close") is None:
             setattr(self, f"{side}_close", description)
         if self.closed_by is None:
@@ -666,6 +668,7 @@ class Session:
         if isinstance(self.down, Tunnel) and isinstance(self.up, Tunnel):
             self.down.close(code, reason)
             self.up.close(1001, reason)
+            self._arm_close_timeout()
             return
         _send_close(self.client, code, reason)
         if self.backend is not None:
@@ -742,12 +745,31 @@ class Session:
         if self.state == "OPEN":
             self.state = "CLOSING"
 
+    def _arm_close_timeout(self) -> None:
+        """
+        Tunnel mode has no Autobahn to time out a close handshake: once a close has started,
+        both connections are aborted if the session has not ended within the close timeout (a
+        peer that never answers, or a kick's Close waiting behind a frame that never completes).
+        """
+        if self._close_timer is None:
+            self._cancel_timer()  # the idle timer has nothing left to do
+            self._close_timer = self.gateway.clock.callLater(
+                CLOSE_HANDSHAKE_TIMEOUT, self._abort_legs
+            )
+
+    def _abort_legs(self) -> None:
+        self._close_timer = None
+        for leg in (self.client, self.backend):
+            if leg is not None and leg.transport is not None:
+                leg.transport.abortConnection()
+
     def _finish(self) -> None:
         self.state = "CLOSED"
         self._release()
         self._cancel_timer()
-        if self._ping_timer is not None and self._ping_timer.active():
-            self._ping_timer.cancel()
+        for timer in (self._ping_timer, self._close_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
         if self.server is not None:
             self.server.active -= 1
         self.gateway.session_closed(self)
