@@ -208,11 +208,12 @@ class FrameHelperTests(SynchronousTestCase):
 
 class CloseTimeoutTests(SynchronousTestCase):
     def test_peer_that_never_answers(self) -> None:
-        """A kicked tunnel session whose backend never answers the Close ends after 5 s anyway."""
+        """A kicked tunnel session whose peers never answer the Close ends after 5 s anyway."""
         backend = BackendFactory()
         backend.protocol = type("Mute", (backend.protocol,), {"onCloseFrame": lambda s, c, r: None})
         net = tunnel_net(backend)
         client = net.client()
+        client.proto.onCloseFrame = lambda code, reason: None
         (session,) = net.gateway.sessions.values()
         session.close(4009, "kicked")
         for _ in range(4):
@@ -221,4 +222,3 @@ class CloseTimeoutTests(SynchronousTestCase):
         for _ in range(2):
             net.advance(1)
         self.assertEqual(net.gateway.sessions, {})
-        self.assertEqual(client.close[0], 4009)
