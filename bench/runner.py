@@ -29,6 +29,7 @@ OUT_DIR = tools.BENCH_DIR / "out"
 RESULTS = tools.BENCH_DIR / "RESULTS.md"
 RETRIES = 2  # repeats of a disturbed measurement (W5: at most 1), full runs only
 KEEP_RUNS = 5  # logs of the last runs kept in bench/out/
+RETRY_PAUSE = 5.0  # seconds before the first repeat, twice that before the second
 RETRY_BUDGET = 18 * 60.0  # no repeat starts after this many seconds of measuring
 
 
@@ -97,8 +98,8 @@ def _noise(o: report.Outcome) -> float:
 class Measurer:
     """Runs groups of workloads against targets; repeats a disturbed measurement while time allows.
 
-    A measurement is disturbed when other work used more than ``report.NOISY_PCT`` % of a core on
-    the cores involved; it is repeated (W5 on a fresh start of the target, so its RSS baseline stays
+    A measurement is disturbed when other work used more than ``report.noise_limit()`` % of a core
+    on the cores involved; it is repeated after a pause (W5 on a fresh start of the target, so its RSS baseline stays
     clean) up to ``retries`` times, and the least disturbed attempt is kept.
     """
 
@@ -136,11 +137,12 @@ class Measurer:
                     if best is None or (out.ok, -_noise(out)) > (best.ok, -_noise(best)):
                         best = out
                     time.sleep(0.3)
-                    if not out.ok or _noise(out) <= report.NOISY_PCT:
+                    if not out.ok or _noise(out) <= report.noise_limit(w.key):
                         break
-                    if time.monotonic() > self.deadline:
+                    if attempt == tries or time.monotonic() > self.deadline:
                         break
                     log(f"{t.name} {w.key}: disturbed ({_noise(out):.0f} % outside), again")
+                    time.sleep(RETRY_PAUSE * attempt)  # other work often comes in bursts
                 assert best is not None
                 best.attempts = attempt
                 results[w.key] = best
