@@ -8,13 +8,20 @@ from __future__ import annotations
 import http.client
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from tests.procs import LOOPBACK, free_port, start_gate, start_node_backend
+from tests.procs import (
+    LOOPBACK,
+    free_port,
+    start_configured_gate,
+    start_gate,
+    start_node_backend,
+)
 
 _PREFIX = "Server received from client: "
 _TIMEOUT = 5.0
@@ -33,11 +40,25 @@ def _connect(url: str, **kwargs: Any) -> ClientConnection:
 
 
 class _GateToNodeCase(SynchronousTestCase):
-    """A gate in front of one node backend, both started for each test."""
+    """A gate in front of one node backend, both started for each test, in ``mode``."""
+
+    mode = "message"
 
     def setUp(self) -> None:
         self.backend = start_node_backend(self)
-        self.gate = start_gate(self, "--backend", f"ws://{LOOPBACK}:{self.backend.port}")
+        backend = f"ws://{LOOPBACK}:{self.backend.port}"
+        if self.mode == "message":
+            self.gate = start_gate(self, "--backend", backend)
+        else:
+            port = free_port()
+            config = Path(self.mktemp())
+            config.write_text(
+                f'[[listen]]\nendpoint = "tcp:{port}:interface={LOOPBACK}"\n'
+                f'[[route]]\nupstream = "u"\nmode = "{self.mode}"\n'
+                f'[upstream.u]\nservers = [{{ url = "{backend}" }}]\n'
+            )
+            self.gate = start_configured_gate(self, config, port)
+            self.gate.port = port
         self.url = f"ws://{LOOPBACK}:{self.gate.port}"
 
     def connect(self, path: str = "/", **kwargs: Any) -> ClientConnection:
@@ -221,6 +242,24 @@ class HTTPTests(_GateToNodeCase):
         response.read()
         self.assertEqual(response.status, 426)
         self.assertEqual((response.getheader("Upgrade") or "").lower(), "websocket")
+
+
+class TunnelMessageTests(MessageTests):
+    """The same messages, through a route in tunnel mode."""
+
+    mode = "tunnel"
+
+
+class TunnelHandshakeTests(HandshakeTests):
+    """The same handshakes, through a route in tunnel mode."""
+
+    mode = "tunnel"
+
+
+class TunnelCloseTests(CloseTests):
+    """The same closes, through a route in tunnel mode."""
+
+    mode = "tunnel"
 
 
 class BackendDownTests(SynchronousTestCase):
