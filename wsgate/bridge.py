@@ -662,6 +662,8 @@ class Session:
 
     def close(self, code: int = 1001, reason: str = "", by: str = "gate") -> None:
         """Close both legs: ``code`` and ``reason`` to the client, 1001 and ``reason`` to the backend."""
+        if self.state == "CLOSED":
+            return  # e.g. a spread shutdown reaching a session that ended meanwhile
         if self.closed_by is None:
             self.closed_by = by
         self._closing()
