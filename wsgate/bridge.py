@@ -551,6 +551,12 @@ class Session:
         """The client got its 101: start relaying."""
         client, backend = self.client, self.backend
         assert backend is not None
+        legs: tuple[Any, Any] = (client, backend)
+        for leg in legs:
+            # Autobahn keeps each leg's raw handshake for its test suite; nothing reads it after
+            # the handshake (the session keeps the parsed request), so free it (~1 KiB a session).
+            leg.http_request_data = leg.http_response_data = None
+        legs[1].http_headers = None  # the backend's parsed response headers
         if self.tunnel:
             self._start_tunnel()
         else:
