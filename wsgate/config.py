@@ -921,13 +921,6 @@ def parse(data: Mapping[str, Any], source: str, base_dir: str | None = None) -> 
     )
 
 
-def log_refused(error: ConfigError, log: Any) -> None:
-    """Log a refused reload: every problem, then that the running config stays."""
-    for problem in error.problems:
-        log.error("config_reload_refused {problem}", problem=problem)
-    log.error("config_reload_refused: the running config stays")
-
-
 def load(path: str) -> Config:
     """Read and validate a TOML config file."""
     try:

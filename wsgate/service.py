@@ -10,7 +10,6 @@ root) and a busy port fails at startup.  It must not hold logic of its own.
 from __future__ import annotations
 
 import pprint
-import signal
 from typing import Any
 
 import txaio
@@ -30,6 +29,7 @@ from wsgate.discovery import DnsDiscovery
 from wsgate.gateway import Gateway
 from wsgate.health import AutoRebalance, HealthChecker, Probes
 from wsgate.proxy_protocol import proxy_protocol_endpoint
+from wsgate.sighup import reload_on_sighup
 from wsgate.status import Sampler
 from wsgate.tls import (
     BackendConnector,
@@ -160,27 +160,17 @@ class _Reload(service.Service):
         self.listeners = listeners
         self.connector = connector
         self.reactor = reactor
-        self._previous: Any = None
+        self._restore_sighup: Any = None
 
     def startService(self) -> None:
         super().startService()
-        self._previous = signal.signal(signal.SIGHUP, self._signalled)
+        self._restore_sighup = reload_on_sighup(self.reactor, self.reload, self.log)
 
     def stopService(self) -> Any:
-        if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
-            self._previous = None
+        if self._restore_sighup is not None:
+            self._restore_sighup()
+            self._restore_sighup = None
         return super().stopService()
-
-    def _signalled(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self.reload_logged)
-
-    def reload_logged(self) -> None:
-        """Reload, logging a refusal instead of raising it (the SIGHUP path)."""
-        try:
-            self.reload()
-        except configmod.ConfigError as e:
-            configmod.log_refused(e, self.log)
 
     def reload(self) -> list[str]:
         """Reload now; returns what changed, or raises ConfigError naming every problem."""

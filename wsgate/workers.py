@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import sys
 from collections import Counter
@@ -53,6 +52,7 @@ from wsgate import config as configmod
 from wsgate import status
 from wsgate.gateway import Clock, config_changes
 from wsgate.metrics import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram
+from wsgate.sighup import reload_on_sighup
 
 __all__ = [
     "Aggregate",
@@ -644,7 +644,7 @@ class WorkerPool(service.Service):
         self._delays: dict[int, float] = {}
         self._restarts: dict[int, Any] = {}
         self._poll: task.LoopingCall | None = None
-        self._previous_hup: Any = None
+        self._restore_sighup: Any = None
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -674,7 +674,7 @@ class WorkerPool(service.Service):
         super().startService()
         for index in range(1, self.count + 1):
             self._spawn(index)
-        self._previous_hup = signal.signal(signal.SIGHUP, self._hangup)
+        self._restore_sighup = reload_on_sighup(self.reactor, self.reload, self.log)
         self._poll = task.LoopingCall(self.poll)
         self._poll.clock = self.reactor
         self._poll.start(POLL_INTERVAL, now=False).addErrback(
@@ -778,15 +778,6 @@ class WorkerPool(service.Service):
         calls = [p.channel.request(call, **args) for p in list(self.processes.values())]
         return defer.gatherResults(calls, consumeErrors=True)
 
-    def _hangup(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self.reload_logged)
-
-    def reload_logged(self) -> None:
-        try:
-            self.reload()
-        except configmod.ConfigError as e:
-            configmod.log_refused(e, self.log)
-
     def reload(self) -> list[str]:
         """Validate the file here, then have every worker reload it; returns what changed."""
         new = configmod.load(self.path)
@@ -811,9 +802,9 @@ class WorkerPool(service.Service):
         """Every worker closes its sessions (1001) within the grace; then the sockets close."""
         super().stopService()
         self.stopping = True
-        if self._previous_hup is not None:
-            signal.signal(signal.SIGHUP, self._previous_hup)
-            self._previous_hup = None
+        if self._restore_sighup is not None:
+            self._restore_sighup()
+            self._restore_sighup = None
         if self._poll is not None and self._poll.running:
             self._poll.stop()
         for call in self._restarts.values():
