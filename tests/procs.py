@@ -21,9 +21,10 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pexpect
+from websockets.exceptions import ConnectionClosed
 
 __all__ = [
     "LOOPBACK",
@@ -37,6 +38,7 @@ __all__ = [
     "start_gate",
     "start_node_backend",
     "start_process",
+    "terminate_gate",
     "spawn_wscat",
     "wait_for_port",
     "wscat_command",
@@ -301,6 +303,31 @@ def start_configured_gate(
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     return start_process(case, argv, ready_port=port, cwd=REPO, env=env)
+
+
+def terminate_gate(
+    case: Any,
+    gate: Process,
+    clients: Sequence[Any],
+    timeout: float = 10.0,
+    exit_timeout: float = 10.0,
+) -> str:
+    """
+    SIGTERM a gate: every one of ``clients`` (websockets connections) must get Close 1001
+    "gateway shutting down" within ``timeout``, and the gate must exit within ``exit_timeout``
+    with twistd's status for an orderly SIGTERM (it re-raises the signal once shutdown is
+    complete).  Returns its stdout.
+    """
+    os.kill(gate.pid, signal.SIGTERM)
+    for ws in clients:
+        with case.assertRaises(ConnectionClosed):
+            ws.recv(timeout=timeout)
+        case.assertEqual((ws.close_code, ws.close_reason), (1001, "gateway shutting down"))
+    deadline = time.monotonic() + exit_timeout
+    while gate.returncode is None and time.monotonic() < deadline:
+        time.sleep(_POLL_INTERVAL)
+    case.assertEqual(gate.returncode, -signal.SIGTERM, gate.describe())
+    return gate.stdout()
 
 
 def _tcp_port(endpoint: str) -> int:

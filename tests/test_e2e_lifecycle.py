@@ -16,28 +16,19 @@ import time
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
+from tests.procs import terminate_gate
 from tests.test_e2e_gate import GateCase, settled_fds, status_kib
 
 
 class ShutdownTests(GateCase):
     def test_sigterm_closes_sessions_1001(self) -> None:
-        """SIGTERM: every client gets Close 1001, the gate logs it and exits 0 within the grace."""
+        """SIGTERM: every client gets Close 1001, the gate logs it and exits in order within the grace."""
         self.start("echo", extra='[limits]\nshutdown_grace = "5s"\n')
         clients = [connect(self.url) for _ in range(5)]
         for ws in clients:
             ws.send("x")
             ws.recv(timeout=5)
-        os.kill(self.gate.pid, signal.SIGTERM)
-        for ws in clients:
-            with self.assertRaises(ConnectionClosed):
-                ws.recv(timeout=10)
-            self.assertEqual((ws.close_code, ws.close_reason), (1001, "gateway shutting down"))
-        deadline = time.monotonic() + 10
-        while self.gate.returncode is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        # twistd re-raises the signal that stopped it once shutdown is complete.
-        self.assertEqual(self.gate.returncode, -signal.SIGTERM)
-        log = self.gate.stdout()
+        log = terminate_gate(self, self.gate, clients)
         self.assertIn("Server Shut Down.", log)
         self.assertIn("shutdown closing 5 sessions", log)
         self.assertEqual(log.count("session_closed"), 5)

@@ -25,7 +25,15 @@ from twisted.trial.unittest import TestCase
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from tests.procs import LOOPBACK, REPO, Process, free_ports, start_configured_gate, start_process
+from tests.procs import (
+    LOOPBACK,
+    REPO,
+    Process,
+    free_ports,
+    start_configured_gate,
+    start_process,
+    terminate_gate,
+)
 
 BACKEND = REPO / "tests" / "fixtures" / "ab_backend.py"
 _WAIT = 15.0
@@ -182,16 +190,7 @@ class WorkersTests(TestCase):
         for ws in clients:
             ws.send("x")
             ws.recv(timeout=5)
-        os.kill(self.gate.pid, signal.SIGTERM)
-        for ws in clients:
-            with self.assertRaises(ConnectionClosed):
-                ws.recv(timeout=10)
-            self.assertEqual((ws.close_code, ws.close_reason), (1001, "gateway shutting down"))
-        deadline = time.monotonic() + _WAIT
-        while self.gate.returncode is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self.assertEqual(self.gate.returncode, -signal.SIGTERM, self.gate.describe())
-        log = self.gate.stdout()
+        log = terminate_gate(self, self.gate, clients, exit_timeout=_WAIT)
         self.assertEqual(log.count("worker_stopped"), 2)
         self.assertEqual(log.count("session_closed"), 8)
         self.assertNotIn("worker_killed", log)
