@@ -37,6 +37,7 @@ __all__ = ["Tunnel", "close_frame", "control_frame", "data_frame", "xor_mask"]
 
 _CLOSE, _PING, _PONG = 8, 9, 10
 _PREVIEW = 64
+_Out = list[bytes | memoryview]  # what one read passes on: slices of it, and frames of our own
 
 
 def xor_mask(payload: bytes, mask: bytes | None, offset: int = 0) -> bytes:
@@ -103,6 +104,8 @@ class Tunnel:
         self.from_client = from_client  # client frames must be masked; backend frames must not
         self.max_size = max_size
         self.max_frame = max_frame
+        # the largest single-frame message the fast path may pass: both limits apply to it
+        self._limit = min((x for x in (max_size, max_frame) if x > 0), default=1 << 63)
         self.messages = 0
         self.bytes = 0
         self._now = now
@@ -127,19 +130,25 @@ class Tunnel:
         self._size = 0  # of the current message
         self._preview = b""
         self._pending: list[bytes] = []  # frames of the gate's to inject at the next boundary
-        self._out: list[bytes] | None = None  # what dataReceived is about to write, while it runs
+        self._out: _Out | None = None  # what dataReceived is about to write, while it runs
 
     # -- bytes in --------------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         if self.source_closed:
             return
-        out: list[bytes] = []
-        self._out = out  # frames injected while this runs join the same write, in order
         if self._head:
             data, self._head = self._head + data, b""
+        n = len(data)
+        i = 0
+        if not (self._remaining or self._in_message or self.sink_closed or self.tap is not None):
+            i = self._whole_messages(data)
+            if i == n:
+                self.sink.write(data)  # the common case: nothing to copy, nothing to change
+                return
         view = memoryview(data)
-        i, n = 0, len(data)
+        out: _Out = [view[:i]] if i else []
+        self._out = out  # frames injected while this runs join the same write, in order
         while i < n and not self.source_closed:
             if self._remaining:
                 take = min(self._remaining, n - i)
@@ -150,9 +159,9 @@ class Tunnel:
                     self._control += chunk
                 else:
                     if self._forward:
-                        out.append(chunk.tobytes())
+                        out.append(chunk)
                     if self.tap is not None and len(self._preview) < _PREVIEW:
-                        self._peek(chunk.tobytes())
+                        self._peek(chunk)
                     self._offset += take
                 if not self._remaining:
                     self._frame_done(out)
@@ -175,9 +184,50 @@ class Tunnel:
             self._mask = header[-4:] if b1 & 0x80 else None
             self._begin_frame(b0, b1, length, header, out)
         self._out = None
-        self._write(out)
+        if len(out) == 1 and type(out[0]) is memoryview and len(out[0]) == n:
+            self.sink.write(data)  # a frame streamed through whole: no copy
+        elif out:
+            self.sink.write(b"".join(out))
 
-    def _begin_frame(self, b0: int, b1: int, length: int, header: bytes, out: list[bytes]) -> None:
+    def _whole_messages(self, data: bytes) -> int:
+        """
+        The fast path: skip the leading run of complete single-frame text and binary messages
+        within the limits, counting them; returns the offset where the general parser takes over.
+        Anything else (a partial frame, a fragment, a control frame, a broken rule) stops the run.
+        """
+        n = len(data)
+        masked, key = (0x80, 4) if self.from_client else (0, 0)
+        limit = self._limit
+        i = count = total = 0
+        while n - i >= 2:
+            b0, b1 = data[i], data[i + 1]
+            if (b0 != 0x82 and b0 != 0x81) or b1 & 0x80 != masked:
+                break
+            length = b1 & 0x7F
+            if length < 126:
+                end = i + 2 + key + length
+            elif length == 126:
+                if n - i < 4:
+                    break
+                length = data[i + 2] << 8 | data[i + 3]
+                end = i + 4 + key + length
+            else:
+                if n - i < 10:
+                    break
+                length = int.from_bytes(data[i + 2 : i + 10], "big")
+                end = i + 10 + key + length
+            if end > n or length > limit:
+                break
+            count += 1
+            total += length
+            i = end
+        if count:
+            self.messages += count
+            self.bytes += total
+            self.last = self._now()
+        return i
+
+    def _begin_frame(self, b0: int, b1: int, length: int, header: bytes, out: _Out) -> None:
         opcode, fin = b0 & 0x0F, bool(b0 & 0x80)
         problem = None
         if bool(b1 & 0x80) != self.from_client:
@@ -224,7 +274,7 @@ class Tunnel:
         if not length:
             self._frame_done(out)
 
-    def _frame_done(self, out: list[bytes]) -> None:
+    def _frame_done(self, out: _Out) -> None:
         if self._control is not None:
             frame, self._control = bytes(self._control), None
             self._control_frame(frame, out)
@@ -241,7 +291,7 @@ class Tunnel:
             out.append(frame)
             self.sink_closed = frame[0] & 0x0F == _CLOSE
 
-    def _control_frame(self, frame: bytes, out: list[bytes]) -> None:
+    def _control_frame(self, frame: bytes, out: _Out) -> None:
         payload = xor_mask(frame[2 + (4 if frame[1] & 0x80 else 0) :], self._mask)
         if (
             self._opcode == _PONG
@@ -263,9 +313,9 @@ class Tunnel:
         if not self.sink_closed:
             out.append(frame)
 
-    def _peek(self, chunk: bytes) -> None:
+    def _peek(self, chunk: memoryview) -> None:
         need = _PREVIEW - len(self._preview)
-        self._preview += xor_mask(chunk[:need], self._mask, self._offset % 4)
+        self._preview += xor_mask(bytes(chunk[:need]), self._mask, self._offset % 4)
 
     def _violation(self, code: int, reason: str) -> None:
         self.source_closed = True
@@ -300,7 +350,3 @@ class Tunnel:
     @property
     def at_boundary(self) -> bool:
         return not (self._remaining and self._control is None and self._forward)
-
-    def _write(self, out: list[bytes]) -> None:
-        if out:
-            self.sink.write(b"".join(out) if len(out) > 1 else out[0])
