@@ -781,10 +781,42 @@ class Session:
         if self.server is not None:
             self.server.active -= 1
         self.gateway.session_closed(self)
+        self.gateway.clock.callLater(0, self._forget)
 
     def _finish_refused(self) -> None:
         self.state = "CLOSED"
         self._release()
+        self.gateway.clock.callLater(0, self._forget)
+
+    def _forget(self) -> None:
+        """
+        Break the reference cycles of a finished session, so that reference counting frees it and
+        both its connections at once.  Left to the cycle collector, every session would be freed
+        only by a full collection, whose pause grows with the number of live sessions.  Runs a
+        reactor turn after the end, once no connectionLost of either leg is still on the stack;
+        the Session itself keeps what the registry and the console read.
+        """
+        for tunnel in (self.up, self.down):
+            if isinstance(tunnel, Tunnel):
+                tunnel.events = tunnel.partner = None
+        for leg in (self.client, self.backend, self._pending):
+            if leg is None:
+                continue
+            for (
+                hook
+            ) in _INSTANCE_HOOKS:  # bound methods of relays and tunnels (wire, _start_tunnel)
+                leg.__dict__.pop(hook, None)
+            leg.is_closed = leg.is_open = None  # Autobahn resolves is_closed with the leg itself
+            if leg.transport is not None:
+                leg.transport.__dict__.pop("write", None)  # _write_eagerly's closure
+        self.client.session = None
+        if self.backend is not None:
+            self.backend.factory.session = None
+            transport = self.backend.transport
+            transport = getattr(transport, "transport", transport)  # under TLS, the TCP one
+            connector = getattr(transport, "connector", None)
+            if connector is not None:  # Twisted's Connector and its connection refer to each other
+                connector.transport = connector.factory = None
 
     def _release(self) -> None:
         if self._admitted:
@@ -832,6 +864,17 @@ class Session:
         headers["X-Forwarded-Host"] = incoming.get("host", "")
         headers["X-Real-IP"] = self.client_address
         return headers
+
+
+# What a session sets on its legs' instances; Session._forget takes them off again.
+_INSTANCE_HOOKS = (
+    "_onMessageBegin",
+    "_onMessageFrameBegin",
+    "_onMessageFrameData",
+    "_onMessageFrameEnd",
+    "_onMessageEnd",
+    "dataReceived",
+)
 
 
 def _write_eagerly(transport: Any) -> None:
