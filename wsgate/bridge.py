@@ -1116,6 +1116,23 @@ class ClientLegFactory(WebSocketServerFactory):
             maxMessagePayloadSize=0,
         )
 
+    def setProtocolOptions(self, **options: Any) -> None:  # type: ignore[override]
+        super().setProtocolOptions(**options)
+        self.protocol = _options_on_class(ClientLeg, self)
+
+
+def _options_on_class(protocol: type[Any], factory: Any) -> type[Any]:
+    """
+    A subclass of ``protocol`` that carries ``factory``'s protocol options as class attributes and
+    leaves Autobahn nothing to copy: it copies its 30-odd options into every protocol instance when
+    the connection is made, which costs CPU on each handshake and memory in each leg's ``__dict__``.
+    """
+    options = {name: getattr(factory, name) for name in protocol.CONFIG_ATTRS}
+    for name, value in options.items():
+        if callable(value):  # e.g. perMessageCompressionAccept: must not become a method
+            options[name] = staticmethod(value)
+    return type(protocol.__name__, (protocol,), {**options, "CONFIG_ATTRS": ()})
+
 
 class BackendLeg(WebSocketClientProtocol):
     """The backend side of a session: reports its handshake's outcome to the session."""
@@ -1128,6 +1145,9 @@ class BackendLeg(WebSocketClientProtocol):
     transport: Any
     ping_rtt: int | None = None
     onAutoPong = _auto_pong
+    autoPingInterval: float
+    autoPingTimeout: float
+    openHandshakeTimeout: float
 
     def __init__(self) -> None:
         super().__init__()
@@ -1192,6 +1212,10 @@ class BackendLegFactory(WebSocketClientFactory):
             maxMessagePayloadSize=0,
         )
 
+    def setProtocolOptions(self, **options: Any) -> None:  # type: ignore[override]
+        super().setProtocolOptions(**options)
+        self.protocol = _options_on_class(BackendLeg, self)
+
 
 class _BackendRequest:
     """
@@ -1204,21 +1228,22 @@ class _BackendRequest:
     isServer = False
 
     def __init__(self, shared: BackendLegFactory, session: Session, server: Server) -> None:
-        route = session.route
         self._shared = shared
         self.session = session
         self.server = server.spec
         self.protocols = session.request.protocols
-        self.openHandshakeTimeout = session.upstream.spec.handshake_timeout
-        self.autoPingInterval = 0 if session.tunnel else route.ping_interval
-        self.autoPingTimeout = route.ping_timeout
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._shared, name)
 
     def buildProtocol(self, addr: Any) -> BackendLeg:
-        leg = BackendLeg()
+        leg: BackendLeg = self._shared.protocol()
         leg.factory = self
+        # The options that differ per session; the rest are the shared factory's (on the class).
+        session = self.session
+        leg.openHandshakeTimeout = session.upstream.spec.handshake_timeout
+        leg.autoPingInterval = 0 if session.tunnel else session.route.ping_interval
+        leg.autoPingTimeout = session.route.ping_timeout
         return leg
 
     def doStart(self) -> None:
