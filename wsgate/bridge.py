@@ -175,6 +175,8 @@ class _ReadThrottle:
     with a Close frame, and it must be able to read its peer's answer.
     """
 
+    __slots__ = ("_transport", "paused", "pauses")
+
     def __init__(self, transport: Any) -> None:
         self._transport = transport
         self.paused = False
@@ -203,6 +205,12 @@ class Relay:
     directly for every frame.  ``messages``, ``bytes`` (payload bytes) and ``last`` (time of the last
     complete message) are read by the registry, the access log and the idle timer.
     """
+
+    __slots__ = (
+        "source", "sink", "max_size", "max_frame", "rate", "_throttle", "_clock", "messages",
+        "bytes", "last", "tap", "_first", "_now", "_binary", "_size", "_chunks", "_streaming",
+        "_dropping", "__weakref__",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -604,6 +612,9 @@ class Session:
             early, leg.data = leg.data, b""
             if early:
                 tunnel.dataReceived(early)
+            # Autobahn neither decodes nor sends on this leg any more: free its message state.
+            autobahn: Any = leg
+            autobahn.utf8validator = autobahn.trafficStats = autobahn.send_queue = None
         if route.ping_interval > 0:
             self._ping_timer = self.gateway.clock.callLater(route.ping_interval, self._tunnel_ping)
 

@@ -90,6 +90,14 @@ class Tunnel:
     closes both sides).  ``messages``, ``bytes``, ``last`` and ``tap`` are those of a Relay.
     """
 
+    __slots__ = (
+        "sink", "events", "from_client", "max_size", "max_frame", "_limit", "messages", "bytes",
+        "_now", "last", "tap", "partner", "sink_closed", "source_closed", "ping_payload",
+        "ping_sent", "ping_rtt", "_head", "_remaining", "_control", "_forward", "_mask",
+        "_offset", "_opcode", "_fin", "_in_message", "_binary", "_size", "_preview", "_pending",
+        "_out", "__weakref__",
+    )  # fmt: skip
+
     def __init__(
         self,
         sink: Any,
