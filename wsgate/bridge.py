@@ -355,6 +355,14 @@ class Session:
     """
 
     log = Logger()
+    __slots__ = (
+        "id", "gateway", "client", "request", "backend", "server", "route_path", "subprotocol",
+        "state", "started", "opened_at", "up", "down", "throttles", "client_close",
+        "backend_close", "closed_by", "_connect", "_tried", "_attempting", "_attempt", "_pending",
+        "_handshake", "_timer", "_lost", "tunnel", "_ping_timer", "_close_timer", "_ping_seq",
+        "peer_address", "client_address", "client_port", "_admitted", "tls", "target", "route",
+        "upstream", "__weakref__",
+    )  # fmt: skip
 
     def __init__(
         self, gateway: Gateway, connect: Connect, client: ClientLeg, request: ConnectionRequest
