@@ -4,6 +4,8 @@ The data path in memory: handshake pairing, failures, relay, close policy, regis
 
 from __future__ import annotations
 
+import dataclasses
+
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -208,6 +210,22 @@ class CloseTests(SynchronousTestCase):
         self.assertEqual(len(access), 1)
         self.assertEqual(access[0]["closed_by"], "client")
         self.assertEqual(access[0]["client_close"], "4001 'bye'")
+
+    def test_session_opened_line_only_when_asked(self) -> None:
+        """A session is logged once, when it ends; ``log_session_opened`` adds a line at the open."""
+        for flag, lines in (
+            (False, ["session_closed"]),
+            (True, ["session_opened", "session_closed"]),
+        ):
+            events: list[dict] = []
+            globalLogPublisher.addObserver(events.append)
+            self.addCleanup(globalLogPublisher.removeObserver, events.append)
+            config = dataclasses.replace(make_config([A]), log_session_opened=flag)
+            net = Network(config, {A: BackendFactory()})
+            net.client().proto.sendClose(1000)
+            net.flush()
+            logged = [e.get("log_format", "").split(" ")[0] for e in events]
+            self.assertEqual([word for word in logged if word.startswith("session_")], lines)
 
     def test_backend_closes(self) -> None:
         """The backend's close code and reason reach the client."""

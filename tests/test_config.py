@@ -63,6 +63,7 @@ class UnitTests(SynchronousTestCase):
 
 
 BAD = """
+log_session_opened = "yes"
 [[listen]]
 endpoint = "tcpx:80"
 [[route]]
@@ -89,6 +90,7 @@ class ErrorTests(SynchronousTestCase):
             sorted(p.split(": ")[1] for p in e.problems),
             sorted(
                 [
+                    "log_session_opened",
                     "listen[0].endpoint",
                     "upstream.api.servers[1].url",
                     "upstream.api.tries",
@@ -144,7 +146,7 @@ class ErrorTests(SynchronousTestCase):
             timeout=60,
         )
         self.assertEqual(bad.returncode, 1)
-        self.assertEqual(len(bad.stdout.splitlines()), 6)
+        self.assertEqual(len(bad.stdout.splitlines()), 7)
         self.assertIn(f"{path}: upstream.api.tries: ", bad.stdout)
 
 

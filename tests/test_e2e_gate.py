@@ -51,14 +51,14 @@ def settled_fds(pid: int, expected: int | None = None, timeout: float = 5.0) -> 
 class GateCase(TestCase):
     """Starts an Autobahn backend in ``mode`` and a gate in front of it, from a config file."""
 
-    def start(self, mode: str, route: str = "", extra: str = "") -> None:
+    def start(self, mode: str, route: str = "", extra: str = "", top: str = "") -> None:
         gate_port, backend_port = free_ports(2)
         self.backend_port = backend_port
         self.mode = mode
         self.start_backend()
         config = self.config_path = Path(self.mktemp())
         config.write_text(
-            f'[[listen]]\nendpoint = "tcp:{gate_port}:interface={LOOPBACK}"\n'
+            f'{top}\n[[listen]]\nendpoint = "tcp:{gate_port}:interface={LOOPBACK}"\n'
             f'[[route]]\nupstream = "u"\n{route}\n'
             f'[upstream.u]\nservers = [{{ url = "ws://{LOOPBACK}:{backend_port}" }}]\n{extra}\n'
         )

@@ -115,7 +115,7 @@ class SoakTests(GateCase):
     def test_churn_returns_to_baseline(self) -> None:
         """Steady connects, messages and closes: fds return to baseline, RSS stays bounded."""
         seconds = float(os.environ.get("WSGATE_SOAK_SECONDS", "6"))
-        self.start("echo")
+        self.start("echo", top="log_session_opened = true")
         for _ in range(50):  # warm up allocator pools and caches
             with connect(self.url) as ws:
                 ws.send("w")

@@ -300,6 +300,8 @@ class Config:
     admin: AdminSpec | None = None
     # Worker processes sharing the listeners (``workers``; "auto" is resolved to the core count).
     workers: int = 1
+    # A log line when a session opens, besides the access-log line when it ends.
+    log_session_opened: bool = False
 
 
 def parse_duration(value: object) -> float:
@@ -897,6 +899,7 @@ def parse(data: Mapping[str, Any], source: str, base_dir: str | None = None) -> 
     admin_table = top.subtable("admin")
     admin = _admin(admin_table) if admin_table is not None else None
     workers = top.get("workers", 1, _workers)
+    log_session_opened = top.get("log_session_opened", False, _typed(bool, "true or false"))
     if workers > 1:
         for i, listener in enumerate(listeners):
             kind = listener.endpoint.lower().removeprefix("haproxy:").split(":", 1)[0]
@@ -918,6 +921,7 @@ def parse(data: Mapping[str, Any], source: str, base_dir: str | None = None) -> 
         console=console,
         admin=admin,
         workers=workers,
+        log_session_opened=log_session_opened,
     )
 
 

@@ -259,11 +259,12 @@ class Gateway:
         self.counters["sessions.opened"] += 1
         if session.opened_at is not None:
             self.connect_time.observe(session.opened_at - session.started)
-        self.log.info(
-            "session_opened {session_id} client={client} route={route} server={server} "
-            "path={path} subprotocol={subprotocol}",
-            **session.describe(),
-        )
+        if self.config.log_session_opened:
+            self.log.info(
+                "session_opened {session_id} client={client} route={route} server={server} "
+                "path={path} subprotocol={subprotocol}",
+                **session.describe(),
+            )
 
     def session_closed(self, session: Session) -> None:
         """Forget a finished session and write its access-log line."""
