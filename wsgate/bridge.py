@@ -818,14 +818,14 @@ class Session:
         for tunnel in (self.up, self.down):
             if isinstance(tunnel, Tunnel):
                 tunnel.events = tunnel.partner = None
-        for leg in (self.client, self.backend, self._pending):
+        for leg in (self.client, self.backend):
             if leg is None:
                 continue
-            for (
-                hook
-            ) in _INSTANCE_HOOKS:  # bound methods of relays and tunnels (wire, _start_tunnel)
+            # the bound methods of relays and tunnels (Relay.wire, _start_tunnel)
+            for hook in _INSTANCE_HOOKS:
                 leg.__dict__.pop(hook, None)
-            leg.is_closed = leg.is_open = None  # Autobahn resolves is_closed with the leg itself
+            if leg.is_closed is not None and leg.is_closed.called:
+                leg.is_closed = None  # Autobahn resolved it with the leg itself
             if leg.transport is not None:
                 leg.transport.__dict__.pop("write", None)  # _write_eagerly's closure
         self.client.session = None
