@@ -199,29 +199,58 @@ class ProbesTests(TestCase):
             await Probes(connect)(http, HealthSpec(type="websocket", path="/", timeout=2.0))
 
 
+def _upstream_services(top: Any) -> list[str]:
+    """The kinds of the per-upstream services of a gate's service tree."""
+    (services,) = [s for s in top if type(s).__name__ == "_UpstreamServices"]
+    return sorted(type(s).__name__ for s in services)
+
+
+_TREE = """
+[[listen]]
+endpoint = "tcp:0:interface=127.0.0.1"
+[[route]]
+upstream = "checked"
+[upstream.checked]
+servers = [ {{ url = "ws://127.0.0.1:1" }} ]
+rebalance_threshold = 1.5
+{checked}
+[upstream.plain]
+servers = [ {{ url = "ws://127.0.0.1:2" }} ]
+{added}
+"""
+
+
 class ServiceTreeTests(SynchronousTestCase):
     def test_services_per_upstream(self) -> None:
-        """makeService adds a HealthChecker and an AutoRebalance for upstreams configured so."""
+        """Per upstream as configured, a HealthChecker and an AutoRebalance; reload adds and stops them."""
         from wsgate import config as configmod
         from wsgate.service import makeService
 
-        config = configmod.parse(
-            {
-                "listen": [{"endpoint": "tcp:0:interface=127.0.0.1"}],
-                "route": [{"path": "/", "upstream": "checked"}],
-                "upstream": {
-                    "checked": {
-                        "servers": [{"url": A}],
-                        "health": {"type": "websocket", "path": "/health"},
-                        "rebalance_threshold": 1.5,
-                    },
-                    "plain": {"servers": [{"url": B}]},
-                },
-            },
-            "test.toml",
+        path = self.mktemp()
+        health = '[upstream.{name}.health]\ntype = "websocket"\npath = "/health"'
+        with open(path, "w") as f:
+            f.write(_TREE.format(checked=health.format(name="checked"), added=""))
+        from twisted.internet.testing import MemoryReactorClock
+
+        top = makeService(
+            {"gate_config": configmod.load(path), "config": path}, MemoryReactorClock()
         )
-        top = makeService({"gate_config": config}, task.Clock())
-        kinds = [type(s).__name__ for s in top]
-        self.assertEqual(kinds.count("HealthChecker"), 1)
-        self.assertEqual(kinds.count("AutoRebalance"), 1)
-        self.assertNotIn("DnsDiscovery", kinds)
+        top.startService()
+        self.addCleanup(top.stopService)
+        self.assertEqual(_upstream_services(top), ["AutoRebalance", "HealthChecker"])
+        checker = next(s for s in top if type(s).__name__ == "_UpstreamServices")
+        (old,) = [s for s in checker if isinstance(s, HealthChecker)]
+
+        # a reload that moves the health check from one upstream to another, new one
+        added = '[upstream.added]\nservers = [ { url = "ws://127.0.0.1:3" } ]\n' + health.format(
+            name="added"
+        )
+        with open(path, "w") as f:
+            f.write(_TREE.format(checked="", added=added))
+        top.reload()
+        self.assertEqual(_upstream_services(top), ["AutoRebalance", "HealthChecker"])
+        (new,) = [s for s in checker if isinstance(s, HealthChecker)]
+        self.assertIsNot(new, old)
+        self.assertFalse(old.running)
+        self.assertTrue(new.running)
+        self.assertEqual(new.find_upstream().spec.name, "added")

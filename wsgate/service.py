@@ -140,8 +140,9 @@ class _Reload(service.Service):
     Reloads the config file on SIGHUP and when the console asks (``top.reload``).  A valid file
     replaces routes, upstreams and limits for new sessions at once (``Gateway.reload``) and the
     certificates of every TLS listener (matched by endpoint) and the backends' CA bundles and
-    client certificates; live sessions keep running untouched.  A file that does not validate is
-    refused with every problem logged, and the running config stays.
+    client certificates, and starts or stops the upstreams' health checks, discovery and rebalance
+    (``_UpstreamServices``); live sessions keep running untouched.  A file that does not validate
+    is refused with every problem logged, and the running config stays.
     """
 
     log = Logger()
@@ -153,6 +154,7 @@ class _Reload(service.Service):
         factory: ClientLegFactory,
         listeners: dict[str, ServerTLS],
         connector: BackendConnector,
+        upstream_services: _UpstreamServices,
         reactor: Any,
     ) -> None:
         self.path = path
@@ -160,6 +162,7 @@ class _Reload(service.Service):
         self.factory = factory
         self.listeners = listeners
         self.connector = connector
+        self.upstream_services = upstream_services
         self.reactor = reactor
         self._restore_sighup: Any = None
 
@@ -177,6 +180,7 @@ class _Reload(service.Service):
         """Reload now; returns what changed, or raises ConfigError naming every problem."""
         new = configmod.load(self.path)
         changes = self.gateway.reload(new)
+        self.upstream_services.update()
         self.factory.setProtocolOptions(openHandshakeTimeout=new.limits.handshake_timeout)
         for listener in new.listeners:
             current = self.listeners.get(listener.endpoint)
@@ -293,27 +297,55 @@ def _add_monitoring(
         admin_service(config.admin, gateway, sampler).setServiceParent(top)
 
 
-def _add_upstream_services(
-    gateway: Gateway, connector: Any, top: service.MultiService, reactor: Any
-) -> None:
-    """Per upstream, as configured: active health checks, DNS discovery, automatic rebalance."""
-    resolver = None
-    for name, upstream in gateway.upstreams.items():
+class _UpstreamServices(service.MultiService):
+    """
+    Per upstream, as configured: active health checks, DNS discovery, automatic rebalance.  Each
+    looks its upstream up by name every round, so a reload's new spec applies; ``update`` starts
+    the ones a reload adds (a new upstream, a health check switched on) and stops the ones it
+    removes.
+    """
 
-        def find(name: str = name) -> Any:
+    def __init__(self, gateway: Gateway, connector: Any, reactor: Any) -> None:
+        super().__init__()
+        self.gateway = gateway
+        self.connector = connector
+        self.reactor = reactor
+        self._resolver: Any = None
+        self._by_key: dict[tuple[str, str], service.Service] = {}
+        self.update()
+
+    def update(self) -> None:
+        wanted = {
+            (name, kind)
+            for name, upstream in self.gateway.upstreams.items()
+            for kind, on in (
+                ("health", upstream.spec.health is not None),
+                ("discovery", any(s.resolve for s in upstream.spec.servers)),
+                ("rebalance", upstream.spec.rebalance_threshold > 0),
+            )
+            if on
+        }
+        for key in sorted(self._by_key.keys() - wanted):
+            self._by_key.pop(key).disownServiceParent()  # stops it when running
+        for key in sorted(wanted - self._by_key.keys()):
+            child = self._by_key[key] = self._make(*key)
+            child.setServiceParent(self)  # starts it when running
+
+    def _make(self, name: str, kind: str) -> service.Service:
+        gateway = self.gateway
+
+        def find() -> Any:
             return gateway.upstreams.get(name)
 
-        spec = upstream.spec
-        if spec.health is not None:
-            HealthChecker(find, Probes(connector), reactor).setServiceParent(top)
-        if any(s.resolve for s in spec.servers):
-            if resolver is None:
+        if kind == "health":
+            return HealthChecker(find, Probes(self.connector), self.reactor)
+        if kind == "discovery":
+            if self._resolver is None:
                 from twisted.names import client
 
-                resolver = client.createResolver()
-            DnsDiscovery(find, resolver, reactor).setServiceParent(top)
-        if spec.rebalance_threshold > 0:
-            AutoRebalance(name, find, gateway.rebalance, reactor).setServiceParent(top)
+                self._resolver = client.createResolver()
+            return DnsDiscovery(find, self._resolver, self.reactor)
+        return AutoRebalance(name, find, gateway.rebalance, self.reactor)
 
 
 def _adopted(reactor: Any, listener: configmod.Listener, adopted: dict[str, Any]) -> Any:
@@ -385,7 +417,8 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
             top
         )
     connector = BackendConnector(reactor)
-    _add_upstream_services(gateway, connector, top, reactor)
+    upstream_services = _UpstreamServices(gateway, connector, reactor)
+    upstream_services.setServiceParent(top)
     factory: Any = ClientLegFactory(gateway, connector)
     unverified = unverified_servers(config)
     if unverified:
@@ -417,7 +450,15 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
     _GracefulStop(gateway).setServiceParent(top)
     top.reload = _no_reload  # type: ignore[attr-defined]
     if options.get("config"):
-        reloader = _Reload(options["config"], gateway, factory, tls_listeners, connector, reactor)
+        reloader = _Reload(
+            options["config"],
+            gateway,
+            factory,
+            tls_listeners,
+            connector,
+            upstream_services,
+            reactor,
+        )
         reloader.setServiceParent(top)
         top.reload = reloader.reload  # type: ignore[attr-defined]
     top.tls_listeners = tls_listeners  # type: ignore[attr-defined]
