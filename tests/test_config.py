@@ -73,6 +73,8 @@ colour = "blue"
 [upstream.api]
 servers = [ { url = "ws://a:1" }, { url = "http://b" } ]
 tries = 0
+[limits]
+close_timeout = "0s"
 """
 
 
@@ -97,6 +99,7 @@ class ErrorTests(SynchronousTestCase):
                     "route[0].upstream",
                     "route[0].idle_timeout",
                     "route[0].colour",
+                    "limits.close_timeout",
                 ]
             ),
         )
@@ -146,7 +149,7 @@ class ErrorTests(SynchronousTestCase):
             timeout=60,
         )
         self.assertEqual(bad.returncode, 1)
-        self.assertEqual(len(bad.stdout.splitlines()), 7)
+        self.assertEqual(len(bad.stdout.splitlines()), 8)
         self.assertIn(f"{path}: upstream.api.tries: ", bad.stdout)
 
 

@@ -6,6 +6,7 @@ gate still counts, limits, closes, pings and taps.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from typing import Any
 
@@ -288,18 +289,33 @@ class FrameHelperTests(SynchronousTestCase):
 
 
 class CloseTimeoutTests(SynchronousTestCase):
-    def test_peer_that_never_answers(self) -> None:
-        """A kicked tunnel session whose peers never answer the Close ends after 5 s anyway."""
+    """A kicked session whose peers never answer the Close ends after ``close_timeout`` anyway."""
+
+    def check(self, mode: str, close_timeout: float | None) -> None:
         backend = BackendFactory()
         backend.protocol = type("Mute", (backend.protocol,), {"onCloseFrame": lambda s, c, r: None})
-        net = tunnel_net(backend)
+        config = make_config([A], mode=mode)
+        if close_timeout is not None:
+            limits = dataclasses.replace(config.limits, close_timeout=close_timeout)
+            config = dataclasses.replace(config, limits=limits)
+        net = Network(config, {A: backend})
         client = net.client()
         client.proto.onCloseFrame = lambda code, reason: None
         (session,) = net.gateway.sessions.values()
         session.close(4009, "kicked")
-        for _ in range(4):
+        wait = int(close_timeout or 5)
+        for _ in range(wait - 1):
             net.advance(1)
         self.assertEqual(len(net.gateway.sessions), 1)
         for _ in range(2):
             net.advance(1)
         self.assertEqual(net.gateway.sessions, {})
+
+    def test_tunnel_default(self) -> None:
+        self.check("tunnel", None)
+
+    def test_tunnel_configured(self) -> None:
+        self.check("tunnel", 2.0)
+
+    def test_message_configured(self) -> None:
+        self.check("message", 2.0)

@@ -129,8 +129,6 @@ _WHOLE_FRAME = 128 * 1024
 _SMALL_MESSAGE = 4096
 # How much of a message the console's tap sees.
 _TAP_PREVIEW = 64
-# How long a leg waits for its peer to answer a Close before dropping the connection.
-CLOSE_HANDSHAKE_TIMEOUT = 5.0
 
 Connect = Callable[[ServerSpec, Any, float], Deferred]
 """Opens a connection to a backend server with a protocol factory and a connect timeout."""
@@ -781,7 +779,7 @@ class Session:
         if self._close_timer is None:
             self._cancel_timer()  # the idle timer has nothing left to do
             self._close_timer = self.gateway.clock.callLater(
-                CLOSE_HANDSHAKE_TIMEOUT, self._abort_legs
+                self.gateway.config.limits.close_timeout, self._abort_legs
             )
 
     def _abort_legs(self) -> None:
@@ -1124,13 +1122,14 @@ class ClientLegFactory(WebSocketServerFactory):
         super().__init__(server="wsgate")
         self.gateway = gateway
         self.connect = connect
-        self.backend_legs = BackendLegFactory()
+        limits = gateway.config.limits
+        self.backend_legs = BackendLegFactory(limits.close_timeout)
         self.setProtocolOptions(
             webStatus=False,
             failByDrop=False,
             echoCloseCodeReason=True,
-            openHandshakeTimeout=gateway.config.limits.handshake_timeout,
-            closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
+            openHandshakeTimeout=limits.handshake_timeout,
+            closeHandshakeTimeout=limits.close_timeout,
             maxFramePayloadSize=0,
             maxMessagePayloadSize=0,
         )
@@ -1222,11 +1221,11 @@ class BackendLegFactory(WebSocketClientFactory):
 
     protocol = BackendLeg
 
-    def __init__(self) -> None:
+    def __init__(self, close_timeout: float) -> None:
         super().__init__()
         self.setProtocolOptions(
             failByDrop=False,
-            closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
+            closeHandshakeTimeout=close_timeout,
             maxFramePayloadSize=0,
             maxMessagePayloadSize=0,
         )

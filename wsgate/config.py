@@ -257,6 +257,7 @@ class Limits:
     handshake_rate: float = 0.0
     handshake_burst: int = 20
     handshake_timeout: float = 10.0
+    close_timeout: float = 5.0
     max_header_size: int = 16 * 1024
     max_headers: int = 100
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
@@ -865,6 +866,7 @@ def _limits(table: _Table) -> Limits:
         handshake_rate=table.get("handshake_rate", 0.0, _non_negative),
         handshake_burst=table.get("handshake_burst", 20, _positive_int),
         handshake_timeout=table.get("handshake_timeout", 10.0, parse_duration),
+        close_timeout=table.get("close_timeout", 5.0, _positive_duration),
         max_header_size=table.get("max_header_size", 16 * 1024, parse_size),
         max_headers=table.get("max_headers", 100, _positive_int),
         trusted_proxies=table.get("trusted_proxies", (), _networks),

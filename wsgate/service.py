@@ -181,7 +181,11 @@ class _Reload(service.Service):
         new = configmod.load(self.path)
         changes = self.gateway.reload(new)
         self.upstream_services.update()
-        self.factory.setProtocolOptions(openHandshakeTimeout=new.limits.handshake_timeout)
+        self.factory.setProtocolOptions(
+            openHandshakeTimeout=new.limits.handshake_timeout,
+            closeHandshakeTimeout=new.limits.close_timeout,
+        )
+        self.factory.backend_legs.setProtocolOptions(closeHandshakeTimeout=new.limits.close_timeout)
         for listener in new.listeners:
             current = self.listeners.get(listener.endpoint)
             if current is None or listener.tls is None:
