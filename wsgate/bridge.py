@@ -618,9 +618,11 @@ class Session:
             early, leg.data = leg.data, b""
             if early:
                 tunnel.dataReceived(early)
-            # Autobahn neither decodes nor sends on this leg any more: free its message state.
+            # Autobahn neither decodes, sends nor fires events on this leg any more: free its
+            # message state and its observer tables.
             autobahn: Any = leg
             autobahn.utf8validator = autobahn.trafficStats = autobahn.send_queue = None
+            autobahn._results = autobahn._valid_events = autobahn._transport_details = None
         if route.ping_interval > 0:
             self._ping_timer = self.gateway.clock.callLater(route.ping_interval, self._tunnel_ping)
 
