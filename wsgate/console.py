@@ -41,6 +41,7 @@ from zope.interface import implementer
 
 from wsgate import status
 from wsgate.config import ConfigError, ConsoleSpec, parse_duration
+from wsgate.workers import split_id
 
 if TYPE_CHECKING:
     from wsgate.bridge import Session
@@ -233,6 +234,10 @@ class _Tap(_LiveView):
         self._reported_drops = 0
         self._listeners: list[tuple[Any, Callable[[bool, int, bytes], None]]] = []
 
+    @property
+    def label(self) -> object:
+        return self.session.id
+
     def start(self) -> None:
         for direction, relay in (("up", self.session.up), ("down", self.session.down)):
             if relay is None:
@@ -270,13 +275,20 @@ class _Tap(_LiveView):
             self._reported_drops = self.dropped
         if out:
             self.gate._terminal.write_lines(out)
-        if self.session.state == "CLOSED" and not self.queue:
-            self.stop(
+        ended = self.ended()
+        if ended is not None and not self.queue:
+            self.stop(ended)
+            return False
+        return True
+
+    def ended(self) -> str | None:
+        """Why the tap ends by itself (shown once the queue is empty); None while it runs."""
+        if self.session.state == "CLOSED":
+            return (
                 f"session {self.session.id} closed: client {self.session.client_close}, "
                 f"backend {self.session.backend_close}"
             )
-            return False
-        return True
+        return None
 
     def finish(self) -> None:
         for relay, listener in self._listeners:
@@ -284,7 +296,56 @@ class _Tap(_LiveView):
         self._listeners = []
 
     def summary(self, why: str) -> str:
-        return f"tap of session {self.session.id} {why}: {self.shown} shown, {self.dropped} dropped"
+        return f"tap of session {self.label} {why}: {self.shown} shown, {self.dropped} dropped"
+
+
+class _WorkerTap(_Tap):
+    """
+    The tap of a session in a worker process (``workers > 1``): the worker sends the messages
+    (at most TAP_QUEUE per refresh; it counts the rest, added to ``dropped`` here) and the same
+    screen shows them.  Ends when the view stops (the worker is told to untap), the session
+    closes, or the worker is gone.
+    """
+
+    def __init__(self, gate: Gate, figures: Any, id: str) -> None:
+        super().__init__(gate, None)  # type: ignore[arg-type]
+        self.figures = figures
+        self.id = id
+        self.number: int | None = None
+        self._ended: str | None = None
+
+    @property
+    def label(self) -> object:
+        return self.id
+
+    def start(self) -> None:
+        self.number, answer = self.figures.tap(self.id, self)
+        answer.addErrback(self._failed)
+        _LiveView.start(self)
+
+    def _failed(self, failure: Any) -> None:
+        self.tap_ended(f"failed: {failure.getErrorMessage()}")
+
+    def tapped(self, messages: list[tuple[float, str, bool, int, bytes]], dropped: int) -> None:
+        for when, direction, is_binary, size, first in messages:
+            if len(self.queue) >= TAP_QUEUE:
+                self.dropped += 1
+            else:
+                self.queue.append((when, direction, is_binary, size, first))
+        self.dropped += dropped
+
+    def tap_ended(self, why: str) -> None:
+        self.number = None
+        if self._ended is None:
+            self._ended = f"session {self.id} {why}"
+
+    def ended(self) -> str | None:
+        return self._ended
+
+    def finish(self) -> None:
+        number, self.number = self.number, None
+        if number is not None:
+            self.figures.untap(number)
 
 
 class _Top(_LiveView):
@@ -587,11 +648,22 @@ class Gate:
 
     def tap(self, id: int) -> Text | None:
         """Stream one session's messages (direction, type, size, preview) until Ctrl-C."""
-        if isinstance(self.gateway, status.GateFigures):
-            return Text("tap is not available with workers > 1: run one worker to tap a session")
-        session = self._find(id)
         if self._terminal.live is not None:
             return Text("a live view is already running")
+        if isinstance(self.gateway, status.GateFigures):
+            # With workers: the session's worker streams its messages here (ids are "WORKER:ID").
+            figures: Any = self.gateway
+            split_id(id)
+            if id not in figures.sessions:
+                raise LookupError(f"no live session {id}")
+            row = figures.sessions[id]
+            self._logged("tap", f"session={id} client={row['client']}")
+            self._terminal.write_lines(
+                [f"tapping session {id} ({row['client']} <-> {row['server']}); Ctrl-C to stop"]
+            )
+            _WorkerTap(self, figures, str(id)).start()
+            return None
+        session = self._find(id)
         self._logged("tap", f"session={id} client={session.client_address}")
         self._terminal.write_lines(
             [f"tapping session {id} ({session.client_address} <-> {_url(session)}); Ctrl-C to stop"]

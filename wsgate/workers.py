@@ -24,6 +24,14 @@ worker (polled each second), summed, with session ids qualified by the worker (`
 session 17 of worker 2).  Verbs go to the workers: ``kick`` to the worker that owns the session,
 ``drain``/``undrain``/``set_weight`` to all of them.  Figures are up to one poll interval old.
 
+Tap.  The console's ``gate.tap("2:17")`` asks worker 2 to ``tap`` session 17 under a number the
+parent chose; the worker hangs a listener on the session's relays (as the single-process console
+does) and every ``TAP_REFRESH`` sends the messages it saw as one ``{"tapped": N, "messages":
+[[time, direction, binary, size, preview-base64], ...], "dropped": D}`` event: at most
+``TAP_QUEUE`` messages per interval, the rest only counted, so a tap never slows the gate.  When
+the session closes the worker drops the tap and sends ``{"tap_ended": N, "why": ...}``; the parent
+sends ``untap`` when the operator stops; a worker that dies ends its taps in the parent.
+
 Must not: hold gateway logic of its own (workers run the ordinary Gateway) or wire services
 together (``service.py`` does; it passes the builder of a worker's service tree to
 :func:`run_worker`).
@@ -31,10 +39,12 @@ together (``service.py`` does; it passes the builder of a worker's service tree 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -243,10 +253,18 @@ class WorkerControl:
 
     log = Logger()
 
-    def __init__(self, top: Any, stop: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        top: Any,
+        stop: Callable[[], None],
+        send: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.top = top
         self.gateway = top.gateway
         self.stop = stop
+        # Unsolicited events to the parent (tapped messages); None: nobody listens.
+        self.send = send
+        self.taps: dict[int, _WorkerTap] = {}
 
     def __call__(self, call: str, args: dict[str, Any]) -> Any:
         method = getattr(self, f"call_{call}", None)
@@ -292,6 +310,23 @@ class WorkerControl:
     def call_stop(self) -> None:
         self.stop()
 
+    def call_tap(self, id: int, tap: int) -> dict[str, Any]:
+        """Stream session ``id``'s messages to the parent as ``tapped`` events numbered ``tap``."""
+        session = self._find(id)
+        if self.send is None:
+            raise RemoteError("this worker cannot send events")
+        self.call_untap(tap)
+        self.taps[tap] = _WorkerTap(self, tap, session)
+        return {"client": session.client_address}
+
+    def call_untap(self, tap: int) -> bool:
+        """Stop tap ``tap``; False when there was none (it had ended already)."""
+        worker_tap = self.taps.pop(tap, None)
+        if worker_tap is None:
+            return False
+        worker_tap.stop()
+        return True
+
     def _find(self, id: int) -> Any:
         session = self.gateway.sessions.get(id)
         if session is None:
@@ -300,6 +335,82 @@ class WorkerControl:
 
 
 _TOTALS = ("messages_up", "bytes_up", "messages_down", "bytes_down")
+
+
+class _WorkerTap:
+    """
+    One console's tap of one session, inside the worker: listeners on the session's relays
+    collect at most ``TAP_QUEUE`` messages per ``TAP_REFRESH`` (the rest are counted as dropped)
+    and a timer sends them to the parent.  Ends by itself when the session closes.
+    """
+
+    def __init__(self, control: WorkerControl, number: int, session: Any) -> None:
+        from wsgate.console import TAP_QUEUE, TAP_REFRESH, _TapFanout
+
+        self.control = control
+        self.number = number
+        self.session = session
+        self.limit = TAP_QUEUE
+        self.interval = TAP_REFRESH
+        self.fanout = _TapFanout
+        self.pending: list[list[Any]] = []
+        self.dropped = 0
+        self.listeners: list[tuple[Any, Callable[[bool, int, bytes], None]]] = []
+        for direction, relay in (("up", session.up), ("down", session.down)):
+            if relay is None:
+                continue
+
+            def listener(is_binary: bool, size: int, first: bytes, direction: str = direction):
+                self._record(direction, is_binary, size, first)
+
+            _TapFanout.add(relay, listener)
+            self.listeners.append((relay, listener))
+        self._call: Any = control.gateway.clock.callLater(self.interval, self._tick)
+
+    def _record(self, direction: str, is_binary: bool, size: int, first: bytes) -> None:
+        if len(self.pending) >= self.limit:
+            self.dropped += 1
+        else:
+            self.pending.append([time.time(), direction, is_binary, size, first])
+
+    def _tick(self) -> None:
+        self._call = None
+        self.flush()
+        if self.session.state == "CLOSED":
+            session = self.session
+            self.control.taps.pop(self.number, None)
+            self.stop()
+            self._send(
+                {
+                    "tap_ended": self.number,
+                    "why": f"closed: client {session.client_close}, "
+                    f"backend {session.backend_close}",
+                }
+            )
+            return
+        self._call = self.control.gateway.clock.callLater(self.interval, self._tick)
+
+    def flush(self) -> None:
+        if not self.pending and not self.dropped:
+            return
+        messages, self.pending = self.pending, []
+        dropped, self.dropped = self.dropped, 0
+        for message in messages:
+            message[4] = base64.b64encode(message[4]).decode("ascii")
+        self._send({"tapped": self.number, "messages": messages, "dropped": dropped})
+
+    def _send(self, event: dict[str, Any]) -> None:
+        send = self.control.send
+        if send is not None:
+            send(event)
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        for relay, listener in self.listeners:
+            self.fanout.remove(relay, listener)
+        self.listeners = []
 
 
 def _histogram_data(histogram: Histogram) -> dict[str, Any]:
@@ -404,7 +515,12 @@ def run_worker(argv: list[str], build: Callable[..., Any]) -> int:
         the_reactor.callLater(0, the_reactor.stop)
         the_reactor.run()
         return 1
-    control.answer = WorkerControl(top, stop)
+
+    def send_event(event: dict[str, Any]) -> None:
+        if control.channel is not None:
+            control.channel.send(event)
+
+    control.answer = WorkerControl(top, stop, send_event)
     # Stop the gate (sessions close within the grace), then flush the last log lines to the parent
     # before the reactor drops every connection.
     the_reactor.addSystemEventTrigger(
@@ -444,14 +560,21 @@ class Aggregate:
         self._send = send
         self._broadcast = broadcast
         self.snapshots: dict[int, dict[str, Any]] = {}
+        # Live taps: number -> (worker, listener); see :meth:`tap`.
+        self.taps: dict[int, tuple[int, Any]] = {}
+        self._next_tap = 1
         self._refresh()
 
     # -- what status.py reads ------------------------------------------------------------------
 
     def update(self, worker: int, snapshot: dict[str, Any] | None) -> None:
-        """Take a worker's latest snapshot (None: the worker is gone)."""
+        """Take a worker's latest snapshot (None: the worker is gone, and so are its taps)."""
         if snapshot is None:
             self.snapshots.pop(worker, None)
+            for number, (owner, listener) in list(self.taps.items()):
+                if owner == worker:
+                    del self.taps[number]
+                    listener.tap_ended(f"ended: worker {worker} is gone")
         else:
             self.snapshots[worker] = snapshot
         self._refresh()
@@ -531,6 +654,57 @@ class Aggregate:
             raise LookupError(f"no live session {id}")
         return self._send(worker, "kick", id=number, code=code, reason=reason, by=by)
 
+    def tap(self, id: str, listener: Any) -> tuple[int, defer.Deferred]:
+        """
+        Have the session's worker stream its messages to ``listener``: ``listener.tapped(messages,
+        dropped)`` with ``(time, direction, is_binary, size, first_bytes)`` tuples, then once
+        ``listener.tap_ended(why)`` (session closed, worker gone).  Returns the tap's number (for
+        :meth:`untap`) and the Deferred of the worker's answer.
+        """
+        worker, number = split_id(id)
+        if id not in self.sessions:
+            raise LookupError(f"no live session {id}")
+        tap = self._next_tap
+        self._next_tap += 1
+        self.taps[tap] = (worker, listener)
+
+        def failed(failure: Failure) -> Failure:
+            self.taps.pop(tap, None)
+            return failure
+
+        return tap, self._send(worker, "tap", id=number, tap=tap).addErrback(failed)
+
+    def untap(self, tap: int) -> None:
+        """Stop a tap (the console's view ended); the worker removes its listeners."""
+        entry = self.taps.pop(tap, None)
+        if entry is None:
+            return
+        self._send(entry[0], "untap", tap=tap).addErrback(
+            lambda failure: self.log.info(
+                "workers_untap_failed {problem}", problem=failure.getErrorMessage()
+            )
+        )
+
+    def tap_event(self, worker: int, message: dict[str, Any]) -> None:
+        """A worker's ``tapped`` or ``tap_ended`` event, to the tap's listener."""
+        number = message.get("tapped", message.get("tap_ended"))
+        entry = self.taps.get(number)  # type: ignore[arg-type]
+        if entry is None or entry[0] != worker:
+            if "tapped" in message and isinstance(number, int):
+                # Nobody here listens any more (the view ended while messages were on the way).
+                self._send(worker, "untap", tap=number).addErrback(lambda _: None)
+            return
+        listener = entry[1]
+        if "tap_ended" in message:
+            del self.taps[number]  # type: ignore[arg-type]
+            listener.tap_ended(str(message.get("why") or "ended"))
+            return
+        messages = [
+            (float(t), str(direction), bool(binary), int(size), base64.b64decode(first))
+            for t, direction, binary, size, first in message.get("messages") or ()
+        ]
+        listener.tapped(messages, int(message.get("dropped") or 0))
+
     def drain(self, url: str, deadline: float | None = None, window: float = 10.0) -> int:
         self._command("drain", url=url, deadline=deadline, window=window)
         return sum(1 for r in self.sessions.values() if r["server"] == url and r["state"] == "OPEN")
@@ -601,6 +775,10 @@ class _WorkerProcess(protocol.ProcessProtocol):
         self.channel.data_received(data)
 
     def _event(self, message: dict[str, Any]) -> None:
+        if "tapped" in message or "tap_ended" in message:
+            if self.pool.processes.get(self.index) is self:
+                self.pool.aggregate.tap_event(self.index, message)
+            return
         if "log" in message:
             level = LogLevel.levelWithName(message.get("level") or "info")
             Logger(namespace=message.get("ns") or "wsgate.worker").emit(
