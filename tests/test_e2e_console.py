@@ -48,6 +48,9 @@ def command(name: str) -> str:
 class ConsoleGateCase(TestCase):
     """A gate process with the console and admin listener, in front of two echo backends."""
 
+    # Top-level config keys before the tables (``workers = 2``).
+    top_config = ""
+
     def setUp(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="wsgate-console-"))
         self.addCleanup(shutil.rmtree, self.dir, True)
@@ -69,7 +72,8 @@ class ConsoleGateCase(TestCase):
             start_process(self, [sys.executable, str(BACKEND), str(port), "echo"], ready_port=port)
         self.config = self.dir / "gate.toml"
         self.config.write_text(
-            f'[[listen]]\nendpoint = "tcp:{self.gate_port}:interface={LOOPBACK}"\n'
+            self.top_config
+            + f'[[listen]]\nendpoint = "tcp:{self.gate_port}:interface={LOOPBACK}"\n'
             '[[route]]\nupstream = "u"\n'
             "[upstream.u]\nservers = ["
             + ", ".join(f'{{ url = "{url}" }}' for url in self.backends)
@@ -146,13 +150,14 @@ class ConsoleGateCase(TestCase):
         child.expect("\n>>> ")
         return plain(child.before)
 
-    def session_id(self, ws: ClientConnection) -> int:
-        """The gate's id of the session of this client (found by its address)."""
+    def session_id(self, ws: ClientConnection) -> Any:
+        """The gate's id of the session of this client (found by its address): a number, or
+        ``"WORKER:ID"`` with workers."""
         host, port = ws.socket.getsockname()[:2]
         for _ in range(50):
             for row in self.status()["sessions"]:
                 if row["client"] == f"{host}:{port}":
-                    return int(row["id"])
+                    return row["id"]
             time.sleep(0.1)
         raise AssertionError(f"no session from {host}:{port}")
 
@@ -361,3 +366,30 @@ class StatusPageTests(ConsoleGateCase):
         self.assertTrue(shot.exists(), result.stderr[-2000:])
         self.assertEqual(shot.read_bytes()[:8], b"\x89PNG\r\n\x1a\n")
         self.assertGreater(shot.stat().st_size, 10_000)
+
+
+class WorkersConsoleTests(ConsoleGateCase):
+    """The console of a gate with ``workers = 2``: it runs in the parent, sessions in the workers."""
+
+    top_config = "workers = 2\n"
+
+    def test_tap(self) -> None:
+        """gate.tap("W:ID") shows what the session's worker relays, until Ctrl-C untaps it."""
+        ws = self.client()
+        sid = self.session_id(ws)
+        self.assertRegex(sid, r"^[12]:\d+$")
+        console = self.login()
+        console.sendline(f"gate.tap({sid!r})")
+        console.expect_exact("Ctrl-C to stop")
+        ws.send("tap me: 12345")
+        self.assertEqual(ws.recv(timeout=5), "tap me: 12345")
+        console.expect(r"client->backend text\s+13 B\s+'tap me: 12345'", timeout=5)
+        console.expect(r"backend->client text\s+13 B\s+'tap me: 12345'", timeout=5)
+        console.sendcontrol("c")
+        console.expect_exact(f"tap of session {sid} stopped: 2 shown, 0 dropped", timeout=5)
+        console.expect_exact(">>> ")
+        self.gate.wait_for_output(f"console_tap user=ops session={sid}")
+        ws.send("after")
+        self.assertEqual(ws.recv(timeout=5), "after")
+        console.sendline("len(gate.gateway.taps)")
+        console.expect(r"\n0\r?\n>>> ", timeout=5)
