@@ -7,14 +7,18 @@ gate still counts, limits, closes, pings and taps.
 from __future__ import annotations
 
 import dataclasses
+import socket
 import struct
 from typing import Any
 
+from twisted.internet import tcp
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import BackendFactory, Network, make_config, upgrade_request
 from tests.test_limits import frame
-from wsgate.tunnel import Tunnel, close_frame, data_frame
+from wsgate.tunnel import READ_SIZE, Tunnel, close_frame, data_frame
 
 A = "ws://a.test:1"
 
@@ -269,6 +273,22 @@ class ParserTests(SynchronousTestCase):
             self.assertEqual(b"".join(sink.writes), ok)
             self.assertEqual(tunnel.messages, 1)
             self.assertEqual([e[:2] for e in events.seen], [("violation", 1009)])
+
+    def test_large_reads_grow_the_read_size(self) -> None:
+        """A read that fills Twisted's buffer makes the source connection read 4x more at a time."""
+        left, right = socket.socketpair()
+        self.addCleanup(left.close)
+        self.addCleanup(right.close)
+        source = tcp.Connection(left, Protocol(), MemoryReactor())
+        tunnel, sink, _ = parser()
+        tunnel.source = source
+        stream = data_frame(b"z" * (3 * READ_SIZE), binary=True, masked=True)
+        tunnel.dataReceived(stream[: READ_SIZE - 1])
+        self.assertEqual(source.bufferSize, READ_SIZE)
+        tunnel.dataReceived(stream[READ_SIZE - 1 : 2 * READ_SIZE - 1])
+        self.assertEqual(source.bufferSize, 4 * READ_SIZE)
+        tunnel.dataReceived(stream[2 * READ_SIZE - 1 :])
+        self.assertEqual(b"".join(sink.writes), stream)
 
     def test_unmasked_client_frame(self) -> None:
         """The fast path leaves rule breaking to the full parser: an unmasked client frame is 1002."""

@@ -109,7 +109,7 @@ from wsgate.config import ServerSpec
 from wsgate.gateway import Gateway
 from wsgate.httpproxy import start_http
 from wsgate.limits import MessageRate, client_address
-from wsgate.tunnel import Tunnel, data_frame
+from wsgate.tunnel import READ_SIZE, Tunnel, data_frame, read_more
 from wsgate.upstream import Server
 
 __all__ = [
@@ -612,6 +612,7 @@ class Session:
         up = Tunnel(backend.transport, self, True, *limits)
         down = Tunnel(client.transport, self, False, *limits)
         up.partner, down.partner = down, up
+        up.source, down.source = client.transport, backend.transport
         self.up, self.down = up, down
         for leg, tunnel in ((client, up), (backend, down)):
             leg.dataReceived = tunnel.dataReceived  # type: ignore[method-assign]
@@ -1052,6 +1053,8 @@ class ClientLeg(WebSocketServerProtocol):
         if self.http is not None:
             self.http.client_data(data)
         else:
+            if len(data) == READ_SIZE:
+                read_more(self.transport)
             self._dataReceived(data)  # Autobahn's, without its per-read debug-log arguments
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
@@ -1159,8 +1162,11 @@ class BackendLeg(WebSocketClientProtocol):
 
     log = _QuietLog()
     sendData = _send_data
-    # Autobahn's dataReceived only adds per-read debug-log arguments to _dataReceived.
-    dataReceived = WebSocketClientProtocol._dataReceived
+
+    def dataReceived(self, data: bytes) -> None:
+        if len(data) == READ_SIZE:
+            read_more(self.transport)
+        self._dataReceived(data)  # Autobahn's, without its per-read debug-log arguments
 
     transport: Any
     ping_rtt: int | None = None
