@@ -10,6 +10,7 @@ the one echo backend of the run.
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class Target:
     nginx_location_extra: str = ""
     wsgate_argv: tuple[str, ...] = ()
     wsgate_config: str = ""
+    wsgate_workers: int = 1  # worker processes (``workers`` in wsgate_config)
     goal: str = ""  # issue 8's column that applies to this wsgate row: "message" or "tunnel"
     base: str = ""  # a multi-worker variant: the one-process target it is compared with
     skip: tuple[str, ...] = ()  # workloads not run against this target
@@ -104,6 +106,7 @@ TARGETS: tuple[Target, ...] = (
         "wsgate",
         "wsgate, workers = 2, message mode (cores 0+1)",
         wsgate_config=wsgate_toml(top="workers = 2"),
+        wsgate_workers=2,
         cpus=BOTH_CPUS,
         base="wsgate",
         goal="message",
@@ -114,6 +117,7 @@ TARGETS: tuple[Target, ...] = (
         "wsgate",
         "wsgate, workers = 2, tunnel mode (cores 0+1)",
         wsgate_config=wsgate_toml(top="workers = 2", route='mode = "tunnel"'),
+        wsgate_workers=2,
         cpus=BOTH_CPUS,
         base="wsgate-tunnel",
         goal="tunnel",
@@ -282,7 +286,25 @@ def start(t: Target, env: Env) -> Running:
     try:
         wait_port(port, proc)
         wait_port(tls_port, proc)
+        if t.wsgate_workers > 1:
+            _wait_workers(proc, port, t.wsgate_workers)
     except Exception:
         running.stop()
         raise
     return running
+
+
+def _wait_workers(proc: Proc, port: int, count: int, timeout: float = 20.0) -> None:
+    """
+    Wait until ``count`` wsgate workers listen on ``port``.  The parent binds the port before it
+    starts them, so the port accepts before they do, and the first worker up would take every
+    connection of the first workload.
+    """
+    needle = f"ClientLegFactory starting on {port}"
+    deadline = time.monotonic() + timeout
+    while proc.log.read_text(errors="replace").count(needle) < count:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited:\n{proc.log_tail()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{proc.name}: {count} workers not listening on {port}")
+        time.sleep(0.05)
