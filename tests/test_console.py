@@ -41,6 +41,13 @@ PUBLIC_KEY = (
 )
 
 
+def assert_tapped_hello(case: SynchronousTestCase, screen: str) -> None:
+    """The tap's lines for a text "hello tap" echoed back and a 3-byte binary message sent."""
+    case.assertRegex(screen, r"client->backend text\s+9 B\s+'hello tap'")
+    case.assertRegex(screen, r"backend->client text\s+9 B\s+'hello tap'")
+    case.assertRegex(screen, r"client->backend binary\s+3 B\s+00 01 02")
+
+
 class Terminal:
     """A console session as a user sees it: type lines and keys, read the screen as text."""
 
@@ -240,9 +247,7 @@ class LiveViewTests(ConsoleCase):
         self.net.flush()
         self.net.advance(0.1)
         screen = self.term.screen()
-        self.assertRegex(screen, r"client->backend text\s+9 B\s+'hello tap'")
-        self.assertRegex(screen, r"backend->client text\s+9 B\s+'hello tap'")
-        self.assertRegex(screen, r"client->backend binary\s+3 B\s+00 01 02")
+        assert_tapped_hello(self, screen)
         screen = self.term.key(b"\x03")
         self.assertIn("tap of session", screen)
         self.assertIn("4 shown, 0 dropped", screen)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import IServiceCollection
@@ -91,11 +92,13 @@ class WorkersConfigTests(SynchronousTestCase):
         self.assertEqual(json.loads(argv[5]), pool.listeners)
 
 
-def _pair(clock: Clock, answer: Any) -> tuple[Channel, Channel]:
-    """A parent channel and a worker channel, connected in memory."""
+def _pair(
+    clock: Clock, answer: Any, on_event: Callable[[dict[str, Any]], None] | None = None
+) -> tuple[Channel, Channel]:
+    """A parent channel and a worker channel, connected in memory (parent events to on_event)."""
     parent: Channel
     worker: Channel
-    parent = Channel(lambda data: worker.data_received(data), clock)
+    parent = Channel(lambda data: worker.data_received(data), clock, on_event=on_event)
     worker = Channel(lambda data: parent.data_received(data), clock, answer)
     return parent, worker
 
@@ -158,8 +161,11 @@ class _Worker:
         self.stops += 1
 
 
-class AggregateTests(SynchronousTestCase):
-    """The parent's view of two workers, each a real Gateway reached through a Channel."""
+class TwoWorkersCase(SynchronousTestCase):
+    """
+    The parent's Aggregate over two workers, each a real Gateway behind a WorkerControl, reached
+    through a Channel; workers' events (a tap's) go to the Aggregate.  A base: no tests of its own.
+    """
 
     def setUp(self) -> None:
         self.workers = {
@@ -167,7 +173,14 @@ class AggregateTests(SynchronousTestCase):
             2: _Worker(Network(make_config([A, B]), {A: BackendFactory(), B: BackendFactory()})),
         }
         self.clock = self.workers[1].net.clock
-        self.channels = {i: _pair(self.clock, w.control)[0] for i, w in self.workers.items()}
+        self.channels: dict[int, Channel] = {}
+        for index, worker in self.workers.items():
+
+            def event(message: dict[str, Any], index: int = index) -> None:
+                self.aggregate.tap_event(index, message)
+
+            self.channels[index], child = _pair(self.clock, worker.control, event)
+            worker.control.send = child.send
         self.aggregate = Aggregate(make_config([A, B]), self.clock, self._send, self._broadcast)
 
     def _send(self, index: int, call: str, **args: Any) -> Deferred:
@@ -183,6 +196,10 @@ class AggregateTests(SynchronousTestCase):
             channel.request("snapshot").addCallback(
                 lambda snap, index=index: self.aggregate.update(index, snap)
             )
+
+
+class AggregateTests(TwoWorkersCase):
+    """The parent's view of two workers, each a real Gateway reached through a Channel."""
 
     def open(self, worker: int, count: int) -> list[Any]:
         clients = []

@@ -14,10 +14,10 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import BackendFactory, Network, make_config
-from tests.test_console import Terminal
-from tests.test_workers import A, B, _Worker
+from tests.test_console import Terminal, assert_tapped_hello
+from tests.test_workers import A, TwoWorkersCase, _Worker
 from wsgate.console import TAP_QUEUE, TAP_REFRESH, Console
-from wsgate.workers import Aggregate, Channel
+from wsgate.workers import Aggregate
 
 
 class _Listener:
@@ -198,47 +198,15 @@ class ParentSideTests(SynchronousTestCase):
         self.assertEqual(self.sent, [])
 
 
-class ConsoleTapTests(SynchronousTestCase):
+class ConsoleTapTests(TwoWorkersCase):
     """gate.tap("W:ID") over real Gateways in memory: the same screen as with one process."""
 
     def setUp(self) -> None:
-        self.workers = {
-            i: _Worker(Network(make_config([A, B]), {A: BackendFactory(), B: BackendFactory()}))
-            for i in (1, 2)
-        }
-        self.clock = self.workers[1].net.clock
-        self.channels: dict[int, Channel] = {}
-        self.aggregate = Aggregate(make_config([A, B]), self.clock, self._send, self._broadcast)
-        for index, worker in self.workers.items():
-            self._wire(index, worker)
+        super().setUp()
         self.client = self.workers[1].net.client("/")
         self.workers[2].net.client("/")
         self.poll()
         self.term = Terminal(Console(self.aggregate, self.clock))  # type: ignore[arg-type]
-
-    def _wire(self, index: int, worker: _Worker) -> None:
-        parent: Channel
-        child: Channel
-        parent = Channel(
-            lambda data: child.data_received(data),
-            self.clock,
-            on_event=lambda message: self.aggregate.tap_event(index, message),
-        )
-        child = Channel(lambda data: parent.data_received(data), self.clock, worker.control)
-        worker.control.send = child.send
-        self.channels[index] = parent
-
-    def _send(self, index: int, call: str, **args: Any) -> Deferred:
-        return self.channels[index].request(call, **args)
-
-    def _broadcast(self, call: str, **args: Any) -> Deferred:
-        return gatherResults([c.request(call, **args) for c in self.channels.values()])
-
-    def poll(self) -> None:
-        for index, channel in self.channels.items():
-            channel.request("snapshot").addCallback(
-                lambda snap, index=index: self.aggregate.update(index, snap)
-            )
 
     def advance(self) -> None:
         for _ in range(2):
@@ -259,9 +227,7 @@ class ConsoleTapTests(SynchronousTestCase):
         self.workers[1].net.flush()
         self.advance()
         screen = self.term.screen()
-        self.assertRegex(screen, r"client->backend text\s+9 B\s+'hello tap'")
-        self.assertRegex(screen, r"backend->client text\s+9 B\s+'hello tap'")
-        self.assertRegex(screen, r"client->backend binary\s+3 B\s+00 01 02")
+        assert_tapped_hello(self, screen)
         screen = self.term.key(b"\x03")
         self.assertIn("tap of session 1:1 stopped: 4 shown, 0 dropped", screen)
         self.assertIsNone(self.relay().tap)
