@@ -177,15 +177,20 @@ class LimitsConfigTests(SynchronousTestCase):
         c = config.parse(
             {
                 **base,
+                "log_session_opened": True,
                 "limits": {
                     "shutdown_grace": "2m",
                     "max_header_size": "8KiB",
                     "trusted_proxies": ["10.0.0.0/8"],
+                    "close_timeout": "250ms",
                 },
             },
             "x.toml",
         )
         self.assertEqual((c.limits.shutdown_grace, c.limits.max_header_size), (120.0, 8192))
+        self.assertEqual((c.limits.close_timeout, c.log_session_opened), (0.25, True))
+        defaults = config.parse(base, "x.toml")
+        self.assertEqual((defaults.limits.close_timeout, defaults.log_session_opened), (5.0, False))
         self.assertEqual(str(c.limits.trusted_proxies[0]), "10.0.0.0/8")
         self.assertEqual(
             (c.routes[0].max_frame_size, c.routes[0].allowed_origins), (1024, ("https://a",))
