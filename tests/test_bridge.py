@@ -11,7 +11,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import BackendFactory, Network, make_config, upgrade_request
-from wsgate.bridge import Relay, Session, _ReadThrottle, partner_close
+from wsgate.bridge import Session, _ReadThrottle, partner_close
 
 A = "ws://a.test:1"
 B = "ws://b.test:2"
@@ -302,43 +302,6 @@ class ThrottleTests(SynchronousTestCase):
         self.assertIs(session.client.transport.producer, session.throttles[0])
         self.assertIs(session.backend.transport.producer, session.throttles[1])
         self.assertIs(session.throttles[0]._transport, session.backend.transport)
-
-
-class RelayUnitTests(SynchronousTestCase):
-    def test_streams_large_frames(self) -> None:
-        """A frame larger than the whole-message threshold is streamed, never joined."""
-
-        class Sink:
-            state = 3  # STATE_OPEN
-
-            def __init__(self) -> None:
-                self.calls: list[tuple] = []
-
-            def __getattr__(self, name: str):  # noqa: ANN204
-                return lambda *a: self.calls.append((name, *a))
-
-        class Frame:
-            fin = True
-
-        source = type("Source", (), {"current_frame": Frame(), "failedByMe": False})()
-        sink = Sink()
-        relay = Relay(source, sink, 0, lambda: 0.0)
-        relay.onMessageBegin(True)
-        relay.onMessageFrameBegin(10_000_000)
-        relay.onMessageFrameData(b"a" * 100)
-        relay.onMessageFrameData(b"b" * 100)
-        relay.onMessageEnd()
-        self.assertEqual(
-            [c[0] for c in sink.calls],
-            [
-                "beginMessage",
-                "beginMessageFrame",
-                "sendMessageFrameData",
-                "sendMessageFrameData",
-                "endMessage",
-            ],
-        )
-        self.assertEqual(relay.bytes, 200)
 
 
 class PingTests(SynchronousTestCase):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 import struct
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
@@ -18,7 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import BackendFactory, Network, make_config, upgrade_request
 from tests.test_limits import frame
-from wsgate.tunnel import READ_SIZE, Tunnel, close_frame, data_frame
+from wsgate.bridge import READ_SIZE, Relay
+from wsgate.core.frames import FrameEngine, close_frame, data_frame
 
 A = "ws://a.test:1"
 
@@ -41,9 +42,10 @@ class RelayTests(SynchronousTestCase):
         (self.session,) = self.net.gateway.sessions.values()
 
     def test_is_a_tunnel(self) -> None:
-        """The session relays through Tunnels, not Autobahn's message hooks."""
-        self.assertIsInstance(self.session.up, Tunnel)
-        self.assertIsInstance(self.session.down, Tunnel)
+        """The session relays through Relays that check framing but not UTF-8."""
+        self.assertIsInstance(self.session.up, Relay)
+        self.assertFalse(self.session.up.engine.validate_utf8)
+        self.assertFalse(self.session.down.engine.validate_utf8)
 
     def test_types_sizes_fragments(self) -> None:
         """Text, binary, empty, large and fragmented messages arrive intact both ways."""
@@ -192,8 +194,8 @@ class PingTests(SynchronousTestCase):
             net.advance(1)
         self.assertIsNone(client.close)
         self.assertEqual(pongs, [])  # the client's pongs to the gate are not forwarded
-        self.assertIsNotNone(session.up.ping_rtt)
-        self.assertIsNotNone(session.down.ping_rtt)
+        self.assertIsNotNone(session.client.ping_rtt)
+        self.assertIsNotNone(session.backend.ping_rtt)
         deaf[0] = True
         for _ in range(15):
             net.advance(1)
@@ -202,7 +204,7 @@ class PingTests(SynchronousTestCase):
 
 
 class _Sink:
-    """The other leg's transport, as a Tunnel sees it: the writes, in order."""
+    """The other leg's transport, as a Relay sees it: the writes, in order."""
 
     def __init__(self) -> None:
         self.writes: list[bytes] = []
@@ -211,91 +213,25 @@ class _Sink:
         self.writes.append(data)
 
 
-class _Events:
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, int | None, str]] = []
-
-    def closed(self, tunnel: Tunnel, code: int | None, reason: str) -> None:
-        self.seen.append(("closed", code, reason))
-
-    def violation(self, tunnel: Tunnel, code: int, reason: str) -> None:
-        self.seen.append(("violation", code, reason))
-
-
-def parser(max_size: int = 0, max_frame: int = 0) -> tuple[Tunnel, _Sink, _Events]:
-    sink, events = _Sink(), _Events()
-    return Tunnel(sink, events, True, max_size, max_frame, lambda: 0.0), sink, events
-
-
-class ParserTests(SynchronousTestCase):
-    """The frame parser alone: a stream of frames, split anywhere, passes through unchanged."""
-
-    STREAM = (
-        data_frame(b"a" * 10, binary=True, masked=True)
-        + data_frame("été".encode(), binary=False, masked=True)
-        + data_frame(b"b" * 300, binary=True, masked=True)  # 16-bit length
-        + frame(1, b"frag", fin=False)
-        + frame(9, b"ping")  # a control frame between fragments
-        + frame(0, b"ment")
-        + data_frame(b"c" * 70000, binary=True, masked=True)  # 64-bit length
-        + data_frame(b"", binary=True, masked=True)
-    )
-
-    def test_any_split(self) -> None:
-        """Split at every point (and in three), the bytes come out whole and every message counts."""
-        stream = self.STREAM
-        points = list(range(0, len(stream), 7)) + [len(stream) - 1]
-        for cut in points:
-            for second in (cut, min(cut + 3, len(stream)), min(cut + 400, len(stream))):
-                tunnel, sink, events = parser()
-                for piece in (stream[:cut], stream[cut:second], stream[second:]):
-                    if piece:
-                        tunnel.dataReceived(piece)
-                self.assertEqual(b"".join(sink.writes), stream, (cut, second))
-                self.assertEqual((tunnel.messages, events.seen), (6, []), (cut, second))
-                self.assertEqual(tunnel.bytes, 10 + 5 + 300 + 8 + 70000)
-                self.assertTrue(tunnel.at_boundary)
-
-    def test_whole_messages_not_copied(self) -> None:
-        """A read made of whole messages is written on as the very same object."""
-        tunnel, sink, _ = parser()
-        chunk = b"".join(data_frame(b"x" * 1024, binary=True, masked=True) for _ in range(8))
-        tunnel.dataReceived(chunk)
-        self.assertIs(sink.writes[0], chunk)
-        self.assertEqual(tunnel.messages, 8)
-
-    def test_limits_apply_to_whole_messages(self) -> None:
-        """A whole message over either limit is refused (1009) and nothing of it goes on."""
-        for limits in ({"max_size": 100}, {"max_frame": 100}):
-            tunnel, sink, events = parser(**limits)
-            ok = data_frame(b"y" * 100, binary=True, masked=True)
-            tunnel.dataReceived(ok + data_frame(b"y" * 101, binary=True, masked=True) + ok)
-            self.assertEqual(b"".join(sink.writes), ok)
-            self.assertEqual(tunnel.messages, 1)
-            self.assertEqual([e[:2] for e in events.seen], [("violation", 1009)])
-
+class ReadSizeTests(SynchronousTestCase):
     def test_large_reads_grow_the_read_size(self) -> None:
         """A read that fills Twisted's buffer makes the source connection read 4x more at a time."""
         left, right = socket.socketpair()
         self.addCleanup(left.close)
         self.addCleanup(right.close)
         source = tcp.Connection(left, Protocol(), MemoryReactor())
-        tunnel, sink, _ = parser()
-        tunnel.source = source
+        sink = _Sink()
+        engine = FrameEngine(True, validate_utf8=False)
+        relay = Relay(engine, source, sink, cast(Any, None), lambda: 0.0)
         stream = data_frame(b"z" * (3 * READ_SIZE), binary=True, masked=True)
-        tunnel.dataReceived(stream[: READ_SIZE - 1])
+        relay.dataReceived(stream[: READ_SIZE - 1])
         self.assertEqual(source.bufferSize, READ_SIZE)
-        tunnel.dataReceived(stream[READ_SIZE - 1 : 2 * READ_SIZE - 1])
+        relay.dataReceived(stream[READ_SIZE - 1 : 2 * READ_SIZE - 1])
         self.assertEqual(source.bufferSize, 4 * READ_SIZE)
-        tunnel.dataReceived(stream[2 * READ_SIZE - 1 :])
-        self.assertEqual(b"".join(sink.writes), stream)
-
-    def test_unmasked_client_frame(self) -> None:
-        """The fast path leaves rule breaking to the full parser: an unmasked client frame is 1002."""
-        tunnel, sink, events = parser()
-        tunnel.dataReceived(frame(2, b"ok") + frame(2, b"bad", masked=False))
-        self.assertEqual(b"".join(sink.writes), frame(2, b"ok"))
-        self.assertEqual([e[:2] for e in events.seen], [("violation", 1002)])
+        self.assertEqual(engine.messages, 0)
+        relay.dataReceived(stream[2 * READ_SIZE - 1 :])
+        self.assertEqual(engine.messages, 1)
+        self.assertEqual(engine.bytes, 3 * READ_SIZE)
 
 
 class FrameHelperTests(SynchronousTestCase):

@@ -228,9 +228,12 @@ class Route:
     throttle: bool = False
     allowed_origins: tuple[str, ...] = ()
     required_subprotocol: str | None = None
-    # "message": decode and re-encode every message (all features); "tunnel": relay frames as
-    # bytes after both handshakes, parsing headers only (wsgate/tunnel.py).
+    # How the frame engine (wsgate/core/frames.py) checks what it relays: "message" checks all an
+    # endpoint checks, UTF-8 of text included; "tunnel" checks framing and Close frames only.
     mode: str = "message"
+    # "pass": the client's permessage-deflate offer goes to the backend and its answer back;
+    # "off": the offer is not forwarded, so the session is uncompressed.
+    compression: str = "pass"
     # Reverse-proxy plain HTTP requests (not WebSocket upgrades) to the upstream; else 426.
     http: bool = False
 
@@ -258,6 +261,8 @@ class Limits:
     handshake_burst: int = 20
     handshake_timeout: float = 10.0
     close_timeout: float = 5.0
+    # A peer whose send buffer stays full this long is closed 1013 (0: never).
+    send_timeout: float = 60.0
     max_header_size: int = 16 * 1024
     max_headers: int = 100
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
@@ -846,6 +851,7 @@ def _route(table: _Table, upstreams: Mapping[str, UpstreamSpec]) -> Route:
         max_message_size=table.get("max_message_size", 16 * 1024**2, parse_size),
         max_frame_size=table.get("max_frame_size", 0, parse_size),
         mode=table.get("mode", "message", _choice("message", "tunnel")),
+        compression=table.get("compression", "pass", _choice("pass", "off")),
         max_messages_per_second=table.get("max_messages_per_second", 0.0, _non_negative),
         max_bytes_per_second=table.get("max_bytes_per_second", 0, parse_size),
         throttle=table.get("throttle", False, _typed(bool, "true or false")),
@@ -867,6 +873,7 @@ def _limits(table: _Table) -> Limits:
         handshake_burst=table.get("handshake_burst", 20, _positive_int),
         handshake_timeout=table.get("handshake_timeout", 10.0, parse_duration),
         close_timeout=table.get("close_timeout", 5.0, _positive_duration),
+        send_timeout=table.get("send_timeout", 60.0, parse_duration),
         max_header_size=table.get("max_header_size", 16 * 1024, parse_size),
         max_headers=table.get("max_headers", 100, _positive_int),
         trusted_proxies=table.get("trusted_proxies", (), _networks),

@@ -289,14 +289,7 @@ class Gateway:
                 self.counters[f"messages.{direction}"] += relay.messages
                 self.counters[f"bytes.{direction}"] += relay.bytes
         self.session_duration.observe(self.clock.seconds() - session.started)
-        leg = session.client
-        # The code the client saw: ours when the gate closed first, else the client's own.
-        if getattr(leg, "closedByMe", False):
-            code = getattr(leg, "localCloseCode", None)
-        else:
-            code = getattr(leg, "remoteCloseCode", None)
-        if code is None:
-            code = 1005 if getattr(leg, "wasClean", False) else 1006
+        code = session.client_close_code()
         upstream = getattr(session, "upstream", None)
         key = (
             session.route_path,

@@ -188,7 +188,9 @@ class Probes:
         factory: Any = WebSocketClientFactory(server.url + spec.path)
         factory.protocol = _WebSocketProbe
         factory.result = Deferred()
-        factory.setProtocolOptions(openHandshakeTimeout=spec.timeout, failByDrop=False)
+        # No openHandshakeTimeout: txaio rounds it down to whole seconds, so a "500ms" probe would
+        # fail healthy servers.  The round's addTimeout (the reactor's clock) bounds the probe.
+        factory.setProtocolOptions(openHandshakeTimeout=0, failByDrop=False)
         opened = self.connect(server.spec, factory, spec.timeout)
         opened.addCallback(lambda _: factory.result)
         return opened

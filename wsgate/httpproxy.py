@@ -152,10 +152,7 @@ class HttpExchange:
     # -- the client side ----------------------------------------------------------------------
 
     def start(self, body_start: bytes) -> None:
-        timer = getattr(self.leg, "openHandshakeTimeoutCall", None)
-        if timer is not None:  # a txaio call: cancel() is safe once
-            timer.cancel()
-            self.leg.openHandshakeTimeoutCall = None
+        self.leg.cancel_handshake_timer()
         self.gateway.counters["http.requests"] += 1
         self.client.pauseProducing()  # until a server is connected
         self.client_data(body_start)

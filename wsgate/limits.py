@@ -96,13 +96,26 @@ class MessageRate:
         self._messages = 0
         self._bytes = 0
 
-    def spend(self, size: int) -> float:
+    def remaining(self) -> int:
+        """Messages still allowed in the current one-second window (a large number: no limit)."""
+        if self._max_messages <= 0:
+            return 1 << 62
+        if self._now() - self._window >= 1.0:
+            return int(self._max_messages)
+        return max(int(self._max_messages) - self._messages, 0)
+
+    def wait(self) -> float:
+        """Seconds until the current window ends."""
+        return max(self._window + 1.0 - self._now(), 0.0)
+
+    def spend(self, size: int, count: int = 1) -> float:
+        """Spend ``count`` messages (control frames included) of ``size`` bytes in all."""
         now = self._now()
         if now - self._window >= 1.0:
             self._window = now
             self._messages = 0
             self._bytes = 0
-        self._messages += 1
+        self._messages += count
         self._bytes += size
         over = (0 < self._max_messages < self._messages) or (0 < self._max_bytes < self._bytes)
         return self._window + 1.0 - now if over else 0.0

@@ -174,6 +174,7 @@ class FrameEngine:
     __slots__ = (
         "from_client", "validate_utf8", "deflate", "max_message", "max_frame", "messages",
         "bytes", "controls", "done", "closed", "failed", "sink_open", "expect_pong", "tap",
+        "forwarded_close", "quota", "hold", "held",
         "_limit", "_first_bytes", "_head", "_remaining", "_control", "_key", "_offset", "_b0",
         "_fresh", "_fin", "_in_message", "_binary", "_check", "_decoder", "_size", "_preview",
         "_frame_head", "_control_size",
@@ -202,6 +203,13 @@ class FrameEngine:
         self.sink_open = True
         self.expect_pong: bytes | None = None
         self.tap: list[tuple[bool, int, bytes]] | None = None
+        self.forwarded_close = False  # the source's Close went on to the sink
+        # Messages (data and control) the source may still start: the driver's rate limit.  At
+        # zero, a new message fails the direction with 1008, or with ``hold`` set is kept unread
+        # (``held``) until the driver raises the quota and calls ``receive(b"")``.
+        self.quota = 1 << 62
+        self.hold = False
+        self.held = False
         # the largest single-frame message the fast path may pass: both limits apply to it
         self._limit = min((x for x in (max_message, max_frame) if x > 0), default=1 << 63)
         # first bytes of a whole unfragmented message the fast path takes (fin, no RSV)
@@ -229,6 +237,7 @@ class FrameEngine:
         """Take the source's next bytes; return what goes to the sink (possibly ``data`` itself)."""
         if self.done:
             return b""
+        self.held = False
         if self._head:
             data, self._head = self._head + data, b""
         n = len(data)
@@ -269,8 +278,9 @@ class FrameEngine:
         masked, key = (0x80, 4) if self.from_client else (0, 0)
         limit, first_bytes = self._limit, self._first_bytes
         check = self.validate_utf8
+        quota = self.quota
         i = count = total = 0
-        while n - i >= 2:
+        while n - i >= 2 and count < quota:
             b0, b1 = data[i], data[i + 1]
             if b0 not in first_bytes or b1 & 0x80 != masked:
                 break
@@ -301,6 +311,7 @@ class FrameEngine:
         if count:
             self.messages += count
             self.bytes += total
+            self.quota -= count
         return i
 
     def _frame_header(self, data: bytes, i: int, out: list[_Piece]) -> int:
@@ -324,6 +335,12 @@ class FrameEngine:
         problem = self._check_header(b0, masked, length)
         if problem is not None:
             self._fail(*problem)
+            return n
+        if self.quota <= 0 and b0 & 0x0F:  # a new message or control frame, over the rate
+            if self.hold:
+                self._head, self.held = data[i:], True
+                return -1
+            self._fail(1008, "message rate limit exceeded")
             return n
         self._key = header[-4:] if masked else None
         self._b0, self._fin, self._offset, self._frame_head = b0, bool(b0 & 0x80), 0, header
@@ -435,6 +452,7 @@ class FrameEngine:
         if self._fin:
             self._in_message = False
             self.messages += 1
+            self.quota -= 1
             if self.tap is not None:
                 self.tap.append((self._binary, self._size, self._preview))
 
@@ -443,6 +461,7 @@ class FrameEngine:
         opcode = self._b0 & 0x0F
         payload = xor_mask(frame[len(self._frame_head) :], self._key)
         self.controls += 1
+        self.quota -= 1
         if opcode == CLOSE:
             self._close(frame, payload, out)
             return
@@ -472,6 +491,7 @@ class FrameEngine:
         if self.sink_open:
             out.append(frame)
             self.sink_open = False
+            self.forwarded_close = True
 
     def _fail(self, code: int, reason: str) -> None:
         self.done = True
