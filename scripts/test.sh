@@ -7,8 +7,9 @@ set -eu
 cd "$(dirname "$0")/.."
 sh scripts/install-test-deps.sh
 [ -x .venv/bin/python ] || python3 -m venv .venv
-# compat mode puts the checkout on sys.path, so twistd finds twisted/plugins/wsgate_plugin.py
-.venv/bin/pip install --quiet --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
+# A plain editable install puts the checkout on sys.path (setup.cfg's package_dir says why), so
+# twistd finds twisted/plugins/wsgate_plugin.py; it also installs the wsgate command.
+.venv/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
 .venv/bin/ruff check wsgate tests twisted bench
 .venv/bin/ruff format --check wsgate tests twisted bench
 .venv/bin/mypy wsgate
