@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import gc
 import pprint
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 import txaio
 from autobahn.websocket import protocol as autobahn_protocol
@@ -21,6 +22,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
+import wsgate
 from wsgate import config as configmod
 from wsgate.admin import admin_service
 from wsgate.bridge import ClientLegFactory
@@ -81,6 +83,11 @@ class Options(usage.Options):
     def opt_backend(self, url: str) -> None:
         """Bridge sessions to this ws:// or wss:// server (repeatable: balanced round robin)."""
         self["backend"].append(url)
+
+    def opt_version(self) -> NoReturn:
+        """Display wsgate's version and exit."""
+        print(f"wsgate {wsgate.__version__}")
+        sys.exit(0)
 
     def postOptions(self) -> None:
         modes = [bool(self["config"]), bool(self["backend"]), bool(self["demo"])]
