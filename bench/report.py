@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.targets import Target
-from bench.workloads import Workload
+from bench.workloads import Workload, runs_on
 
 __all__ = ["Outcome", "Run", "render"]
 
@@ -66,9 +66,9 @@ class Run:
 # ---------- metrics ----------
 def primary(w: Workload, d: dict[str, Any]) -> float:
     """The number that ranks targets on a workload (W4: p99 in ms, lower is better)."""
-    if w.key == "W3":
+    if w.family == "W3":
         return float(d["mb_per_s"])
-    if w.key == "W4":
+    if w.family == "W4":
         return float(d["rtt_us"]["p99"]) / 1000
     if w.mode == "handshake":
         return float(d["handshakes_per_s"])
@@ -76,7 +76,7 @@ def primary(w: Workload, d: dict[str, Any]) -> float:
 
 
 def lower_is_better(w: Workload) -> bool:
-    return w.key == "W4"
+    return w.family == "W4"
 
 
 def rss_per_session_kib(d: dict[str, Any]) -> float | None:
@@ -134,7 +134,7 @@ def table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _cell(run: Run, t: Target, w: Workload, fmt: Callable[[dict[str, Any]], str]) -> str:
-    if w.key in t.skip:
+    if not runs_on(w, t):
         return "not run"
     o = run.get(t.name, w.key)
     if o is None:
@@ -157,7 +157,7 @@ def _ratio(run: Run, t: Target, w: Workload, other: str) -> float | None:
 
 
 def _primary_fmt(w: Workload) -> Callable[[dict[str, Any]], str]:
-    digits = 2 if w.key == "W4" else 0
+    digits = 2 if w.family == "W4" else 0
     return lambda d: fnum(primary(w, d), digits)
 
 
@@ -178,8 +178,13 @@ def _header(run: Run) -> list[str]:
         "are pinned together to core 0; every single-process proxy is pinned to core 1; the "
         "two-worker rows (`*-2w`) run on cores 0 and 1 and so share core 0 with the load side. "
         "Pinning with `taskset -c`.",
-        "- Messages are binary frames; the client masks every frame with a fresh key; the backend "
-        "echoes each frame. Round trip = client send to echo received. Throughput counts echoes "
+        "- Messages are binary frames, except in the text variants (W1t-W3t: W1-W3 with text frames "
+        "whose payload is valid UTF-8 of the same size, a JSON-like record repeated, mostly ASCII "
+        "with some 2- and 3-byte characters such as `é` and `€`: 11 % of the bytes at 64 B, 15 % "
+        "from 1 KiB); wsgate's message mode checks text for valid UTF-8 on both legs, its tunnel "
+        "mode, NGINX and HAProxy relay frames as bytes. The client masks every frame with a fresh "
+        "key; the backend echoes each frame with its opcode (it does not check UTF-8), and an echo "
+        "with another opcode counts as an error. Round trip = client send to echo received. Throughput counts echoes "
         "received in the measurement window (after a warm-up); MB/s counts echoed payload bytes.",
         "- `proxy CPU %`: the proxy's utime+stime (all its processes) over the window; `CPU s/M`: "
         "proxy CPU seconds per million echoed messages (each crosses the proxy twice); `core 0 %`: "
@@ -192,7 +197,12 @@ def _header(run: Run) -> list[str]:
         "",
     ]
     for w in run.workloads:
-        out.append(f"- **{w.key}**: {w.title} (wsgate compared with `{w.reference}`)")
+        only = (
+            f"; run against {', '.join(f'`{n}`' for n in w.targets)} only"
+            if w.targets and any(not runs_on(w, t) for t in run.targets)
+            else ""
+        )
+        out.append(f"- **{w.key}**: {w.title} (wsgate compared with `{w.reference}`{only})")
     out.append("")
     out.append("Targets:")
     out.append("")
@@ -203,18 +213,23 @@ def _header(run: Run) -> list[str]:
     return out
 
 
-SUMMARY_COLS: dict[str, str] = {
-    "W1": "W1 msg/s",
-    "W2": "W2 msg/s",
-    "W3": "W3 MB/s",
-    "W4": "W4 p99 ms",
-    "W5": "W5 handshakes/s",
-    "W6": "W6 msg/s",
+UNITS: dict[str, str] = {
+    "W1": "msg/s",
+    "W2": "msg/s",
+    "W3": "MB/s",
+    "W4": "p99 ms",
+    "W5": "handshakes/s",
+    "W6": "msg/s",
 }
 
 
+def column(w: Workload) -> str:
+    """A workload's column in the summary: ``W3t MB/s``."""
+    return f"{w.key} {UNITS[w.family]}"
+
+
 def _summary(run: Run) -> list[str]:
-    head = ["target"] + [SUMMARY_COLS[w.key] for w in run.workloads]
+    head = ["target"] + [column(w) for w in run.workloads]
     w5 = next((w for w in run.workloads if w.key == "W5"), None)
     if w5:
         head.append("W5 KiB/session")
@@ -239,7 +254,7 @@ def _versus(run: Run) -> list[str]:
         col = 1 if t.goal == "tunnel" else 0
         for w in run.workloads:
             o, ref = run.get(t.name, w.key), run.get(w.reference, w.key)
-            if w.key in t.skip or not (o and o.ok):
+            if not runs_on(w, t) or not (o and o.ok):
                 continue
             assert o.data is not None
             value = primary(w, o.data)
@@ -266,7 +281,7 @@ def _versus(run: Run) -> list[str]:
             rows.append(
                 [
                     f"`{t.name}`",
-                    f"{w.key} {SUMMARY_COLS[w.key].split(' ', 1)[1]}",
+                    column(w),
                     fnum(value, 2 if w.key == "W4" else 0),
                     f"{ref_txt} (`{w.reference}`)",
                     vs_ref,
@@ -298,13 +313,73 @@ def _versus(run: Run) -> list[str]:
     return ["## wsgate against the references", "", *table(head, rows)]
 
 
+# wsgate's message-mode targets and the tunnel-mode target each is compared with.
+MODE_PAIRS: tuple[tuple[str, str], ...] = (
+    ("wsgate", "wsgate-tunnel"),
+    ("wsgate-2w", "wsgate-tunnel-2w"),
+)
+MODE_FAMILIES = ("W1", "W2", "W3")  # the echo workloads compared across modes and message types
+
+
+def _value(run: Run, target: str, w: Workload) -> float | None:
+    o = run.get(target, w.key)
+    return primary(w, o.data) if o and o.ok and o.data else None
+
+
+def _by_family(run: Run) -> list[Workload]:
+    """W1, W1t, W2, W2t, W3, W3t (those in the run), binary before text."""
+    ws = [w for w in run.workloads if w.family in MODE_FAMILIES]
+    return sorted(ws, key=lambda w: (MODE_FAMILIES.index(w.family), w.text))
+
+
+def _modes(run: Run) -> list[str]:
+    """wsgate's message mode against its tunnel mode, binary and text: message/tunnel."""
+    rows = []
+    for msg, tun in MODE_PAIRS:
+        for w in _by_family(run):
+            m, t = _value(run, msg, w), _value(run, tun, w)
+            if m is None or t is None:
+                continue
+            kind = "text" if w.text else "binary"
+            rows.append([f"`{msg}` / `{tun}`", f"{w.key} ({kind})", UNITS[w.family], fnum(m),
+                         fnum(t), fratio(m / t if t > 0 else None)])  # fmt: skip
+    if not rows:
+        return []
+    head = ["pair", "workload", "metric", "message mode", "tunnel mode", "message / tunnel"]
+    return ["## Message mode against tunnel mode", "", *table(head, rows)]
+
+
+def _text_cost(run: Run) -> list[str]:
+    """Each target's text variant against its binary workload: text/binary."""
+    rows = []
+    binary = {w.key: w for w in run.workloads if not w.text}
+    for t in run.targets:
+        for w in _by_family(run):
+            b = binary.get(w.base) if w.text else None
+            if b is None:
+                continue
+            bv, tv = _value(run, t.name, b), _value(run, t.name, w)
+            if bv is None or tv is None:
+                continue
+            rows.append([f"`{t.name}`", f"{w.key} / {b.key}", UNITS[w.family], fnum(bv), fnum(tv),
+                         fratio(tv / bv if bv > 0 else None)])  # fmt: skip
+    if not rows:
+        return []
+    head = ["target", "workloads", "metric", "binary", "text", "text / binary"]
+    explain = (
+        "Only wsgate's message mode decodes frames and checks text for valid UTF-8; the other "
+        "targets relay the same bytes with another opcode, so their ratio is 1.00x up to noise."
+    )
+    return ["## Text messages against binary messages", "", *table(head, rows), "", explain]
+
+
 def _scaling(run: Run) -> list[str]:
     rows = []
     for t in run.targets:
         if not t.base:
             continue
         for w in run.workloads:
-            if w.key in ("W4",) or w.key in t.skip or run.get(t.base, w.key) is None:
+            if w.key in ("W4",) or not runs_on(w, t) or run.get(t.base, w.key) is None:
                 continue
             rows.append([f"`{t.name}` / `{t.base}`", w.key, fratio(_ratio(run, t, w, t.base))])
     if not rows:
@@ -316,7 +391,7 @@ def _details(run: Run, w: Workload) -> list[str]:
     out = [f"### {w.key}: {w.title}", ""]
     rows = []
     for t in run.targets:
-        if w.key in t.skip:
+        if not runs_on(w, t):
             continue
         o = run.get(t.name, w.key)
         if o is None:
@@ -427,7 +502,7 @@ def direct_check(run: Run) -> list[str]:
 
 def render(run: Run) -> str:
     out = _header(run) + [""] + _summary(run) + [""]
-    for section in (_versus(run), _scaling(run), direct_check(run)):
+    for section in (_versus(run), _modes(run), _text_cost(run), _scaling(run), direct_check(run)):
         if section:
             out += section + [""]
     out += ["## Details", ""]

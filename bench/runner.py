@@ -1,4 +1,5 @@
-"""``python -m bench``: build what is needed, run W1-W6 against every target, write the tables.
+"""``python -m bench``: build what is needed, run W1-W6 (and the text variants W1t-W3t) against every
+target, write the tables.
 
 One echo backend serves the whole run.  Each target is started fresh for W1-W4 and W6, and again
 for W5 (so the RSS per held session starts from a process that has not served traffic yet); at
@@ -21,7 +22,7 @@ from pathlib import Path
 from bench import report, tools
 from bench.procs import Proc, free_port, raise_nofile, wait_port
 from bench.targets import LOAD_CPUS, TARGETS, Env, Running, Target, start
-from bench.workloads import FULL_W5_SESSIONS, Workload, workloads
+from bench.workloads import FULL_W5_SESSIONS, Workload, runs_on, workloads
 
 __all__ = ["main"]
 
@@ -45,8 +46,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="tiny counts, under a minute: checks "
                    "that the benchmark works, the numbers mean nothing")  # fmt: skip
-    p.add_argument("--only", default="", help=f"comma-separated targets (default all: {names})")
-    p.add_argument("--workloads", default="", help="comma-separated subset of W1,...,W6")
+    p.add_argument("--only", "--targets", dest="only", default="",
+                   help=f"comma-separated targets (default all: {names})")  # fmt: skip
+    p.add_argument("--workloads", default="", help="comma-separated subset of W1,W2,W3,W1t,W2t,"
+                   "W3t,W4,W5,W6 (W1t-W3t: W1-W3 with text messages; default all)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="where to write the Markdown table "
                    "(default: bench/RESULTS.md for a full run of everything, else bench/out/)")  # fmt: skip
     return p.parse_args(argv)
@@ -184,7 +187,7 @@ class Measurer:
 
 
 def groups(t: Target, wls: list[Workload], quick: bool) -> list[list[Workload]]:
-    todo = [w for w in wls if w.key not in t.skip]
+    todo = [w for w in wls if runs_on(w, t)]
     if quick:
         return [todo] if todo else []
     first = [w for w in todo if w.key != "W5"]
@@ -199,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     wls: list[Workload] = select(
         args.workloads, workloads(args.quick, nofile), "workload", lambda w: w.key
     )
+    for w in wls:
+        if not any(runs_on(w, t) for t in targets):
+            log(f"{w.key} runs against none of the selected targets")
     started = time.monotonic()
     kinds = {t.kind for t in targets}
     tools.ensure_packages(kinds, log)
@@ -276,6 +282,6 @@ def _brief(w: Workload, o: report.Outcome) -> str:
         return f"FAILED ({o.error})"
     v = report.primary(w, o.data)
     unit = {"W3": "MB/s", "W4": "ms p99"}.get(
-        w.key, "handshakes/s" if w.mode == "handshake" else "msg/s"
+        w.family, "handshakes/s" if w.mode == "handshake" else "msg/s"
     )
     return f"{v:,.2f} {unit}"

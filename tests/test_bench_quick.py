@@ -37,8 +37,8 @@ class QuickBenchmarkTests(SynchronousTestCase):
     def test_quick_run_has_numbers_for_every_workload(self) -> None:
         """
         ``python -m bench --quick --only direct,wsgate`` exits 0 within its bound and its summary
-        table has a number for each workload (W1-W6) for both targets, and an RSS per held session
-        for wsgate; no NGINX or HAProxy is needed for that.
+        table has a number for each workload (W1-W3, their text variants W1t-W3t, W4-W6) for both
+        targets, and an RSS per held session for wsgate; no NGINX or HAProxy is needed for that.
         """
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "RESULTS.md"
@@ -58,10 +58,34 @@ class QuickBenchmarkTests(SynchronousTestCase):
         self.assertEqual(sorted(table), ["direct", "wsgate"])
         columns = [c for c in table["direct"] if c.startswith("W")]
         self.assertEqual(
-            [c.split()[0] for c in columns], ["W1", "W2", "W3", "W4", "W5", "W6", "W5"]
+            [c.split()[0] for c in columns],
+            ["W1", "W2", "W3", "W1t", "W2t", "W3t", "W4", "W5", "W6", "W5"],
         )
         for target, row in table.items():
             for column in columns:
                 if target == "direct" and column == "W5 KiB/session":
                     continue  # no proxy, no gate RSS
                 self.assertRegex(row[column], NUMBER, f"{target} {column}")
+
+    def test_text_payload_is_valid_utf8_of_the_exact_size(self) -> None:
+        """
+        ``wsload --text`` sends exactly ``--size`` bytes of valid UTF-8 with multi-byte characters
+        (a character that does not fit whole at the end is never cut); binary stays ASCII letters.
+        """
+        from bench.tools import build_tools
+
+        wsload = build_tools(lambda msg: None)["wsload"]
+
+        def payload(*args: str) -> bytes:
+            argv = [str(wsload), "--dump-payload", *args]
+            return subprocess.run(argv, capture_output=True, check=True, timeout=30).stdout
+
+        for size in [*range(0, 130), 1024, 65536]:  # every end in the repeated record, and more
+            data = payload("--text", "--size", str(size))
+            self.assertEqual(len(data), size)
+            text = data.decode("utf-8")  # raises on invalid UTF-8, a cut character included
+            if size >= 64:
+                self.assertIn("é", text)
+                self.assertIn("€", text)
+                self.assertGreater(sum(b < 0x80 for b in data), 0.8 * size)  # mostly ASCII
+        self.assertEqual(payload("--size", "30"), b"abcdefghijklmnopqrstuvwxyzabcd")
