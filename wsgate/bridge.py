@@ -187,7 +187,11 @@ class _ReadThrottle:
     __slots__ = ("_transport", "_stuck", "_clock", "_timeout", "_timer", "paused", "pauses")
 
     def __init__(
-        self, transport: Any, stuck: Callable[[], None], clock: Any, timeout: float
+        self,
+        transport: Any,
+        stuck: Callable[[], None] | None = None,
+        clock: Any = None,
+        timeout: float = 0.0,
     ) -> None:
         self._transport = transport
         self._stuck = stuck
@@ -202,19 +206,23 @@ class _ReadThrottle:
             self.paused = True
             self.pauses += 1
             self._transport.pauseProducing()
-            if self._timeout > 0:
+            if self._timeout > 0 and self._stuck is not None:
                 self._timer = self._clock.callLater(self._timeout, self._stuck)
 
     def resumeProducing(self) -> None:
         if self.paused:
             self.paused = False
             self._transport.resumeProducing()
-            self.cancel()
+            timer, self._timer = self._timer, None
+            if timer is not None and timer.active():
+                timer.cancel()
 
     def stopProducing(self) -> None:
         self.resumeProducing()
 
     def cancel(self) -> None:
+        """No more slow-consumer checks: the session is over (and must not be kept alive)."""
+        self._stuck = None
         timer, self._timer = self._timer, None
         if timer is not None and timer.active():
             timer.cancel()
