@@ -30,6 +30,7 @@ import twisted
 import wsgate
 from tests.procs import LOOPBACK, REPO, free_ports, start_process, terminate_gate
 from wsgate.cli import twistd_arguments
+from wsgate.core import frames
 
 _TIMEOUT = 60
 
@@ -66,7 +67,8 @@ class _CommandCase(SynchronousTestCase):
 
 class VersionTests(_CommandCase):
     def test_version_command(self) -> None:
-        """`wsgate version` prints wsgate, Twisted, Autobahn, pyOpenSSL, OpenSSL, Python."""
+        """`wsgate version` prints wsgate, Twisted, Autobahn, pyOpenSSL, OpenSSL, Python and which
+        UTF-8 check the frame engine uses (CUtf8 when the C twin was built)."""
         result = self.wsgate("version")
         self.assertEqual((result.returncode, result.stderr), (0, ""))
         lines = result.stdout.splitlines()
@@ -78,6 +80,7 @@ class VersionTests(_CommandCase):
                 f"Autobahn {autobahn.__version__}",
                 f"pyOpenSSL {OpenSSL.__version__}",
                 f"Python {platform.python_version()}",
+                f"UTF-8 check {frames.UTF8_CHECKS[0].__name__}",
             ],
         )
         self.assertRegex(lines[4], r"^OpenSSL \d+\.\d+\.\d+")

@@ -25,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from wsgate.core import frames
 from wsgate.core.frames import FrameEngine
 
 CONT, TEXT, BINARY, CLOSE, PING, PONG = 0, 1, 2, 8, 9, 10
@@ -35,6 +36,25 @@ CLOSE_CODES_BAD = [0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000,
 MODES = {"message": True, "tunnel": False}
 DIRECTIONS = {"from_client": True, "from_backend": False}
 KEY = b"\x9a\x51\x0c\xe7"  # four different bytes: a key rotated the wrong way shows
+
+
+@pytest.fixture(autouse=True, scope="module", params=frames.UTF8_CHECKS, ids=lambda c: c.__name__)
+def utf8_twin(request: pytest.FixtureRequest):  # noqa: ANN201
+    """Every test runs with each UTF-8 twin the engine may use (C, and its pure-Python twin)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(frames, "UTF8_CHECKS", (request.param,))
+        yield request.param
+
+
+def test_c_twin_built_where_a_compiler_is() -> None:
+    """pip install builds the C twin when a C compiler is there (as on CI and a fresh machine)."""
+    import shutil
+    import sysconfig
+
+    if shutil.which(sysconfig.get_config_var("CC").split()[0]) is None:
+        pytest.skip("no C compiler: the pure-Python twin is the only one")
+    from wsgate.core import _utf8  # noqa: F401
+
 
 # -- an independent frame builder and decoder -----------------------------------------------------
 

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import wsgate
+from wsgate.core import frames
 
 __all__ = ["check", "main", "run", "twistd_arguments", "versions"]
 
@@ -51,6 +52,7 @@ def versions() -> list[tuple[str, str]]:
         ("pyOpenSSL", OpenSSL.__version__),
         ("OpenSSL", openssl.removeprefix("OpenSSL ")),
         ("Python", platform.python_version()),
+        ("UTF-8 check", frames.UTF8_CHECKS[0].__name__),
     ]
 
 
