@@ -127,7 +127,7 @@ class ReadingTests(ConsoleCase):
         self.net.client("/room/7?user=ann")
         sid = next(iter(self.net.gateway.sessions))
         screen = self.term.type(f"gate.session({sid})")
-        self.assertIn("/room/7?user=ann", screen)
+        self.assertIn("/room/7?user=REDACTED", screen)
         self.assertIn("X-Forwarded-For: 127.0.0.5", screen)
         self.assertIn("ping rtt", screen)
         self.assertIn("pings off", screen)

@@ -175,7 +175,7 @@ class ConsoleTests(ConsoleGateCase):
         self.assertIn(f"{host}:{port}", screen)
         sid = self.session_id(ws)
         screen = self.type(console, f"gate.session({sid})")
-        self.assertIn("/chat?room=7", screen)
+        self.assertIn("/chat?room=REDACTED", screen)  # [log] redact_query is on by default
         screen = self.type(console, f'gate.kick({sid}, 4000, "maintenance")')
         self.assertIn(f"closing session {sid} with 4000", screen)
         with self.assertRaises(ConnectionClosed) as caught:

@@ -67,7 +67,9 @@ def proxied_gate_config(port: int, admin_port: int, backends: list[int], extra: 
         f'[[listen]]\nendpoint = "tcp:{port}:interface={LOOPBACK}"\nproxy_protocol = true\n'
         '[[route]]\npath = "/"\nupstream = "chat"\n'
         f'[upstream.chat]\nbalance = "hash"\nkey = "query:room"\nservers = [{servers}]\n'
-        f'[admin]\nendpoint = "tcp:{admin_port}:interface={LOOPBACK}"\n' + extra
+        f'[admin]\nendpoint = "tcp:{admin_port}:interface={LOOPBACK}"\n'
+        # The room is no secret: /status.json shows it, other query values are redacted.
+        '[log]\nredact_query_keep = ["room"]\n' + extra
     )
 
 

@@ -80,7 +80,9 @@ Forwarded headers.  Toward the backend: the client's ``Origin``, ``Cookie``, ``A
 ``User-Agent``; ``X-Forwarded-For`` (the client's value with the connecting peer appended),
 ``X-Forwarded-Proto`` (``https`` when the client came over TLS, else ``http``),
 ``X-Forwarded-Host`` (the client's ``Host``) and ``X-Real-IP`` (the client address, which behind a
-trusted proxy or the PROXY protocol is the real client's).  ``Host`` is the backend's own.
+trusted proxy or the PROXY protocol is the real client's) and ``X-Request-ID`` (the client's, kept
+to 128 characters of ``A-Za-z0-9._-``, or a new random one; the access-log line carries it too).
+``Host`` is the backend's own.
 
 Plain HTTP.  A request that is not an upgrade (Autobahn answers 426, or 405 for a method other
 than GET) on a route with ``http = true`` is handed to ``httpproxy.start_http`` instead: the
@@ -119,6 +121,7 @@ from wsgate.core.frames import PING, FrameEngine, close_frame, control_frame
 from wsgate.gateway import Gateway
 from wsgate.httpproxy import start_http
 from wsgate.limits import MessageRate, client_address
+from wsgate.redact import new_request_id, redact_target, redact_text, sanitize_request_id
 from wsgate.upstream import Server
 
 __all__ = [
@@ -396,7 +399,7 @@ class Session:
         "_handshake", "_timer", "_lost", "extensions", "_ping_timer", "_close_timer", "_ping_seq",
         "_ping_sent",
         "peer_address", "client_address", "client_port", "_admitted", "tls", "target", "route",
-        "upstream", "__weakref__",
+        "upstream", "request_id", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -444,6 +447,9 @@ class Session:
         self._admitted = False
         self.tls = ISSLTransport.providedBy(client.transport)
         self.target = client.http_request_uri
+        self.request_id = (
+            sanitize_request_id(request.headers.get("x-request-id")) or new_request_id()
+        )
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -547,14 +553,7 @@ class Session:
         self.state = "REFUSED"
         self._cancel_timer()
         status, reason = failure
-        self.log.warn(
-            "session_refused {session_id} client={client} path={path} status={status} reason={reason}",
-            session_id=self.id,
-            client=self.client_address,
-            path=self.target,
-            status=status,
-            reason=reason,
-        )
+        self.gateway.session_refused(self, status, reason)
         if self._handshake is not None:
             d, self._handshake = self._handshake, None
             # The client gets a generic reason: backend names and TLS errors stay in the log.
@@ -895,15 +894,29 @@ class Session:
         return 1006 if down.close_sent is None else down.close_sent
 
     def describe(self) -> dict[str, Any]:
+        """
+        The fields the access log, the registry and the console show (the query string redacted
+        as ``[log]`` says).  ``client_code``/``client_reason`` (``backend_...``): the Close that
+        ended that leg, its peer's own or the one the gate failed it with; None when it dropped
+        (and the code None for an empty Close).
+        """
         now = self.gateway.clock.seconds()
         up, down = self.up, self.down
+        client_end = (up.engine.failed or up.engine.closed) if up else None
+        backend_end = (down.engine.failed or down.engine.closed) if down else None
+        upstream = getattr(self, "upstream", None)
         return {
             "session_id": self.id,
             "client": self.client_address,
+            "client_port": self.client_port,
             "route": self.route_path,
+            "upstream": upstream.name if upstream is not None else None,
             "server": self.server.url if self.server else None,
-            "path": self.target,
+            "tried": [server.url for server in self._tried],
+            "path": redact_target(self.target, self.gateway.config.log),
+            "request_id": self.request_id,
             "subprotocol": self.subprotocol,
+            "extensions": self.extensions,
             "tls": self.tls,
             "started": self.started,
             "duration": now - self.started,
@@ -913,7 +926,11 @@ class Session:
             "messages_down": down.messages if down else 0,
             "bytes_down": down.bytes if down else 0,
             "client_close": self.client_close,
+            "client_code": client_end[0] if client_end else None,
+            "client_reason": client_end[1] if client_end else None,
             "backend_close": self.backend_close,
+            "backend_code": backend_end[0] if backend_end else None,
+            "backend_reason": backend_end[1] if backend_end else None,
             "closed_by": self.closed_by,
         }
 
@@ -927,6 +944,7 @@ class Session:
         headers["X-Forwarded-Proto"] = "https" if self.tls else "http"
         headers["X-Forwarded-Host"] = incoming.get("host", "")
         headers["X-Real-IP"] = self.client_address
+        headers["X-Request-ID"] = self.request_id
         return headers
 
 
@@ -1116,13 +1134,21 @@ class ClientLeg(WebSocketServerProtocol):
         elif any(name == "Sec-WebSocket-Version" for name, _ in responseHeaders or ()):
             code = 426  # RFC 6455 4.4: a version we do not speak is "Upgrade Required"
         gateway.handshake_result(str(code))
+        # One access-log line per refusal; a session refused by _refuse has written its own.
+        session = self.session
+        target = _request_target(self)
+        peer = self.transport.getPeer()
+        if session is None:
+            headers = getattr(self, "http_headers", None) or {}
+            gateway.handshake_refused(code, reason, peer, target, headers)
+        elif session.state != "REFUSED":
+            gateway.session_refused(session, code, reason)
         if code >= 500 or code in (400, 429, 431):
-            peer = self.transport.getPeer()
             gateway.warnings.warn(
                 f"handshake_{code}",
                 "client={client} reason={reason}",
                 client=getattr(peer, "host", peer),
-                reason=reason,
+                reason=redact_text(reason, gateway.config.log, target),
             )
         super().failHandshake(reason, code, responseHeaders)
 
@@ -1149,6 +1175,18 @@ class ClientLeg(WebSocketServerProtocol):
         headers += extra
         head = f"HTTP/1.1 {code} {phrase}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
         self.sendData(head.encode("latin-1", "replace") + b"\r\n" + body)
+
+
+def _request_target(leg: ClientLeg) -> str | None:
+    """The request target of a refused request, as far as it was read (for its log line)."""
+    target: str | None = getattr(leg, "http_request_uri", None)
+    if target:
+        return target
+    line = getattr(leg, "http_status_line", None)
+    if line is None:  # refused before Autobahn parsed the head (431)
+        line = leg.data[:8192].split(b"\r\n", 1)[0].decode("latin-1")
+    parts = line.split()
+    return parts[1] if len(parts) > 1 else None
 
 
 class ClientLegFactory(WebSocketServerFactory):

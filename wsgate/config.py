@@ -31,8 +31,11 @@ __all__ = [
     "ConsoleSpec",
     "AdminSpec",
     "HealthSpec",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
     "Limits",
     "Listener",
+    "LogSpec",
     "ListenerTLS",
     "Redirect",
     "Route",
@@ -47,6 +50,8 @@ __all__ = [
 BALANCE_METHODS = ("round_robin", "least_conn", "hash", "random_two")
 HEALTH_TYPES = ("tcp", "websocket", "http")
 TLS_VERSIONS = ("1.2", "1.3")
+LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_FORMATS = ("text", "json")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -293,6 +298,21 @@ class AdminSpec:
 
 
 @dataclass(frozen=True)
+class LogSpec:
+    """
+    The gate's log (``[log]``): the lowest level written, the line format (``text``: Twisted's
+    lines with logfmt-safe values; ``json``: one object per line), and whether query strings are
+    redacted in logs, ``/status.json``, the status page and the console (the values of the
+    parameters named in ``redact_query_keep`` stay).
+    """
+
+    level: str = "info"
+    format: str = "text"
+    redact_query: bool = True
+    redact_query_keep: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole, validated gateway configuration."""
 
@@ -308,6 +328,7 @@ class Config:
     workers: int = 1
     # A log line when a session opens, besides the access-log line when it ends.
     log_session_opened: bool = False
+    log: LogSpec = field(default_factory=lambda: LogSpec())
 
 
 def parse_duration(value: object) -> float:
@@ -885,6 +906,17 @@ def _limits(table: _Table) -> Limits:
     return limits
 
 
+def _log(table: _Table) -> LogSpec:
+    spec = LogSpec(
+        level=table.get("level", "info", _choice(*LOG_LEVELS)),
+        format=table.get("format", "text", _choice(*LOG_FORMATS)),
+        redact_query=table.get("redact_query", True, _typed(bool, "true or false")),
+        redact_query_keep=table.get("redact_query_keep", (), _strings),
+    )
+    table.done()
+    return spec
+
+
 def parse(data: Mapping[str, Any], source: str, base_dir: str | None = None) -> Config:
     """
     Validate a parsed TOML document.  Raises :class:`ConfigError` listing every problem.
@@ -907,6 +939,8 @@ def parse(data: Mapping[str, Any], source: str, base_dir: str | None = None) -> 
     console = _console(console_table) if console_table is not None else None
     admin_table = top.subtable("admin")
     admin = _admin(admin_table) if admin_table is not None else None
+    log_table = top.subtable("log")
+    log = _log(log_table) if log_table is not None else LogSpec()
     workers = top.get("workers", 1, _workers)
     log_session_opened = top.get("log_session_opened", False, _typed(bool, "true or false"))
     if workers > 1:
@@ -931,6 +965,7 @@ def parse(data: Mapping[str, Any], source: str, base_dir: str | None = None) -> 
         admin=admin,
         workers=workers,
         log_session_opened=log_session_opened,
+        log=log,
     )
 
 

@@ -529,6 +529,7 @@ class Gate:
             ("client", d["client"]),
             ("host", d["host"]),
             ("path", d["path"]),
+            ("request id", d.get("request_id") or "-"),
             ("route", f"{d['route']} -> upstream {d['upstream']}"),
             ("server", d["server"]),
             ("subprotocol", d["subprotocol"] or "-"),

@@ -9,14 +9,16 @@ register and report here; listeners and connections are built by ``service.py``.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from wsgate.config import Config
-from wsgate.limits import Admission, WarningLimiter
+from wsgate.limits import Admission, WarningLimiter, client_address
 from wsgate.metrics import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram
+from wsgate.redact import redact_target, redact_text, sanitize_request_id
 from wsgate.routing import Router
 from wsgate.upstream import Server, Upstream, request_key
 
@@ -250,6 +252,10 @@ class Gateway:
             else:
                 self.clock.callLater(i * step, session.close, code, reason)
 
+    def redact_target(self, target: str | None) -> str | None:
+        """A request target as logs and views show it (``[log] redact_query``; follows reloads)."""
+        return redact_target(target, self.config.log)
+
     def handshake_result(self, result: str) -> None:
         """Count one client handshake by its result: ``ok`` or the HTTP status it was refused with."""
         self.counters[f"handshakes.{result}"] += 1
@@ -261,8 +267,9 @@ class Gateway:
             self.connect_time.observe(session.opened_at - session.started)
         if self.config.log_session_opened:
             self.log.info(
-                "session_opened {session_id} client={client} route={route} server={server} "
-                "path={path} subprotocol={subprotocol}",
+                "session_opened session_id={session_id} client={client} client_port={client_port} "
+                "route={route} upstream={upstream} server={server} path={path} "
+                "request_id={request_id} subprotocol={subprotocol} extensions={extensions} tls={tls}",
                 **session.describe(),
             )
 
@@ -275,11 +282,61 @@ class Gateway:
         self.counters["sessions.closed"] += 1
         self._count_closed(session)
         self.log.info(
-            "session_closed {session_id} client={client} route={route} server={server} "
+            "session_closed session_id={session_id} client={client} client_port={client_port} "
+            "route={route} upstream={upstream} server={server} path={path} "
+            "request_id={request_id} subprotocol={subprotocol} extensions={extensions} tls={tls} "
             "duration={duration:.3f}s messages_up={messages_up} bytes_up={bytes_up} "
             "messages_down={messages_down} bytes_down={bytes_down} "
-            "client_close={client_close} backend_close={backend_close} closed_by={closed_by}",
+            "client_close={client_close} client_code={client_code} client_reason={client_reason} "
+            "backend_close={backend_close} backend_code={backend_code} "
+            "backend_reason={backend_reason} closed_by={closed_by}",
             **session.describe(),
+        )
+
+    def session_refused(self, session: Session, status: int, reason: str) -> None:
+        """The access-log line of a session whose client got an HTTP error instead of a 101."""
+        row = session.describe()
+        self.log.info(
+            "session_refused session_id={session_id} client={client} client_port={client_port} "
+            "route={route} upstream={upstream} path={path} request_id={request_id} "
+            "status={status} reason={reason} tried={tried} duration={duration:.3f}s",
+            session_id=row["session_id"],
+            client=row["client"],
+            client_port=row["client_port"],
+            route=row["route"] or None,
+            upstream=row["upstream"],
+            path=row["path"],
+            request_id=row["request_id"],
+            status=status,
+            reason=redact_text(reason, self.config.log, session.target),
+            tried=row["tried"],
+            duration=row["duration"],
+        )
+
+    def handshake_refused(
+        self,
+        status: int,
+        reason: str,
+        peer: Any,
+        target: str | None,
+        headers: Mapping[str, str],
+    ) -> None:
+        """
+        The access-log line of a request refused before it became a session (bad request, no
+        WebSocket upgrade, header limits): ``peer`` is the connection's address, ``target`` the
+        request target and ``headers`` the request headers, as far as they were parsed.
+        """
+        spec = self.config.log
+        peer_host = str(getattr(peer, "host", peer))
+        self.log.info(
+            "handshake_refused client={client} client_port={client_port} path={path} "
+            "request_id={request_id} status={status} reason={reason}",
+            client=client_address(peer_host, headers.get("x-forwarded-for"), self.config.limits),
+            client_port=getattr(peer, "port", None),
+            path=redact_target(target, spec),
+            request_id=sanitize_request_id(headers.get("x-request-id")),
+            status=status,
+            reason=redact_text(reason, spec, target),
         )
 
     def _count_closed(self, session: Session) -> None:
@@ -335,6 +392,8 @@ def config_changes(old: Config, new: Config) -> list[str]:
             changes.append(f"upstream {name} settings changed")
     if old.limits != new.limits:
         changes.append("limits changed")
+    if old.log != new.log:
+        changes.append("log settings changed")
     return changes or ["nothing changed"]
 
 

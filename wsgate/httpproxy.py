@@ -15,8 +15,8 @@ of the connection, and Autobahn is not involved any more.
 One request per client connection.  The request head is rewritten (hop-by-hop headers removed:
 ``Connection`` and the headers it names, ``Keep-Alive``, ``Proxy-Connection``, ``TE``,
 ``Trailer``, ``Upgrade``, ``Proxy-Authorization``; ``Host`` becomes the server's; the forwarded
-headers ``X-Forwarded-For``/``-Proto``/``-Host`` and ``X-Real-IP`` are added; ``Connection:
-close``) and the body streams through unchanged (its ``Content-Length`` or ``chunked`` framing is
+headers ``X-Forwarded-For``/``-Proto``/``-Host``, ``X-Real-IP`` and ``X-Request-ID`` (as for
+sessions) are added; ``Connection: close``) and the body streams through unchanged (its ``Content-Length`` or ``chunked`` framing is
 end to end because both connections close after one exchange).  The response head loses its
 hop-by-hop headers and gains ``Connection: close``; its body streams back as it arrives.  Each
 transport is the other's producer, so a slow reader pauses the fast writer.  A server that
@@ -38,6 +38,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from wsgate.redact import new_request_id, redact_target, sanitize_request_id
 from wsgate.upstream import Server
 
 __all__ = ["HttpExchange", "parse_head", "start_http"]
@@ -148,6 +149,7 @@ class HttpExchange:
         peer = self.client.getPeer()
         self.client_address = str(getattr(peer, "host", peer))
         self.tls = ISSLTransport.providedBy(self.client)
+        self.request_id = sanitize_request_id(lower.get("x-request-id")) or new_request_id()
 
     # -- the client side ----------------------------------------------------------------------
 
@@ -238,6 +240,7 @@ class HttpExchange:
             "x-forwarded-proto": "https" if self.tls else "http",
             "x-forwarded-host": self._lower.get("host", ""),
             "x-real-ip": self.client_address,
+            "x-request-id": self.request_id,
         }
         headers = [(n, v) for n, v in headers if n.lower() not in forwarded]
         spec = server.spec
@@ -292,11 +295,12 @@ class HttpExchange:
         self.status = status
         self.gateway.counters[f"http.{status}"] += 1
         self.log.info(
-            "http_request client={client} method={method} path={path} upstream={upstream} "
-            "server={server} status={status} bytes_down={bytes_down}",
+            "http_request client={client} method={method} path={path} request_id={request_id} "
+            "upstream={upstream} server={server} status={status} bytes_down={bytes_down}",
             client=self.client_address,
             method=self.method,
-            path=self.target,
+            path=redact_target(self.target, self.gateway.config.log),
+            request_id=self.request_id,
             upstream=self.upstream.name,
             server=self.server.url if self.server else None,
             status=status,

@@ -19,8 +19,8 @@ from autobahn.websocket import protocol as autobahn_protocol
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
-from twisted.python import usage
+from twisted.logger import ILogObserver, Logger
+from twisted.python import components, usage
 
 import wsgate
 from wsgate import config as configmod
@@ -31,7 +31,9 @@ from wsgate.demo import EchoBackendFactory
 from wsgate.discovery import DnsDiscovery
 from wsgate.gateway import Gateway
 from wsgate.health import AutoRebalance, HealthChecker, Probes
+from wsgate.logs import GateLog, twistd_log_file
 from wsgate.proxy_protocol import proxy_protocol_endpoint
+from wsgate.redact import redact_target
 from wsgate.sighup import reload_on_sighup
 from wsgate.status import Sampler
 from wsgate.tls import (
@@ -109,6 +111,35 @@ class Options(usage.Options):
                 self["gate_config"] = configmod.from_arguments(self["listen"], self["backend"])
         except configmod.ConfigError as e:
             raise usage.UsageError(f"invalid configuration:\n{e}") from None
+
+
+class _Gate(service.MultiService):
+    """
+    The top of the service tree.  Under twistd it also hands the application the gate's log
+    observer as its ``ILogObserver`` component, which twistd's ``AppLogger`` then installs instead
+    of the one it would make (same destination: stdout or ``--logfile``), so that ``[log]`` level
+    and format apply to every line, twistd's own included.
+    """
+
+    log_observer: GateLog | None = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        if self.log_observer is not None and isinstance(parent, components.Componentized):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
+
+
+def _gate_log(options: Options | dict[str, Any], current: Any) -> GateLog | None:
+    """
+    The gate's log observer when running under twistd (whose ``ServerOptions`` are the parent
+    of ours), writing where twistd would; None otherwise (tests, workers) or when twistd logs
+    elsewhere (``--syslog``, ``--logger``).
+    """
+    twistd_options = getattr(options, "parent", None)
+    if twistd_options is None:
+        return None
+    out = twistd_log_file(twistd_options)
+    return None if out is None else GateLog(out, current)
 
 
 class _Announcement(service.Service):
@@ -370,20 +401,24 @@ def _parent_service(
     options: Options | dict[str, Any], config: configmod.Config, reactor: Any
 ) -> service.MultiService:
     """``workers`` > 1: the parent binds the listeners, supervises the workers, aggregates."""
-    top = service.MultiService()
+    top = _Gate()
     pool = WorkerPool(
         config,
         options["config"],
         reactor,
         rows=config.console is not None or config.admin is not None,
     )
+    top.log_observer = _gate_log(options, lambda: pool.config.log)
     pool.setServiceParent(top)
     top.workers = pool  # type: ignore[attr-defined]
     top.reload = pool.reload  # type: ignore[attr-defined]
     _add_monitoring(config, pool.aggregate, top, reactor)  # type: ignore[arg-type]
     for redirect in config.redirects:
         StreamServerEndpointService(
-            serverFromString(reactor, redirect.endpoint), redirect_site(redirect.https_port)
+            serverFromString(reactor, redirect.endpoint),
+            redirect_site(
+                redirect.https_port, lambda target: redact_target(target, pool.config.log)
+            ),
         ).setServiceParent(top)
     return top
 
@@ -417,9 +452,10 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
     adopted: dict[str, Any] | None = options.get("adopted")
     if config.workers > 1 and adopted is None:
         return _parent_service(options, config, reactor)
-    top = service.MultiService()
+    top = _Gate()
     gateway = Gateway(config, reactor)
     top.gateway = gateway  # type: ignore[attr-defined]
+    top.log_observer = _gate_log(options, lambda: gateway.config.log)
     if adopted is None:
         _add_monitoring(config, gateway, top, reactor)
     if options.get("demo"):
@@ -456,7 +492,8 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
         ).setServiceParent(top)
     for redirect in config.redirects if adopted is None else ():
         StreamServerEndpointService(
-            serverFromString(reactor, redirect.endpoint), redirect_site(redirect.https_port)
+            serverFromString(reactor, redirect.endpoint),
+            redirect_site(redirect.https_port, gateway.redact_target),
         ).setServiceParent(top)
     _GracefulStop(gateway).setServiceParent(top)
     top.reload = _no_reload  # type: ignore[attr-defined]

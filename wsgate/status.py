@@ -3,8 +3,9 @@ What the console and the admin listener show: plain-data snapshots of the Gatewa
 that keeps the last 15 minutes of totals for rates and charts.
 
 Owns the shape of a session row, a server row and the stats, shared by ``gate.sessions()``,
-``/status.json`` and ``/metrics`` so that all three always agree.  Must not change the Gateway:
-it only reads it.
+``/status.json`` and ``/metrics`` so that all three always agree.  Rows show what
+:mod:`wsgate.redact` lets through (redacted query strings and secret headers), never the raw
+request.  Must not change the Gateway: it only reads it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from twisted.logger import Logger
 
 import twisted
 import wsgate
+from wsgate.redact import redact_headers
 
 if TYPE_CHECKING:
     from wsgate.bridge import Session
@@ -80,6 +82,7 @@ def session_row(session: Session) -> dict[str, Any]:
         "upstream": upstream.name if upstream is not None else None,
         "server": row["server"],
         "path": row["path"],
+        "request_id": row["request_id"],
         "age": row["duration"],
         "idle": row["idle"],
         "messages_up": row["messages_up"],
@@ -93,7 +96,10 @@ def session_row(session: Session) -> dict[str, Any]:
 
 
 def session_detail(session: Session) -> dict[str, Any]:
-    """Everything known about one session: its row, the request, the forwarded headers, ping RTTs."""
+    """
+    Everything known about one session: its row, the request, the forwarded headers, ping RTTs.
+    Credentials and the handshake key in the headers are shown as ``<redacted>``.
+    """
     detail = session_row(session)
     detail.update(
         started=session.started,
@@ -101,8 +107,8 @@ def session_detail(session: Session) -> dict[str, Any]:
         if session.opened_at is not None
         else None,
         host=session.request.host,
-        request_headers=dict(session.request.headers),
-        forwarded_headers=session.forwarded_headers(),
+        request_headers=redact_headers(session.request.headers),
+        forwarded_headers=redact_headers(session.forwarded_headers()),
         ping_interval=getattr(getattr(session, "route", None), "ping_interval", 0.0),
         client_ping_rtt=getattr(session.client, "ping_rtt", None),
         backend_ping_rtt=getattr(session.backend, "ping_rtt", None),

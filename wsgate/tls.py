@@ -27,7 +27,7 @@ decide routing; it receives specs from ``config.py`` and is wired by ``service.p
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import service_identity  # noqa: F401 - see the module docstring
@@ -67,6 +67,7 @@ from twisted.web import resource, server
 from zope.interface import implementer
 
 from wsgate.config import CertificateFiles, Config, ListenerTLS, ServerSpec, certificate_problems
+from wsgate.logs import logfmt_value
 
 __all__ = [
     "ALPN_PROTOCOLS",
@@ -230,9 +231,25 @@ class HTTPSRedirect(resource.Resource):
         return f"301 Moved Permanently: {location}\n".encode()
 
 
-def redirect_site(https_port: int = 443) -> server.Site:
-    """The protocol factory of a plain-HTTP redirect listener."""
-    site = server.Site(HTTPSRedirect(https_port))
+def redirect_site(
+    https_port: int = 443, redact: Callable[[str], str | None] = lambda target: target
+) -> server.Site:
+    """
+    The protocol factory of a plain-HTTP redirect listener.  Each request is logged as one
+    ``http_redirect`` line, its target passed through ``redact`` (Twisted's own combined-log line
+    would carry the query string and the referrer as they came).
+    """
+
+    def log_line(timestamp: str, request: Any) -> str:
+        peer = request.getClientAddress()
+        target = request.uri.decode("ascii", "replace")
+        method = request.method.decode("ascii", "replace")
+        return (
+            f"http_redirect client={getattr(peer, 'host', '-')} method={logfmt_value(method)} "
+            f"path={logfmt_value(redact(target) or '')} status={request.code}"
+        )
+
+    site = server.Site(HTTPSRedirect(https_port), logFormatter=log_line)
     site.displayTracebacks = False
     return site
 

@@ -43,6 +43,7 @@ import base64
 import json
 import os
 import socket
+import string
 import sys
 import time
 from collections import Counter
@@ -61,6 +62,7 @@ from zope.interface import implementer
 from wsgate import config as configmod
 from wsgate import status
 from wsgate.gateway import Clock, config_changes
+from wsgate.logs import LEVELS
 from wsgate.metrics import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram
 from wsgate.sighup import reload_on_sighup
 
@@ -467,26 +469,74 @@ class _StdioControl(protocol.Protocol):
 
 
 class _ForwardedLog:
-    """A log observer that sends every event's text to the parent through the channel."""
+    """
+    A log observer that sends every event at or above the gate's ``[log] level`` to the parent
+    through the channel: its text, and when its format names only plain fields (strings, numbers,
+    booleans, None) also the format and the fields, so that the parent writes the same line as
+    a single process would (logfmt-safe values, JSON fields).
+    """
 
     def __init__(self, control: _StdioControl) -> None:
         self.control = control
+        # The current [log] settings once the gate is built (info until then).
+        self.current: Callable[[], configmod.LogSpec] | None = None
 
     def __call__(self, event: dict[str, Any]) -> None:
         channel = self.control.channel
         if channel is None or channel.closed:
             return
+        level = event.get("log_level") or LogLevel.info
+        lowest = LEVELS[self.current().level] if self.current is not None else LogLevel.info
+        if level < lowest:
+            return
         text = formatEvent(event)
         failure = event.get("log_failure")
         if failure is not None:
             text += "\n" + failure.getTraceback()
-        level = event.get("log_level") or LogLevel.info
-        if level < LogLevel.info:
-            return
+        message: dict[str, Any] = {
+            "log": text,
+            "level": level.name,
+            "ns": event.get("log_namespace"),
+        }
+        fields = _plain_fields(event) if failure is None else None
+        if fields is not None:
+            message["format"], message["fields"] = event["log_format"], fields
         try:
-            channel.send({"log": text, "level": level.name, "ns": event.get("log_namespace")})
+            channel.send(message)
         except Exception:  # noqa: BLE001  a broken pipe must not loop through the log again
             pass
+
+
+_PLAIN = (str, int, float, bool, type(None))
+# Names the parent's Logger.emit takes itself, or adds ("worker"), or Twisted owns ("log_...").
+_RESERVED = ("worker", "format", "level")
+
+
+def _plain_fields(event: dict[str, Any]) -> dict[str, Any] | None:
+    """The fields an event's format names, when every one is a plain name of a plain value."""
+    form = event.get("log_format")
+    if not isinstance(form, str):
+        return None
+    fields = {}
+    try:
+        parsed = list(string.Formatter().parse(form))
+    except ValueError:
+        return None
+    for _, name, _, _ in parsed:
+        if name is None:
+            continue
+        if (
+            not name.isidentifier()
+            or name in _RESERVED
+            or name.startswith("log_")
+            or name not in event
+        ):
+            return None
+        value = event[name]
+        if not isinstance(value, _PLAIN):
+            return None
+        fields[name] = value
+    return fields
 
 
 def run_worker(argv: list[str], build: Callable[..., Any]) -> int:
@@ -526,6 +576,7 @@ def run_worker(argv: list[str], build: Callable[..., Any]) -> int:
         if control.channel is not None:
             control.channel.send(event)
 
+    observer.current = lambda: top.gateway.config.log
     control.answer = WorkerControl(top, stop, send_event)
     # Stop the gate (sessions close within the grace), then flush the last log lines to the parent
     # before the reactor drops every connection.
@@ -787,9 +838,14 @@ class _WorkerProcess(protocol.ProcessProtocol):
             return
         if "log" in message:
             level = LogLevel.levelWithName(message.get("level") or "info")
-            Logger(namespace=message.get("ns") or "wsgate.worker").emit(
-                level, "worker {worker}: {text}", worker=self.index, text=message["log"]
-            )
+            log = Logger(namespace=message.get("ns") or "wsgate.worker")
+            fields = message.get("fields")
+            if isinstance(fields, dict) and isinstance(message.get("format"), str):
+                log.emit(
+                    level, "worker {worker}: " + message["format"], worker=self.index, **fields
+                )
+            else:
+                log.emit(level, "worker {worker}: {text}", worker=self.index, text=message["log"])
 
     def processEnded(self, reason: Failure) -> None:
         self.channel.lost()
