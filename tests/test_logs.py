@@ -810,3 +810,41 @@ class WorkerLogTests(SynchronousTestCase):
             ("session_closed", 2, 5, "info"),
         )
         self.assertIn("worker 2: odd v w", text_line(mine[1]) or "")
+
+
+class RedirectLogTests(SynchronousTestCase):
+    def test_redirect_line_redacted(self) -> None:
+        """The https redirect listener logs one http_redirect line per request, query redacted
+        (Twisted's combined-log line would carry the query string and the referrer)."""
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        from wsgate.tls import redirect_site
+
+        spec = configmod.LogSpec()
+        site = redirect_site(8443, lambda target: redact_target(target, spec))
+        captured = Captured(self, lambda: spec)
+        site.doStart()
+        self.addCleanup(site.doStop)
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.9", 5555))
+        assert channel is not None
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.9", 5555))
+        channel.makeConnection(transport)
+        channel.dataReceived(
+            f"GET /chat?token={TOKEN} HTTP/1.1\r\nHost: gate.test\r\n"
+            f"Referer: https://app.test/?token={TOKEN}\r\n\r\n".encode()
+        )
+        self.assertIn(b"301 Moved Permanently", transport.value())
+        [line] = [li for li in captured.lines() if "http_redirect" in li]
+        name, fields = text_fields(line)
+        self.assertEqual(name, "http_redirect")
+        self.assertEqual(
+            fields,
+            {
+                "client": "127.0.0.9",
+                "method": "GET",
+                "path": "/chat?token=REDACTED",
+                "status": "301",
+            },
+        )
+        self.assertNotIn("S3CRET", captured.out.getvalue())

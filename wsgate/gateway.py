@@ -252,10 +252,6 @@ class Gateway:
             else:
                 self.clock.callLater(i * step, session.close, code, reason)
 
-    def redact_target(self, target: str | None) -> str | None:
-        """A request target as logs and views show it (``[log] redact_query``; follows reloads)."""
-        return redact_target(target, self.config.log)
-
     def handshake_result(self, result: str) -> None:
         """Count one client handshake by its result: ``ok`` or the HTTP status it was refused with."""
         self.counters[f"handshakes.{result}"] += 1

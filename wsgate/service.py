@@ -493,7 +493,9 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
     for redirect in config.redirects if adopted is None else ():
         StreamServerEndpointService(
             serverFromString(reactor, redirect.endpoint),
-            redirect_site(redirect.https_port, gateway.redact_target),
+            redirect_site(
+                redirect.https_port, lambda target: redact_target(target, gateway.config.log)
+            ),
         ).setServiceParent(top)
     _GracefulStop(gateway).setServiceParent(top)
     top.reload = _no_reload  # type: ignore[attr-defined]

@@ -14,8 +14,8 @@ parent (SIGTERM) asks every worker to stop (each closes its sessions with 1001 w
 
 Control channel.  Each worker's stdin and stdout carry newline-delimited JSON messages: requests
 ``{"id", "call", "args"}`` from the parent, answers ``{"id", "result"}`` or ``{"id", "error"}``
-and unsolicited ``{"log": ...}`` events from the worker (its log goes to the parent's log, each
-line prefixed with the worker's number).  Not AMP: a busy worker's session table is far larger
+and unsolicited log events from the worker, ``{"format", "fields"}`` or ``{"log": TEXT}`` (its log
+goes to the parent's log, each line prefixed with the worker's number).  Not AMP: a busy worker's session table is far larger
 than AMP's 64 KiB value limit.
 
 Aggregation.  :class:`Aggregate` is what the console, ``/metrics`` and the status page read in the
@@ -471,9 +471,9 @@ class _StdioControl(protocol.Protocol):
 class _ForwardedLog:
     """
     A log observer that sends every event at or above the gate's ``[log] level`` to the parent
-    through the channel: its text, and when its format names only plain fields (strings, numbers,
-    booleans, None) also the format and the fields, so that the parent writes the same line as
-    a single process would (logfmt-safe values, JSON fields).
+    through the channel: its format and fields when the format names only plain fields (strings,
+    numbers, booleans, None), so that the parent writes the same line as a single process would
+    (logfmt-safe values, JSON fields); else its text.
     """
 
     def __init__(self, control: _StdioControl) -> None:
@@ -489,18 +489,16 @@ class _ForwardedLog:
         lowest = LEVELS[self.current().level] if self.current is not None else LogLevel.info
         if level < lowest:
             return
-        text = formatEvent(event)
+        message: dict[str, Any] = {"level": level.name, "ns": event.get("log_namespace")}
         failure = event.get("log_failure")
-        if failure is not None:
-            text += "\n" + failure.getTraceback()
-        message: dict[str, Any] = {
-            "log": text,
-            "level": level.name,
-            "ns": event.get("log_namespace"),
-        }
         fields = _plain_fields(event) if failure is None else None
         if fields is not None:
             message["format"], message["fields"] = event["log_format"], fields
+        else:
+            text = formatEvent(event)
+            if failure is not None:
+                text += "\n" + failure.getTraceback()
+            message["log"] = text
         try:
             channel.send(message)
         except Exception:  # noqa: BLE001  a broken pipe must not loop through the log again
@@ -836,7 +834,7 @@ class _WorkerProcess(protocol.ProcessProtocol):
             if self.pool.processes.get(self.index) is self:
                 self.pool.aggregate.tap_event(self.index, message)
             return
-        if "log" in message:
+        if "log" in message or "format" in message:
             level = LogLevel.levelWithName(message.get("level") or "info")
             log = Logger(namespace=message.get("ns") or "wsgate.worker")
             fields = message.get("fields")
