@@ -24,6 +24,7 @@ from twisted.python import components, usage
 
 import wsgate
 from wsgate import config as configmod
+from wsgate._compat import dispatch_directly
 from wsgate.admin import admin_service
 from wsgate.bridge import ClientLegFactory
 from wsgate.console import Console, ConsoleError, console_service
@@ -436,6 +437,7 @@ def worker_service(
         for listener, entry in zip(config.listeners, listeners, strict=False)
     }
     tune_gc()
+    dispatch_directly(reactor)
     return makeService({"gate_config": config, "config": path, "adopted": adopted}, reactor)
 
 
@@ -444,6 +446,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
         from twisted.internet import reactor
 
         tune_gc()
+        dispatch_directly(reactor)
     config: configmod.Config = options["gate_config"]
     # Autobahn logs every frame at debug level through txaio; twistd would format them all.
     txaio.set_global_log_level("info")  # type: ignore[attr-defined]
