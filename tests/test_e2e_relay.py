@@ -974,6 +974,15 @@ class FloodTests(SynchronousTestCase):
         sock = self.flood_client(f"/ping-flood?seconds={FLOOD_SECONDS:g}")
         self.watch(_Drain(sock, FLOOD_SECONDS), "backend ping flood")
 
+    def test_backend_data_flood_without_reading(self) -> None:
+        """
+        A backend that sends 16 KiB binary messages as fast as it can for 20 s and never reads,
+        on a session whose client reads everything: the gate's RSS grows less than 64 MiB and
+        another session keeps getting echoes within 1 s.
+        """
+        sock = self.flood_client(f"/data-flood?seconds={FLOOD_SECONDS:g}")
+        self.watch(_Drain(sock, FLOOD_SECONDS), "backend data flood")
+
     def test_client_data_flood_without_reading(self) -> None:
         """
         A raw client sending masked 16 KiB binary messages as fast as it can for 20 s, never
