@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import signal
 from types import SimpleNamespace
 from typing import Any
 
@@ -706,6 +707,11 @@ class ConfigTests(SynchronousTestCase):
 
 
 class TwistdLogTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        # Opening a log file sets twistd's SIGUSR1 rotation handler: restore the runner's.
+        previous = signal.getsignal(signal.SIGUSR1)
+        self.addCleanup(signal.signal, signal.SIGUSR1, previous)
+
     def options(self, path: str, *extra: str, **twistd: Any) -> Options:
         options = Options()
         options.parseOptions(["--config", path, *extra])
@@ -733,10 +739,11 @@ class TwistdLogTests(SynchronousTestCase):
         top.setServiceParent(application)
         observer = application.getComponent(ILogObserver)
         self.assertIsInstance(observer, GateLog)
+        self.addCleanup(observer.out.close)
         log = Logger(namespace="wsgate.test", observer=observer)
         log.info("not_written")
         log.warn("written {x}", x="a b")
-        observer._writers["json"]._outFile.close()  # type: ignore[attr-defined]
+        self.assertTrue(signal.getsignal(signal.SIGUSR1))  # rotation, as twistd's
         with open(logfile) as f:
             [line] = f.read().splitlines()
         self.assertEqual((json.loads(line)["event"], json.loads(line)["x"]), ("written", "a b"))

@@ -206,6 +206,7 @@ class GateLog:
     """
 
     def __init__(self, out: IO[Any], current: Callable[[], LogSpec]) -> None:
+        self.out = out  # where the lines go
         self._current = current
         self._predicate = LogLevelFilterPredicate(LogLevel.info)
         self._writers = {
