@@ -830,6 +830,7 @@ class RedirectLogTests(SynchronousTestCase):
 
         spec = configmod.LogSpec()
         site = redirect_site(8443, lambda target: redact_target(target, spec))
+        site.reactor = Clock()  # the channel's timeouts, not on the global reactor
         captured = Captured(self, lambda: spec)
         site.doStart()
         self.addCleanup(site.doStop)
