@@ -23,6 +23,7 @@ Must not redact: the events' fields are already what may be shown (``wsgate.reda
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import re
@@ -39,6 +40,7 @@ from twisted.logger import (
     LogLevelFilterPredicate,
     formatEvent,
     formatEventAsClassicLogText,
+    formatTime,
 )
 from zope.interface import implementer
 
@@ -107,11 +109,11 @@ def message(event: dict[str, Any]) -> str:
     try:
         mapping = _Calls(event)
         out = []
-        for literal, field, spec, conversion in _formatter.parse(form):
+        for literal, field, spec, conversion, plain in _parsed(form):
             out.append(literal)
             if field is None:
                 continue
-            value, _ = _formatter.get_field(field, (), mapping)
+            value = event[field] if plain else _formatter.get_field(field, (), mapping)[0]
             if conversion:
                 value = _formatter.convert_field(value, conversion)
             if spec and "{" in spec:
@@ -131,6 +133,26 @@ def message(event: dict[str, Any]) -> str:
         return formatEvent(event)
 
 
+@functools.lru_cache(maxsize=256)
+def _parsed(form: str) -> list[tuple[str, str | None, str | None, str | None, bool]]:
+    """A format string's pieces, parsed once (log lines reuse a few formats): each with whether
+    its field is a plain name, looked up directly rather than through ``Formatter.get_field``."""
+    return [
+        (literal, field, spec, conversion, field is not None and field.isidentifier())
+        for literal, field, spec, conversion in _formatter.parse(form)
+    ]
+
+
+@functools.lru_cache(maxsize=4)
+def _second(when: int) -> str:
+    return formatTime(when)
+
+
+def _format_time(when: float | None) -> str:
+    """Twisted's ``formatTime``, made once per second (its lines show whole seconds)."""
+    return formatTime(when) if when is None else _second(int(when))
+
+
 def event_name(event: Mapping[str, Any], text: str) -> str:
     """
     The event's name: the first word of its message (``session_closed``), after the ``worker N:``
@@ -146,7 +168,8 @@ def event_name(event: Mapping[str, Any], text: str) -> str:
 def text_line(event: dict[str, Any]) -> str | None:
     """The classic Twisted line, with the message of :func:`message`."""
     return formatEventAsClassicLogText(
-        {**event, "log_format": "{log_wsgate_text}", "log_wsgate_text": message(event)}
+        {**event, "log_format": "{log_wsgate_text}", "log_wsgate_text": message(event)},
+        formatTime=_format_time,
     )
 
 
