@@ -66,6 +66,9 @@ the gate failed it (1002, 1007,   1001 "client error <code>: ..."    1011 "backe
 1008, 1009: protocol error, bad
 UTF-8, rate, too big)
 TCP dropped without a Close       1001 "client went away"            1011 "backend connection lost"
+                                                                     (tunnel mode: its TCP closed
+                                                                     too, no Close, unless the gate
+                                                                     dropped the backend itself)
 ================================  =================================  ==============================
 
 The peer at fault is sent the endpoint's code (1002, 1007, 1008, 1009).  An operator's
@@ -161,7 +164,9 @@ def partner_close(side: str, kind: str, code: int | None, reason: str) -> tuple[
     - ``"close"``: its peer sent a Close with ``code`` (None for an empty Close) and ``reason``;
     - ``"failed"``: the gate failed that leg itself with ``code`` (protocol error, invalid UTF-8,
       message too big);
-    - ``"dropped"``: the connection went away without a Close.
+    - ``"dropped"``: the connection went away without a Close (in tunnel mode a backend that
+      goes away by itself takes the client's connection with it instead, see
+      ``Session.leg_lost``).
 
     See the table in this module's docstring.
     """
@@ -397,7 +402,7 @@ class Session:
         "state", "started", "opened_at", "up", "down", "throttles", "client_close",
         "backend_close", "closed_by", "_connect", "_tried", "_attempting", "_attempt", "_pending",
         "_handshake", "_timer", "_lost", "extensions", "_ping_timer", "_close_timer", "_ping_seq",
-        "_ping_sent",
+        "_ping_sent", "_backend_aborted",
         "peer_address", "client_address", "client_port", "_admitted", "tls", "target", "route",
         "upstream", "request_id", "__weakref__",
     )  # fmt: skip
@@ -435,6 +440,7 @@ class Session:
         self._lost: set[str] = set()
         self.extensions: str | None = None  # the backend's Sec-WebSocket-Extensions answer
         self._ping_sent = 0.0
+        self._backend_aborted = False  # the gate itself dropped the backend (ping timeout)
         self._ping_timer: Any = None
         self._close_timer: Any = None
         self._ping_seq = 0
@@ -741,6 +747,7 @@ class Session:
         for relay, leg in ((self.down, self.client), (self.up, self.backend)):
             assert relay is not None and leg is not None
             if relay.awaiting_pong:
+                self._backend_aborted = leg is self.backend
                 leg.transport.abortConnection()  # its partner is closed by leg_lost
                 return
         wait = max(self.route.ping_interval - self.route.ping_timeout, 0.0)
@@ -792,6 +799,19 @@ class Session:
         self._lost.add(side)
         if len(self._lost) == 2:
             self._finish()
+            return
+        down = self.down
+        assert down is not None
+        if (
+            side == "backend"
+            and self.route.mode == "tunnel"
+            and not (self._backend_aborted or down.engine.done)
+        ):
+            # Tunnel mode: the backend went away without a Close, so does the client's
+            # connection, once what was relayed to it is written, as on a direct connection (and
+            # through NGINX); the backend is the endpoint that checks UTF-8 here, and an endpoint
+            # may drop a peer that sends invalid text.  Message mode speaks for the backend: 1011.
+            self.client.transport.loseConnection()
             return
         # Tell the survivor (a Close unless one went already) and let it answer: the client's
         # answer makes the gate close its connection (_close_handshake_progress), the backend
