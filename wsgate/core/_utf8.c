@@ -1,13 +1,26 @@
 /*
  * wsgate.core._utf8: the frame engine's UTF-8 check of (masked) text payloads, in C.
  *
- * One function, check(data, start, end, key, offset, state) -> state: feeds the bytes
- * data[start:end], unmasked with the 4-byte `key` (None: not masked) rotated by `offset`, to an
- * incremental UTF-8 validator (RFC 3629: no overlongs, no surrogates, nothing above U+10FFFF)
- * that starts in `state` and returns the state it ends in: 0 between characters, 8 once the
- * text is invalid (it stays there), any other value in the middle of a character.  Nothing is
- * copied or allocated; runs of ASCII go 8 bytes at a time, common 2- and 3-byte characters
- * inline.
+ * check(data, start, end, key, offset, state) -> state: feeds the bytes data[start:end],
+ * unmasked with the 4-byte `key` (None: not masked) rotated by `offset`, to an incremental UTF-8
+ * validator (RFC 3629: no overlongs, no surrogates, nothing above U+10FFFF) that starts in
+ * `state` and returns the state it ends in: 0 between characters, 8 once the text is invalid (it
+ * stays there), any other value in the middle of a character.  Nothing is copied or allocated.
+ *
+ * Two ways to the same verdict:
+ * - the scalar state machine (step, check_scalar): runs of ASCII go 8 bytes at a time, common 2-
+ *   and 3-byte characters inline;
+ * - on x86-64 with GCC or Clang, SIMD blocks (32 bytes with AVX2, else 16 with SSSE3, chosen once
+ *   at import from what the CPU supports; no global compiler flags) for chunks of a block and 3
+ *   bytes or more: step() to a character boundary at least 3 bytes in, then blocks unmasked and checked
+ *   with a handful of vector rules (see "The blocks" below; a run of ASCII blocks costs one test
+ *   a block) up to the chunk's last multiple of 4 bytes, then step() again from the last
+ *   character the blocks did not see whole (at most 6 bytes), so characters cut by the end of
+ *   the chunk, and the state returned, are the scalar machine's.
+ *
+ * PATH names the way check() takes ("avx2", "ssse3" or "scalar"), PATHS every way this machine
+ * has, and check_using(path, data, start, end, key, offset, state) takes a given one (the tests
+ * compare them).
  *
  * wsgate/core/frames.py has the pure-Python twin (CPython's incremental decoder) with the same
  * verdicts at the same bytes; the tests run the engine both ways.
@@ -16,6 +29,11 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define UTF8_SIMD 1
+#include <immintrin.h>
+#endif
 
 enum {
     ACCEPT = 0,
@@ -61,8 +79,9 @@ step(int state, unsigned char c)
     }
 }
 
+/* The scalar state machine, over p[0:n] unmasked with key rotated by offset, from `state`. */
 static int
-check_bytes(const unsigned char *p, Py_ssize_t n, const unsigned char *key, Py_ssize_t offset,
+check_scalar(const unsigned char *p, Py_ssize_t n, const unsigned char *key, Py_ssize_t offset,
             int state)
 {
     /* k[j] unmasks p[j]; it repeats every 4 bytes, so k + (i & 3) holds the 8 bytes for p + i */
@@ -123,8 +142,278 @@ check_bytes(const unsigned char *p, Py_ssize_t n, const unsigned char *key, Py_s
     }
 }
 
+#ifdef UTF8_SIMD
+/* The key as a little-endian word k: its byte j unmasks p[j]; key_at(k, i) is the word that
+   unmasks the 4 bytes at p + i (and, repeated, any multiple of 4 from there). */
+static inline uint32_t
+key_at(uint32_t k, Py_ssize_t i)
+{
+    unsigned r = 8 * (unsigned)(i & 3);
+    return r ? (k >> r) | (k << (32 - r)) : k;
+}
+
+/*
+ * The blocks.  blocks_*(p, i, end, k, masked) checks p[i:end] (i >= 3 and a character
+ * boundary; end - i at least a block and a multiple of 4; unmasked with k if masked) and returns
+ * 0 if it found the text invalid, else 1.  The blocks go from i, the last one ending at end and
+ * overlapping the one before it (by a multiple of 4 bytes: the key pattern stays the same).
+ * Every byte `cur` is checked against the three bytes before it (prev1, prev2, prev3: unaligned
+ * loads 1, 2 and 3 bytes back, unmasked with the key pattern shifted to match; for the first
+ * block they are the end of characters step() finished), by two rules:
+ *
+ * - structure: cur is a continuation byte (10xxxxxx) exactly when prev1 >= C0 (a lead), or
+ *   prev2 >= E0 (a 3- or 4-byte lead), or prev3 >= F0 (a 4-byte lead).  Both sides are worked
+ *   out in the high bit of each byte, and compared with XOR;
+ * - pairs: a lead prev1 allows only some continuations.  Three 16-entry tables, looked up by the
+ *   high and the low half of prev1 and the high half of cur, give each bad pair a bit that all
+ *   three lookups share, so their AND is non-zero exactly for a bad pair:
+ *     E0 then 80..9F (overlong)           ED then A0..BF (surrogate)
+ *     F0 then 80..8F (overlong)           F4 then 90..BF (above U+10FFFF)
+ *     C0 or C1 then 80..BF (overlong)     F5..FF then 80..BF (never in UTF-8)
+ *   (a bad lead followed by anything but a continuation breaks the structure rule already).
+ *
+ * A block of ASCII skips both, and so do the ASCII blocks after it, one test each; but then the
+ * block before it must not have ended inside a character (its last byte below C0, the one before
+ * below E0, the one before that below F0: see tail_max).
+ *
+ * What the blocks cannot see, step() does: a lead byte among the last three bytes of the last
+ * block, whose character may go on past `end`, and the rule that byte breaks.  So the caller
+ * resumes at the last byte >= C0 among those three, if any.
+ */
+#define BAD_E0 0x01
+#define BAD_ED 0x02
+#define BAD_F0 0x04
+#define BAD_F4 0x08
+#define BAD_C0 0x10 /* C0, C1 */
+#define BAD_F5 0x20 /* F5..FF */
+#define BAD_CONT (BAD_C0 | BAD_F5)
+
+/* by the high half of prev1 */
+#define TABLE_LEAD_HI                                                                          \
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, BAD_C0, 0, BAD_E0 | BAD_ED, BAD_F0 | BAD_F4 | BAD_F5
+/* by the low half of prev1 */
+#define TABLE_LEAD_LO                                                                          \
+    BAD_E0 | BAD_F0 | BAD_C0, BAD_C0, 0, 0, BAD_F4, BAD_F5, BAD_F5, BAD_F5, BAD_F5, BAD_F5,    \
+        BAD_F5, BAD_F5, BAD_F5, BAD_ED | BAD_F5, BAD_F5, BAD_F5
+/* by the high half of cur */
+#define TABLE_CONT_HI                                                                          \
+    0, 0, 0, 0, 0, 0, 0, 0, BAD_E0 | BAD_F0 | BAD_CONT, BAD_E0 | BAD_F4 | BAD_CONT,            \
+        BAD_ED | BAD_F4 | BAD_CONT, BAD_ED | BAD_F4 | BAD_CONT, 0, 0, 0, 0
+
+__attribute__((target("avx2"))) static inline __m256i
+load32(const unsigned char *p, __m256i key, const int masked)
+{
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    return masked ? _mm256_xor_si256(v, key) : v;
+}
+
+__attribute__((target("avx2"), always_inline)) static inline int
+blocks_avx2_body(const unsigned char *p, Py_ssize_t i, Py_ssize_t end, uint32_t k,
+                 const int masked)
+{
+    const __m256i k0 = _mm256_set1_epi32((int)key_at(k, i));
+    const __m256i k1 = _mm256_set1_epi32((int)key_at(k, i - 1));
+    const __m256i k2 = _mm256_set1_epi32((int)key_at(k, i - 2));
+    const __m256i k3 = _mm256_set1_epi32((int)key_at(k, i - 3));
+    const __m256i lead_hi = _mm256_setr_epi8(TABLE_LEAD_HI, TABLE_LEAD_HI);
+    const __m256i lead_lo = _mm256_setr_epi8(TABLE_LEAD_LO, TABLE_LEAD_LO);
+    const __m256i cont_hi = _mm256_setr_epi8(TABLE_CONT_HI, TABLE_CONT_HI);
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    const __m256i zero = _mm256_setzero_si256();
+    /* subtracted (saturating) from a block: non-zero where it ends inside a character */
+    const __m256i tail_max = _mm256_setr_epi8(
+        -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+        -1, -1, -1, -1, -1, -1, -1, (char)0xEF, (char)0xDF, (char)0xBF);
+    /* bad: any bit, a pair or a tail error; bad_structure: the high bit of a byte */
+    __m256i bad = zero, bad_structure = zero, last = zero;
+    __m256i cur, prev1, prev2, prev3, need, pair;
+
+    while (i < end) {
+        if (end - i < 32)
+            i = end - 32; /* the last block, over the end of the one before */
+        cur = load32(p + i, k0, masked);
+        if (_mm256_movemask_epi8(cur) == 0) {
+            /* ASCII: the block before, if not ASCII (else zero), must not end inside a
+               character; then on past the ASCII blocks that follow */
+            bad = _mm256_or_si256(bad, _mm256_subs_epu8(last, tail_max));
+            last = zero;
+            do
+                i += 32;
+            while (end - i >= 32 && _mm256_movemask_epi8(load32(p + i, k0, masked)) == 0);
+            continue;
+        }
+        last = cur;
+        prev1 = load32(p + i - 1, k1, masked);
+        prev2 = load32(p + i - 2, k2, masked);
+        prev3 = load32(p + i - 3, k3, masked);
+        /* structure, in the high bit of each byte: a continuation byte is needed after a byte
+           11xxxxxx (1), or 2 or 3 bytes after one above DF or EF (saturating subtraction of
+           60 or 70 sets the bit); a byte 10xxxxxx is one */
+        need = _mm256_or_si256(
+            _mm256_and_si256(prev1, _mm256_slli_epi16(prev1, 1)),
+            _mm256_or_si256(_mm256_subs_epu8(prev2, _mm256_set1_epi8(0x60)),
+                            _mm256_subs_epu8(prev3, _mm256_set1_epi8(0x70))));
+        bad_structure = _mm256_or_si256(
+            bad_structure,
+            _mm256_xor_si256(need, _mm256_andnot_si256(_mm256_slli_epi16(cur, 1), cur)));
+        /* pairs */
+        pair = _mm256_and_si256(
+            _mm256_shuffle_epi8(lead_hi, _mm256_and_si256(_mm256_srli_epi16(prev1, 4), nibble)),
+            _mm256_shuffle_epi8(lead_lo, _mm256_and_si256(prev1, nibble)));
+        pair = _mm256_and_si256(
+            pair,
+            _mm256_shuffle_epi8(cont_hi, _mm256_and_si256(_mm256_srli_epi16(cur, 4), nibble)));
+        bad = _mm256_or_si256(bad, pair);
+        i += 32;
+    }
+    return _mm256_testz_si256(bad, bad) && _mm256_movemask_epi8(bad_structure) == 0;
+}
+
+__attribute__((target("avx2"))) static int
+blocks_avx2(const unsigned char *p, Py_ssize_t i, Py_ssize_t end, uint32_t k, int masked)
+{
+    return masked ? blocks_avx2_body(p, i, end, k, 1) : blocks_avx2_body(p, i, end, k, 0);
+}
+
+/* The same, 16 bytes at a time, for x86-64 CPUs without AVX2. */
+__attribute__((target("ssse3"))) static inline __m128i
+load16(const unsigned char *p, __m128i key, const int masked)
+{
+    __m128i v = _mm_loadu_si128((const __m128i *)p);
+    return masked ? _mm_xor_si128(v, key) : v;
+}
+
+__attribute__((target("ssse3"), always_inline)) static inline int
+blocks_ssse3_body(const unsigned char *p, Py_ssize_t i, Py_ssize_t end, uint32_t k,
+                  const int masked)
+{
+    const __m128i k0 = _mm_set1_epi32((int)key_at(k, i));
+    const __m128i k1 = _mm_set1_epi32((int)key_at(k, i - 1));
+    const __m128i k2 = _mm_set1_epi32((int)key_at(k, i - 2));
+    const __m128i k3 = _mm_set1_epi32((int)key_at(k, i - 3));
+    const __m128i lead_hi = _mm_setr_epi8(TABLE_LEAD_HI);
+    const __m128i lead_lo = _mm_setr_epi8(TABLE_LEAD_LO);
+    const __m128i cont_hi = _mm_setr_epi8(TABLE_CONT_HI);
+    const __m128i nibble = _mm_set1_epi8(0x0F);
+    const __m128i zero = _mm_setzero_si128();
+    const __m128i tail_max = _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                           (char)0xEF, (char)0xDF, (char)0xBF);
+    __m128i bad = zero, bad_structure = zero, last = zero;
+    __m128i cur, prev1, prev2, prev3, need, pair;
+
+    while (i < end) {
+        if (end - i < 16)
+            i = end - 16;
+        cur = load16(p + i, k0, masked);
+        if (_mm_movemask_epi8(cur) == 0) {
+            bad = _mm_or_si128(bad, _mm_subs_epu8(last, tail_max));
+            last = zero;
+            do
+                i += 16;
+            while (end - i >= 16 && _mm_movemask_epi8(load16(p + i, k0, masked)) == 0);
+            continue;
+        }
+        last = cur;
+        prev1 = load16(p + i - 1, k1, masked);
+        prev2 = load16(p + i - 2, k2, masked);
+        prev3 = load16(p + i - 3, k3, masked);
+        need = _mm_or_si128(_mm_and_si128(prev1, _mm_slli_epi16(prev1, 1)),
+                            _mm_or_si128(_mm_subs_epu8(prev2, _mm_set1_epi8(0x60)),
+                                         _mm_subs_epu8(prev3, _mm_set1_epi8(0x70))));
+        bad_structure = _mm_or_si128(
+            bad_structure, _mm_xor_si128(need, _mm_andnot_si128(_mm_slli_epi16(cur, 1), cur)));
+        pair = _mm_and_si128(
+            _mm_shuffle_epi8(lead_hi, _mm_and_si128(_mm_srli_epi16(prev1, 4), nibble)),
+            _mm_shuffle_epi8(lead_lo, _mm_and_si128(prev1, nibble)));
+        pair = _mm_and_si128(
+            pair, _mm_shuffle_epi8(cont_hi, _mm_and_si128(_mm_srli_epi16(cur, 4), nibble)));
+        bad = _mm_or_si128(bad, pair);
+        i += 16;
+    }
+    return _mm_movemask_epi8(_mm_cmpeq_epi8(bad, zero)) == 0xFFFF &&
+           _mm_movemask_epi8(bad_structure) == 0;
+}
+
+__attribute__((target("ssse3"))) static int
+blocks_ssse3(const unsigned char *p, Py_ssize_t i, Py_ssize_t end, uint32_t k, int masked)
+{
+    return masked ? blocks_ssse3_body(p, i, end, k, 1) : blocks_ssse3_body(p, i, end, k, 0);
+}
+#endif /* UTF8_SIMD */
+
+typedef int (*blocks_fn)(const unsigned char *p, Py_ssize_t i, Py_ssize_t end, uint32_t k,
+                         int masked);
+
+static const struct path {
+    const char *name;
+    blocks_fn blocks; /* NULL: the scalar machine only */
+    Py_ssize_t width;
+} paths[] = {
+    {"scalar", NULL, 0},
+#ifdef UTF8_SIMD
+    {"ssse3", blocks_ssse3, 16},
+    {"avx2", blocks_avx2, 32},
+#endif
+};
+static int n_usable = 1; /* paths[0 : n_usable] run on this CPU; check() takes the last */
+
+/* check() by `path`: the scalar machine alone, or step() to a character boundary, the blocks,
+   and step() for the last few bytes */
+static int
+check_bytes(const unsigned char *p, Py_ssize_t n, const unsigned char *key, Py_ssize_t offset,
+            int state, const struct path *path)
+{
+#ifdef UTF8_SIMD
+    uint32_t k = 0; /* byte j unmasks p[j], and p[j + 4], ... */
+    Py_ssize_t i = 0, end, j;
+    unsigned char c;
+
+    if (path->blocks == NULL || n < 3 + path->width)
+        return check_scalar(p, n, key, offset, state);
+    if (key != NULL) {
+        for (j = 3; j >= 0; j--)
+            k = k << 8 | key[(offset + j) & 3];
+    }
+    /* to a character boundary at least 3 bytes in (the blocks look 3 bytes back) */
+    while (i < n && (state != ACCEPT || i < 3)) {
+        c = p[i] ^ (unsigned char)(k >> 8 * (i & 3));
+        if (state != ACCEPT || c >= 0x80) {
+            state = step(state, c);
+            if (state == REJECT)
+                return REJECT;
+        }
+        i++;
+    }
+    if (n - i < path->width)
+        return check_scalar(p + i, n - i, key, (offset + i) & 3, state);
+    /* blocks to the last multiple of 4 bytes (so the key pattern is the same in the last block,
+       which overlaps the one before) */
+    end = i + path->width + ((n - i - path->width) & ~(Py_ssize_t)3);
+    if (!path->blocks(p, i, end, k, key != NULL))
+        return REJECT;
+    /* the step machine finishes from the last lead byte whose character the blocks may not
+       have seen whole (one among their last three bytes), else from where they end: at most
+       six bytes */
+    for (i = end, j = end - 1; j >= end - 3; j--) {
+        if ((p[j] ^ (unsigned char)(k >> 8 * (j & 3))) >= 0xC0) {
+            i = j;
+            break;
+        }
+    }
+    for (; i < n; i++) {
+        state = step(state, p[i] ^ (unsigned char)(k >> 8 * (i & 3)));
+        if (state == REJECT)
+            return REJECT;
+    }
+    return state;
+#else
+    return check_scalar(p, n, key, offset, state);
+#endif
+}
+
+/* check(data, start, end, key, offset, state) with the given path */
 static PyObject *
-utf8_check(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+run_check(PyObject *const *args, Py_ssize_t nargs, const struct path *path)
 {
     Py_buffer data, key;
     Py_ssize_t start, end, offset;
@@ -169,17 +458,48 @@ utf8_check(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         result = REJECT;
     else
         result = check_bytes((const unsigned char *)data.buf + start, end - start, key_bytes,
-                             offset & 3, state);
+                             offset & 3, state, path);
     if (key_bytes != NULL)
         PyBuffer_Release(&key);
     PyBuffer_Release(&data);
     return PyLong_FromLong(result);
 }
 
+static PyObject *
+utf8_check(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    return run_check(args, nargs, &paths[n_usable - 1]);
+}
+
+static PyObject *
+utf8_check_using(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    const char *name;
+    int i;
+
+    if (nargs < 1 || !PyUnicode_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "check_using(path, data, start, end, key, offset, state)");
+        return NULL;
+    }
+    name = PyUnicode_AsUTF8(args[0]);
+    if (name == NULL)
+        return NULL;
+    for (i = 0; i < n_usable; i++) {
+        if (strcmp(name, paths[i].name) == 0)
+            return run_check(args + 1, nargs - 1, &paths[i]);
+    }
+    PyErr_Format(PyExc_ValueError, "no path %R on this machine", args[0]);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"check", (PyCFunction)(void (*)(void))utf8_check, METH_FASTCALL,
      "check(data, start, end, key, offset, state) -> state: feed data[start:end], unmasked with "
      "key rotated by offset, to the UTF-8 validator; 0: between characters, 8: invalid."},
+    {"check_using", (PyCFunction)(void (*)(void))utf8_check_using, METH_FASTCALL,
+     "check_using(path, data, start, end, key, offset, state) -> state: check() by the given "
+     "path, one of PATHS."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -191,5 +511,39 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__utf8(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m, *names;
+    int i;
+
+#ifdef UTF8_SIMD
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("ssse3")) {
+        n_usable = 2;
+        if (__builtin_cpu_supports("avx2"))
+            n_usable = 3;
+    }
+#endif
+    m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    names = PyTuple_New(n_usable);
+    if (names == NULL)
+        goto error;
+    for (i = 0; i < n_usable; i++) {
+        PyObject *name = PyUnicode_FromString(paths[i].name);
+        if (name == NULL) {
+            Py_DECREF(names);
+            goto error;
+        }
+        PyTuple_SET_ITEM(names, i, name);
+    }
+    if (PyModule_AddObject(m, "PATHS", names) < 0) {
+        Py_DECREF(names);
+        goto error;
+    }
+    if (PyModule_AddStringConstant(m, "PATH", paths[n_usable - 1].name) < 0)
+        goto error;
+    return m;
+error:
+    Py_DECREF(m);
+    return NULL;
 }
