@@ -66,7 +66,8 @@ breaks a rule, or a frame over a limit, is refused before any of its bytes go on
 
 UTF-8 is checked by one of two twins with the same verdicts at the same bytes (the tests run the
 engine with each): :class:`CUtf8`, a small C validator (``_utf8.c``) that reads masked payloads in
-place, 8 ASCII bytes at a time, without copying; and :class:`PyUtf8`, used when the C module could
+place without copying, 32 bytes at a time with AVX2 (16 with SSSE3; a scalar state machine
+elsewhere): 64 KiB of accented JSON in 2.9 us; and :class:`PyUtf8`, used when the C module could
 not be built, which unmasks and feeds CPython's incremental UTF-8 decoder (itself faster than
 Autobahn's NVX validator here: 64 KiB in 26 us against 129 us) and checks at once the one rule
 that decoder leaves pending (a surrogate's first two bytes, ``ED A0``-``ED BF``), so invalid text
@@ -214,7 +215,7 @@ class PyUtf8:
 
 
 class CUtf8:
-    """The C twin (``_utf8.c``): checks masked bytes where they are, 8 ASCII bytes at a time."""
+    """The C twin (``_utf8.c``): checks masked bytes where they are, with SIMD where it can."""
 
     __slots__ = ("_state",)
 
