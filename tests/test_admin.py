@@ -6,6 +6,7 @@ scripted set of sessions, ``/status.json`` and the status page's files.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -17,10 +18,13 @@ from twisted.web.test.requesthelper import DummyRequest
 from tests.helpers import BackendFactory, Network, make_config, upgrade_request
 from wsgate import config as configmod
 from wsgate.admin import admin_resource, admin_service
+from wsgate.sdnotify import Listening, Notifier
 from wsgate.status import Sampler
+from wsgate.workers import Aggregate, WorkerControl
 
 A = "ws://a.test:1"
 B = "ws://b.test:2"
+C = "ws://c.test:3"
 
 
 def get(root: Any, path: str) -> tuple[DummyRequest, bytes]:
@@ -204,3 +208,111 @@ class StatusTests(SynchronousTestCase):
         )
         self.assertEqual(svc.endpoint._interface, "127.0.0.1")
         self.assertIsNotNone(MemoryReactorClock)
+
+
+class ReadyTests(SynchronousTestCase):
+    """``/ready``: whether the gate should get new sessions, for probes and load balancers."""
+
+    def setUp(self) -> None:
+        config = configmod.parse(
+            {
+                "listen": [{"endpoint": "tcp:0"}],
+                "route": [
+                    {"path": "/chat", "upstream": "chat"},
+                    {"path": "/feed", "upstream": "feed"},
+                    {"path": "/", "upstream": "chat"},
+                ],
+                "upstream": {
+                    "chat": {"servers": [{"url": A}, {"url": B}]},
+                    "feed": {"servers": [{"url": C}]},
+                },
+            },
+            "test.toml",
+        )
+        self.net = Network(config, {A: BackendFactory(), B: BackendFactory(), C: BackendFactory()})
+        self.gateway = self.net.gateway
+        self.listening = Listening(Notifier(None))
+        self.root = admin_resource(self.gateway, None, self.listening)
+
+    def ready(self, root: Any = None) -> tuple[int, str]:
+        request, body = get(root or self.root, "/ready")
+        self.assertEqual(
+            request.responseHeaders.getRawHeaders(b"content-type"), [b"text/plain; charset=utf-8"]
+        )
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"cache-control"), [b"no-store"])
+        return request.responseCode or 200, body.decode()
+
+    def server(self, upstream: str, url: str) -> Any:
+        return next(s for s in self.gateway.upstreams[upstream].servers if s.url == url)
+
+    def test_lifecycle(self) -> None:
+        """503 until the listeners listen, 200 while they do, 503 from the moment the gate stops."""
+        self.assertEqual(self.ready(), (503, "not ready: gate starting\n"))
+        self.listening.startService()
+        self.assertEqual(self.ready(), (200, "ready\n"))
+        self.listening.stopService()
+        self.assertEqual(self.ready(), (503, "not ready: gate stopping\n"))
+
+    def test_shutdown(self) -> None:
+        """A gateway closing its sessions (SIGTERM) is not ready, even before the marker stops."""
+        self.listening.startService()
+        self.gateway.shutdown()
+        self.assertEqual(self.ready(), (503, "not ready: gate stopping\n"))
+
+    def test_every_routed_upstream_needs_a_server_up(self) -> None:
+        """
+        One server up per routed upstream is enough; an upstream with every server down or
+        draining makes the gate not ready, and is named once however many routes use it.
+        """
+        self.listening.startService()
+        chat = self.gateway.upstreams["chat"]
+        chat.set_healthy(self.server("chat", A), False, "test")
+        self.assertEqual(self.ready(), (200, "ready\n"))
+        chat.set_draining(self.server("chat", B), True)
+        self.assertEqual(self.ready(), (503, "not ready: upstream chat: no server up\n"))
+        feed = self.gateway.upstreams["feed"]
+        feed.set_healthy(self.server("feed", C), False, "test")
+        self.assertEqual(
+            self.ready(),
+            (503, "not ready: upstream chat: no server up; upstream feed: no server up\n"),
+        )
+        chat.set_draining(self.server("chat", B), False)
+        feed.set_healthy(self.server("feed", C), True, "test")
+        self.assertEqual(self.ready(), (200, "ready\n"))
+
+    def test_passive_down_comes_back(self) -> None:
+        """A server marked down by failed attempts counts again once its fail_timeout is over."""
+        self.listening.startService()
+        feed = self.gateway.upstreams["feed"]
+        feed.set_healthy(self.server("feed", C), False, "test")
+        self.assertEqual(self.ready()[0], 503)
+        feed.set_healthy(self.server("feed", C), True, "test")
+        chat = self.gateway.upstreams["chat"]
+        for url in (A, B):
+            chat.failed(self.server("chat", url))
+        self.assertEqual(self.ready(), (503, "not ready: upstream chat: no server up\n"))
+        self.net.advance(chat.spec.fail_timeout + 1)
+        self.assertEqual(self.ready(), (200, "ready\n"))
+
+    def test_workers_aggregate(self) -> None:
+        """With workers, the parent answers from its workers' snapshots: no report, not ready."""
+        aggregate = Aggregate(self.gateway.config, self.net.clock, lambda *a, **k: None, None)  # type: ignore[arg-type]
+        root = admin_resource(aggregate, None, self.listening)  # type: ignore[arg-type]
+        self.listening.startService()
+        self.assertEqual(
+            self.ready(root),
+            (503, "not ready: upstream chat: no server up; upstream feed: no server up\n"),
+        )
+        control = WorkerControl(SimpleNamespace(gateway=self.gateway), stop=lambda: None)
+        aggregate.update(1, control.call_snapshot())
+        self.assertEqual(self.ready(root), (200, "ready\n"))
+        self.gateway.upstreams["feed"].set_healthy(self.server("feed", C), False, "test")
+        aggregate.update(1, control.call_snapshot())
+        self.assertEqual(self.ready(root), (503, "not ready: upstream feed: no server up\n"))
+
+    def test_service_passes_the_marker(self) -> None:
+        """admin_service serves /ready from the marker it is given."""
+        svc: Any = admin_service(
+            configmod.AdminSpec("tcp:0:interface=127.0.0.1"), self.gateway, None, self.listening
+        )
+        self.assertEqual(self.ready(svc.factory.resource), (503, "not ready: gate starting\n"))

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from twisted.application.internet import StreamServerEndpointService
@@ -72,3 +73,32 @@ class MakeServiceTests(SynchronousTestCase):
         top = makeService(parse("--demo", "--demo-port", "18010"), MemoryReactorClock())
         factories = [type(s.factory) for s in top if isinstance(s, StreamServerEndpointService)]
         self.assertEqual(factories, [EchoBackendFactory, ClientLegFactory])
+
+    def test_ready_marker(self) -> None:
+        """
+        The Listening marker comes after every listener (started last, stopped first), the admin
+        listener's /ready reads it, a SIGHUP reload is wrapped by it, and a gate built on a given
+        reactor (a test's) never reads NOTIFY_SOCKET.
+        """
+        environ = {**os.environ, "NOTIFY_SOCKET": "/run/systemd/notify"}
+        self.patch(os, "environ", environ)
+        path = Path(self.mktemp())
+        text = (ROOT / "etc" / "wsgate.toml").read_text()
+        path.write_text(text + '\n[admin]\nendpoint = "tcp:0:interface=127.0.0.1"\n')
+        for extra in ("", "workers = 2\n"):
+            path.write_text(extra + path.read_text().removeprefix("workers = 2\n"))
+            top = makeService(parse("--config", str(path)), MemoryReactorClock())
+            children = list(top)
+            self.assertIs(children[-1], top.listening)
+            self.assertIsNone(top.listening.notify.address)
+            self.assertEqual(environ["NOTIFY_SOCKET"], "/run/systemd/notify")
+            admin = [
+                s for s in children if type(getattr(s, "factory", None)).__name__ == "AdminSite"
+            ]
+            [site] = [s.factory for s in admin]
+            self.assertIs(site.resource.children[b"ready"].listening, top.listening)
+            if not extra:
+                [reloader] = [s for s in children if type(s).__name__ == "_Reload"]
+                self.assertIs(reloader.listening, top.listening)
+                listeners = [s for s in children if isinstance(s, StreamServerEndpointService)]
+                self.assertLess(children.index(listeners[-1]), children.index(top.listening))

@@ -1,7 +1,8 @@
 """
-The admin HTTP listener: ``/metrics`` (Prometheus text format), ``/status.json`` and the live
-status page ``/`` with its files under ``/static/`` (package data in ``wsgate/static``; plain
-HTML, JS and CSS: no build step, nothing from a CDN).
+The admin HTTP listener: ``/metrics`` (Prometheus text format), ``/status.json``, ``/ready`` (for
+readiness probes and load balancers) and the live status page ``/`` with its files under
+``/static/`` (package data in ``wsgate/static``; plain HTML, JS and CSS: no build step, nothing
+from a CDN).
 
 Owns the HTTP side only: figures come from :mod:`wsgate.status` and :mod:`wsgate.metrics`.  Must
 not act on the gate: every resource is read-only.  There is no authentication: bind it to
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application import service, strports
 from twisted.web import resource, static
@@ -23,7 +24,7 @@ from wsgate import metrics, status
 from wsgate.config import AdminSpec
 from wsgate.gateway import Gateway
 
-__all__ = ["STATIC_DIR", "AdminSite", "admin_resource", "admin_service"]
+__all__ = ["STATIC_DIR", "AdminSite", "admin_resource", "admin_service", "not_ready"]
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 # /status.json lists at most this many sessions (the busiest) unless ?limit= says otherwise.
@@ -77,6 +78,49 @@ class _Status(_GatewayResource):
         return json.dumps(data, separators=(",", ":")).encode("utf-8")
 
 
+class _Listening(Protocol):
+    """Where the gate is in its life: ``starting``, ``listening`` or ``stopping``."""
+
+    state: str
+
+
+def not_ready(gateway: Gateway, listening: _Listening | None) -> list[str]:
+    """
+    Why the gate should get no new sessions now (empty: ready): its listeners are not listening
+    yet or it is stopping, or a route's upstream has no server up.
+    """
+    problems = []
+    state = "listening" if listening is None else listening.state
+    if state != "listening":
+        problems.append(f"gate {state}")
+    elif getattr(gateway, "closing", False):
+        problems.append("gate stopping")
+    up = {row["upstream"] for row in status.upstreams(gateway, 0.0) if row["state"] == "up"}
+    names = dict.fromkeys(route.upstream for route in gateway.config.routes)
+    problems += [f"upstream {name}: no server up" for name in names if name not in up]
+    return problems
+
+
+class _Ready(resource.Resource):
+    """``/ready``: 200 ``ready``, or 503 ``not ready: REASON; ...`` (short text either way)."""
+
+    isLeaf = True
+
+    def __init__(self, gateway: Gateway, listening: _Listening | None) -> None:
+        super().__init__()
+        self.gateway = gateway
+        self.listening = listening
+
+    def render_GET(self, request: Request) -> bytes:
+        _no_store(request)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        problems = not_ready(self.gateway, self.listening)
+        if problems:
+            request.setResponseCode(503)
+            return f"not ready: {'; '.join(problems)}\n".encode()
+        return b"ready\n"
+
+
 class _Page(resource.Resource):
     """``/``: the status page itself."""
 
@@ -104,11 +148,17 @@ class _Root(resource.Resource):
         return resource.NoResource()
 
 
-def admin_resource(gateway: Gateway, sampler: status.Sampler | None) -> resource.Resource:
-    """The resource tree: ``/``, ``/metrics``, ``/status.json`` and ``/static/``."""
+def admin_resource(
+    gateway: Gateway, sampler: status.Sampler | None, listening: _Listening | None = None
+) -> resource.Resource:
+    """
+    The resource tree: ``/``, ``/metrics``, ``/status.json``, ``/ready`` and ``/static/``.
+    ``listening`` (None: always listening) says whether the gate has started and not begun to stop.
+    """
     root: Any = _Root(_Page())
     root.putChild(b"metrics", _Metrics(gateway, sampler))
     root.putChild(b"status.json", _Status(gateway, sampler))
+    root.putChild(b"ready", _Ready(gateway, listening))
     files: Any = static.File(STATIC_DIR)
     files.contentTypes = {**files.contentTypes, ".js": "text/javascript", ".css": "text/css"}
     files.indexNames = []
@@ -124,8 +174,11 @@ class AdminSite(Site):
 
 
 def admin_service(
-    spec: AdminSpec, gateway: Gateway, sampler: status.Sampler | None
+    spec: AdminSpec,
+    gateway: Gateway,
+    sampler: status.Sampler | None,
+    listening: _Listening | None = None,
 ) -> service.Service:
     """The admin listener as a ``strports`` service (binds in ``privilegedStartService``)."""
-    site: Any = AdminSite(admin_resource(gateway, sampler))
+    site: Any = AdminSite(admin_resource(gateway, sampler, listening))
     return strports.service(spec.endpoint, site)

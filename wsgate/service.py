@@ -10,6 +10,7 @@ root) and a busy port fails at startup.  It must not hold logic of its own.
 from __future__ import annotations
 
 import gc
+import os
 import pprint
 import sys
 from typing import Any, NoReturn
@@ -35,6 +36,7 @@ from wsgate.health import AutoRebalance, HealthChecker, Probes
 from wsgate.logs import GateLog, twistd_log_file
 from wsgate.proxy_protocol import proxy_protocol_endpoint
 from wsgate.redact import redact_target
+from wsgate.sdnotify import Listening, Notifier, take_address
 from wsgate.sighup import reload_on_sighup
 from wsgate.status import Sampler
 from wsgate.tls import (
@@ -195,6 +197,7 @@ class _Reload(service.Service):
         connector: BackendConnector,
         upstream_services: _UpstreamServices,
         reactor: Any,
+        listening: Listening | None = None,
     ) -> None:
         self.path = path
         self.gateway = gateway
@@ -203,11 +206,13 @@ class _Reload(service.Service):
         self.connector = connector
         self.upstream_services = upstream_services
         self.reactor = reactor
+        self.listening = listening
         self._restore_sighup: Any = None
 
     def startService(self) -> None:
         super().startService()
-        self._restore_sighup = reload_on_sighup(self.reactor, self.reload, self.log)
+        reload = self.reload if self.listening is None else self.listening.reloading(self.reload)
+        self._restore_sighup = reload_on_sighup(self.reactor, reload, self.log)
 
     def stopService(self) -> Any:
         if self._restore_sighup is not None:
@@ -313,7 +318,11 @@ def _listener_service(endpoint: Any, factory: Any) -> StreamServerEndpointServic
 
 
 def _add_monitoring(
-    config: configmod.Config, gateway: Gateway, top: service.MultiService, reactor: Any
+    config: configmod.Config,
+    gateway: Gateway,
+    top: service.MultiService,
+    reactor: Any,
+    listening: Listening,
 ) -> None:
     """The sampler, the SSH console and the admin listener, each only when configured."""
     if config.console is None and config.admin is None:
@@ -337,7 +346,7 @@ def _add_monitoring(
             raise usage.UsageError(f"cannot start the console:\n{e}") from None
         top.console = console  # type: ignore[attr-defined]
     if config.admin is not None:
-        admin_service(config.admin, gateway, sampler).setServiceParent(top)
+        admin_service(config.admin, gateway, sampler, listening).setServiceParent(top)
 
 
 class _UpstreamServices(service.MultiService):
@@ -398,8 +407,21 @@ def _adopted(reactor: Any, listener: configmod.Listener, adopted: dict[str, Any]
     )
 
 
+def _ready_marker(config: configmod.Config, notify_address: str | None) -> Listening:
+    """
+    The marker added after the listeners: ``/ready`` reads it, and it tells systemd (Type=notify)
+    when the gate listens, reloads and stops.
+    """
+    endpoints = [listener.endpoint for listener in config.listeners]
+    endpoints += [redirect.endpoint for redirect in config.redirects]
+    return Listening(Notifier(notify_address), "listening on " + ", ".join(endpoints))
+
+
 def _parent_service(
-    options: Options | dict[str, Any], config: configmod.Config, reactor: Any
+    options: Options | dict[str, Any],
+    config: configmod.Config,
+    reactor: Any,
+    notify_address: str | None,
 ) -> service.MultiService:
     """``workers`` > 1: the parent binds the listeners, supervises the workers, aggregates."""
     top = _Gate()
@@ -413,7 +435,8 @@ def _parent_service(
     pool.setServiceParent(top)
     top.workers = pool  # type: ignore[attr-defined]
     top.reload = pool.reload  # type: ignore[attr-defined]
-    _add_monitoring(config, pool.aggregate, top, reactor)  # type: ignore[arg-type]
+    listening = _ready_marker(config, notify_address)
+    _add_monitoring(config, pool.aggregate, top, reactor, listening)  # type: ignore[arg-type]
     for redirect in config.redirects:
         StreamServerEndpointService(
             serverFromString(reactor, redirect.endpoint),
@@ -421,6 +444,8 @@ def _parent_service(
                 redirect.https_port, lambda target: redact_target(target, pool.config.log)
             ),
         ).setServiceParent(top)
+    listening.setServiceParent(top)  # last: started once the workers are spawned, stopped first
+    top.listening = listening  # type: ignore[attr-defined]
     return top
 
 
@@ -442,11 +467,13 @@ def worker_service(
 
 
 def makeService(options: Options | dict[str, Any], reactor: Any = None) -> service.MultiService:
+    notify_address = None
     if reactor is None:  # the process's own gate (twistd), not a test's
         from twisted.internet import reactor
 
         tune_gc()
         dispatch_directly(reactor)
+        notify_address = take_address(os.environ)  # systemd's Type=notify; workers never see it
     config: configmod.Config = options["gate_config"]
     # Autobahn logs every frame at debug level through txaio; twistd would format them all.
     txaio.set_global_log_level("info")  # type: ignore[attr-defined]
@@ -454,13 +481,14 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
     autobahn_protocol.pformat = _LazyFormat  # type: ignore[assignment]
     adopted: dict[str, Any] | None = options.get("adopted")
     if config.workers > 1 and adopted is None:
-        return _parent_service(options, config, reactor)
+        return _parent_service(options, config, reactor, notify_address)
     top = _Gate()
     gateway = Gateway(config, reactor)
     top.gateway = gateway  # type: ignore[attr-defined]
     top.log_observer = _gate_log(options, lambda: gateway.config.log)
+    listening = _ready_marker(config, notify_address)
     if adopted is None:
-        _add_monitoring(config, gateway, top, reactor)
+        _add_monitoring(config, gateway, top, reactor, listening)
     if options.get("demo"):
         demo: Any = EchoBackendFactory()
         strports.service(f"tcp:{options['demo-port']}:interface=127.0.0.1", demo).setServiceParent(
@@ -511,10 +539,13 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
             connector,
             upstream_services,
             reactor,
+            listening,
         )
         reloader.setServiceParent(top)
         top.reload = reloader.reload  # type: ignore[attr-defined]
     top.tls_listeners = tls_listeners  # type: ignore[attr-defined]
+    listening.setServiceParent(top)  # after the listeners: started last, stopped first
+    top.listening = listening  # type: ignore[attr-defined]
     if options.get("demo"):
         port = config.listeners[0].endpoint.split(":")[1]
         _Announcement(
