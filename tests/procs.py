@@ -27,6 +27,7 @@ import pexpect
 from websockets.exceptions import ConnectionClosed
 
 __all__ = [
+    "CHROMIUM_FLAGS",
     "LOOPBACK",
     "NODE_FIXTURES",
     "REPO",
@@ -38,6 +39,7 @@ __all__ = [
     "start_gate",
     "start_node_backend",
     "start_process",
+    "start_route_gate",
     "terminate_gate",
     "spawn_wscat",
     "wait_for_port",
@@ -303,6 +305,42 @@ def start_configured_gate(
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     return start_process(case, argv, ready_port=port, cwd=REPO, env=env)
+
+
+def start_route_gate(
+    case: _Case, backend_url: str, mode: str = "message", route_extra: str = ""
+) -> Process:
+    """
+    Run the gate from a config file in a fresh temporary directory: one loopback listener on a
+    free port (``process.port``), one route ``/`` in ``mode`` (plus the ``route_extra`` lines) to
+    one upstream with the single server ``backend_url``.
+    """
+    port = free_port()
+    directory = Path(tempfile.mkdtemp(prefix="wsgate-route-"))
+    case.addCleanup(shutil.rmtree, directory, True)
+    config = directory / "wsgate.toml"
+    config.write_text(
+        f'[[listen]]\nendpoint = "tcp:{port}:interface={LOOPBACK}"\n\n'
+        f'[[route]]\nupstream = "u"\nmode = "{mode}"\n{route_extra}\n\n'
+        f'[upstream.u]\nservers = [{{ url = "{backend_url}" }}]\n'
+    )
+    gate = start_configured_gate(case, config, port)
+    gate.port = port
+    return gate
+
+
+# Headless Chromium as root on a machine without a network: no sandbox, GPU, QUIC, first-run or
+# background requests (each would be refused, many at a time), a profile of the test's own.
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
 
 
 def terminate_gate(

@@ -42,13 +42,14 @@ from twisted.trial.unittest import TestCase
 from websockets.sync.client import ClientConnection, connect
 
 from tests.procs import (
+    CHROMIUM_FLAGS,
     LOOPBACK,
     NODE_FIXTURES,
     Process,
     free_port,
     node_command,
-    start_configured_gate,
     start_process,
+    start_route_gate,
 )
 
 DEFLATE_SERVER = NODE_FIXTURES / "deflate_server.js"
@@ -191,14 +192,7 @@ class Browser:
         case.addCleanup(remove_profile, profile)  # runs after Chromium is stopped (LIFO)
         argv = [
             chromium_command(),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
+            *CHROMIUM_FLAGS,
             "--no-proxy-server",
             f"--user-data-dir={profile}",
             "--remote-debugging-address=127.0.0.1",
@@ -296,22 +290,6 @@ def start_deflate_backend(case: TestCase) -> Process:
     return process
 
 
-def start_gate(case: TestCase, backend_port: int, mode: str) -> Process:
-    """A gate process: one loopback listener, one route ``/`` in ``mode`` to the backend."""
-    port = free_port()
-    directory = Path(tempfile.mkdtemp(prefix="wsgate-browser-"))
-    case.addCleanup(shutil.rmtree, directory, True)
-    config = directory / "wsgate.toml"
-    config.write_text(
-        f'[[listen]]\nendpoint = "tcp:{port}:interface={LOOPBACK}"\n\n'
-        f'[[route]]\nupstream = "u"\nmode = "{mode}"\n\n'
-        f'[upstream.u]\nservers = [{{ url = "ws://{LOOPBACK}:{backend_port}" }}]\n'
-    )
-    gate = start_configured_gate(case, config, port)
-    gate.port = port
-    return gate
-
-
 class BrowserDeflateTests(TestCase):
     """Chromium's own WebSocket through a gate whose route has ``mode = "message"``."""
 
@@ -328,7 +306,7 @@ class BrowserDeflateTests(TestCase):
         if self.mode is None:
             port, via = backend.port, "direct"
         else:
-            gate = start_gate(self, backend.port, self.mode)
+            gate = start_route_gate(self, f"ws://{LOOPBACK}:{backend.port}", self.mode)
             assert gate.port is not None
             port, via = gate.port, f"gate, {self.mode} mode"
         page = PAGE % {"url": json.dumps(f"ws://{LOOPBACK}:{port}/"), "repeat": LARGE_REPEAT}

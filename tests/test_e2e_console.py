@@ -24,7 +24,15 @@ from twisted.trial.unittest import TestCase
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from tests.procs import LOOPBACK, REPO, Process, free_ports, start_configured_gate, start_process
+from tests.procs import (
+    CHROMIUM_FLAGS,
+    LOOPBACK,
+    REPO,
+    Process,
+    free_ports,
+    start_configured_gate,
+    start_process,
+)
 
 BACKEND = REPO / "tests" / "fixtures" / "ab_backend.py"
 ARTIFACTS = REPO / "test-artifacts"
@@ -323,14 +331,7 @@ class StatusPageTests(ConsoleGateCase):
         self.addCleanup(shutil.rmtree, profile, True)
         argv = [
             command("chromium"),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
+            *CHROMIUM_FLAGS,
             f"--user-data-dir={profile}",
             "--window-size=1440,1000",
             "--virtual-time-budget=5000",

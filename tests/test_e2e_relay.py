@@ -26,12 +26,10 @@ import base64
 import hashlib
 import json
 import os
-import shutil
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -50,9 +48,9 @@ from tests.procs import (
     Process,
     free_port,
     node_command,
-    start_configured_gate,
     start_node_backend,
     start_process,
+    start_route_gate,
 )
 
 FIXTURES = REPO / "tests" / "fixtures"
@@ -111,26 +109,6 @@ def start_backend(case: Any, kind: str) -> Process:
     process = start_process(case, [sys.executable, str(script), str(port)], ready_port=port)
     process.wait_for_output("ready")
     return process
-
-
-def start_relay_gate(case: Any, backend_url: str, mode: str, route_extra: str = "") -> Process:
-    """
-    Run the gate from a config file in a fresh temporary directory: one loopback listener on a
-    free port (``process.port``), one route ``/`` in ``mode`` (plus the ``route_extra`` lines) to
-    one upstream with the single server ``backend_url``.
-    """
-    port = free_port()
-    directory = Path(tempfile.mkdtemp(prefix="wsgate-relay-"))
-    case.addCleanup(shutil.rmtree, directory, True)
-    config = directory / "wsgate.toml"
-    config.write_text(
-        f'[[listen]]\nendpoint = "tcp:{port}:interface={LOOPBACK}"\n\n'
-        f'[[route]]\nupstream = "u"\nmode = "{mode}"\n{route_extra}\n\n'
-        f'[upstream.u]\nservers = [{{ url = "{backend_url}" }}]\n'
-    )
-    gate = start_configured_gate(case, config, port)
-    gate.port = port
-    return gate
 
 
 def rss_kib(pid: int) -> int:
@@ -344,7 +322,7 @@ class _RelayCase(SynchronousTestCase):
             cls.gate = None
             cls.port = cls.backend.port
         else:
-            cls.gate = start_relay_gate(
+            cls.gate = start_route_gate(
                 scope, f"ws://{LOOPBACK}:{cls.backend.port}", cls.mode, cls.route_extra
             )
             assert cls.gate.port is not None
@@ -802,52 +780,15 @@ class TunnelProtocolVersionTests(ProtocolVersionTests):
 # --- 5: floods from peers that do not read -------------------------------------------------------
 
 
-class _Flood:
+class _SocketWorker:
     """
-    A thread writing ``frames`` (whole frames, cycled so every write continues where the last
-    stopped) to ``sock`` as fast as it takes them, never reading, until ``seconds`` have passed,
-    the connection fails, or ``stop()``.  Every write is bounded by a short socket timeout.
+    A thread working on ``sock`` (a short socket timeout bounds every call) until ``seconds``
+    have passed, the connection fails or ends (``ended`` says how), or ``stop()``.
     """
-
-    def __init__(self, sock: socket.socket, frames: bytes, seconds: float) -> None:
-        self.sock = sock
-        self.frames = frames
-        self.deadline = time.monotonic() + seconds
-        self.sent = 0
-        self.ended: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5.0)
-
-    def _run(self) -> None:
-        view = memoryview(self.frames)
-        offset = 0
-        self.sock.settimeout(0.2)
-        while not self._stop.is_set() and time.monotonic() < self.deadline:
-            try:
-                written = self.sock.send(view[offset:])
-            except TimeoutError:
-                continue
-            except OSError as e:
-                self.ended = f"{type(e).__name__}: {e}"
-                return
-            self.sent += written
-            offset = (offset + written) % len(self.frames)
-
-
-class _Drain:
-    """A thread reading and discarding from ``sock`` until ``seconds`` have passed or ``stop()``."""
 
     def __init__(self, sock: socket.socket, seconds: float) -> None:
         self.sock = sock
         self.deadline = time.monotonic() + seconds
-        self.read = 0
         self.ended: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -863,16 +804,48 @@ class _Drain:
         self.sock.settimeout(0.2)
         while not self._stop.is_set() and time.monotonic() < self.deadline:
             try:
-                data = self.sock.recv(256 * KiB)
+                if not self.step():
+                    return
             except TimeoutError:
                 continue
             except OSError as e:
                 self.ended = f"{type(e).__name__}: {e}"
                 return
-            if not data:
-                self.ended = "closed by the gate"
-                return
-            self.read += len(data)
+
+    def step(self) -> bool:
+        """One call on the socket; False when the connection ended."""
+        raise NotImplementedError
+
+
+class _Flood(_SocketWorker):
+    """Writes ``frames`` (whole frames, cycled so every write continues where the last stopped)
+    as fast as the socket takes them, never reading."""
+
+    def __init__(self, sock: socket.socket, frames: bytes, seconds: float) -> None:
+        super().__init__(sock, seconds)
+        self.frames = memoryview(frames)
+        self.offset = 0
+        self.sent = 0
+
+    def step(self) -> bool:
+        written = self.sock.send(self.frames[self.offset :])
+        self.sent += written
+        self.offset = (self.offset + written) % len(self.frames)
+        return True
+
+
+class _Drain(_SocketWorker):
+    """Reads and discards everything."""
+
+    read = 0
+
+    def step(self) -> bool:
+        data = self.sock.recv(256 * KiB)
+        if not data:
+            self.ended = "closed by the gate"
+            return False
+        self.read += len(data)
+        return True
 
 
 class FloodTests(SynchronousTestCase):
@@ -887,7 +860,7 @@ class FloodTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.backend = start_backend(self, "frame_echo")
-        self.gate = start_relay_gate(self, f"ws://{LOOPBACK}:{self.backend.port}", self.mode)
+        self.gate = start_route_gate(self, f"ws://{LOOPBACK}:{self.backend.port}", self.mode)
         assert self.gate.port is not None
         self.port = self.gate.port
         self.probe = connect(
