@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = ["CA", "Issued", "make_ca"]
@@ -34,7 +34,11 @@ def _key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -110,13 +114,14 @@ class CA:
         client: bool = False,
         expired: bool = False,
         not_after: datetime.datetime | None = None,
+        rsa: bool = False,
     ) -> Issued:
         """
         A certificate for ``names`` (DNS names or IP addresses; the first is the common name): a
         server certificate, or with ``client=True`` a client certificate.  ``expired=True`` makes
-        one that ended yesterday.
+        one that ended yesterday.  Keys are EC P-256, or RSA 2048 with ``rsa=True``.
         """
-        key = _key()
+        key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = _rsa_key() if rsa else _key()
         now = datetime.datetime.now(datetime.UTC)
         if expired:
             start, end = now - 30 * _DAY, now - _DAY

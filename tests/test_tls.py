@@ -10,6 +10,7 @@ In-memory where the behaviour is ours alone; real peers where the issue names th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
@@ -232,6 +234,31 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(tls.min_version, "1.3")
         self.assertEqual(sorted(tls.sni), ["*.w.test", "a.test"])
 
+    def test_ciphers(self) -> None:
+        """tls.ciphers defaults to forward-secret AEAD suites; a custom OpenSSL string is kept;
+        one that selects no suite is refused with its key path."""
+        self.certs.server("a", "a.test")
+        tls = (
+            self.parse({"endpoint": "tcp:0", "tls": {"cert": "a.pem", "key": "a.key"}})
+            .listeners[0]
+            .tls
+        )
+        self.assertEqual(tls.ciphers, configmod.DEFAULT_CIPHERS)
+        custom = "ECDHE+AESGCM"
+        tls = (
+            self.parse(
+                {"endpoint": "tcp:0", "tls": {"cert": "a.pem", "key": "a.key", "ciphers": custom}}
+            )
+            .listeners[0]
+            .tls
+        )
+        self.assertEqual(tls.ciphers, custom)
+        for bad in ("NOSUCHCIPHER", "", 3):
+            text = self.problems(
+                {"endpoint": "tcp:0", "tls": {"cert": "a.pem", "key": "a.key", "ciphers": bad}}
+            )
+            self.assertIn("listen[0].tls.ciphers: ", text)
+
     def test_certificate_problems(self) -> None:
         """Missing files, a key of another certificate and an expired certificate are reported
         with the config file, key path, certificate file and reason, all at once."""
@@ -382,6 +409,27 @@ class InMemoryTests(SynchronousTestCase):
             self.assertEqual(cert.get_subject().CN, cn)
             self.assertEqual(client.negotiatedProtocol, None)  # the client offered no ALPN
 
+    def test_default_ciphers(self) -> None:
+        """The listener's context offers, for TLS 1.2, only ECDHE/DHE key exchange with AES-GCM or
+        ChaCha20-Poly1305 (no static RSA, no CBC, no SHA-1 MAC); TLS 1.3 suites stay."""
+        context = ServerTLS(self.spec())._default.getContext()
+        offered = SSL.Connection(context, None).get_cipher_list()
+        tls12 = [c for c in offered if not c.startswith("TLS_")]
+        self.assertTrue(tls12)
+        for cipher in tls12:
+            self.assertRegex(cipher, r"^(ECDHE|DHE)-(RSA|ECDSA)-")
+            self.assertRegex(cipher, r"(-GCM-SHA(256|384)|-CHACHA20-POLY1305)$")
+        self.assertIn("ECDHE-RSA-AES128-GCM-SHA256", tls12)
+        self.assertNotIn("AES128-SHA", offered)
+        self.assertIn("TLS_AES_128_GCM_SHA256", offered)
+
+    def test_custom_ciphers(self) -> None:
+        """tls.ciphers replaces the TLS 1.2 suites."""
+        spec = dataclasses.replace(self.spec(), ciphers="ECDHE-ECDSA-CHACHA20-POLY1305")
+        context = ServerTLS(spec)._default.getContext()
+        offered = SSL.Connection(context, None).get_cipher_list()
+        self.assertEqual([c for c in offered if not c.startswith("TLS_")], [spec.ciphers])
+
     def test_server_transport_is_ssl(self) -> None:
         """Sessions see ISSLTransport on a TLS listener (so X-Forwarded-Proto is https)."""
         _, server_transport = self.connect(ServerTLS(self.spec()), "default.test")
@@ -463,9 +511,9 @@ class FrontDoorTests(SynchronousTestCase):
         self.certs = Certs(self.dir)
         self.port, self.redirect_port = procs.free_ports(2)
 
-    def start(self, min_version: str = "1.2") -> procs.Process:
+    def start(self, min_version: str = "1.2", rsa: bool = False) -> procs.Process:
         tls = {
-            **self.certs.server("default", "localhost"),
+            **self.certs.server("default", "localhost", rsa=rsa),
             "min_version": min_version,
             "sni": {
                 "a.test": self.certs.server("a", "a.test"),
@@ -518,6 +566,24 @@ class FrontDoorTests(SynchronousTestCase):
             out = s_client(self.port, old, "-cipher", "DEFAULT@SECLEVEL=0")
             self.assertIn("alert protocol version", out, old)
             self.assertIn("no peer certificate available", out, old)
+
+    def test_openssl_ciphers(self) -> None:
+        """With an RSA certificate, TLS 1.2 with static-RSA key exchange and CBC (AES128-SHA) is
+        refused; ECDHE-RSA-AES128-GCM-SHA256 is served."""
+        self.start(rsa=True)
+        out = s_client(self.port, "-tls1_2", "-cipher", "AES128-SHA")
+        self.assertIn("no peer certificate available", out)
+        self.assertRegex(out, r"handshake failure|no shared cipher")
+        out = s_client(
+            self.port,
+            "-tls1_2",
+            "-cipher",
+            "ECDHE-RSA-AES128-GCM-SHA256",
+            "-CAfile",
+            self.certs.ca_file,
+        )
+        self.assertIn("Cipher is ECDHE-RSA-AES128-GCM-SHA256", out)
+        self.assertIn("Verify return code: 0 (ok)", out)
 
     def test_min_version_13(self) -> None:
         """min_version = "1.3" refuses TLS 1.2."""

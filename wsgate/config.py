@@ -30,6 +30,7 @@ __all__ = [
     "ConfigError",
     "ConsoleSpec",
     "AdminSpec",
+    "DEFAULT_CIPHERS",
     "HealthSpec",
     "LOG_FORMATS",
     "LOG_LEVELS",
@@ -50,6 +51,11 @@ __all__ = [
 BALANCE_METHODS = ("round_robin", "least_conn", "hash", "random_two")
 HEALTH_TYPES = ("tcp", "websocket", "http")
 TLS_VERSIONS = ("1.2", "1.3")
+# TLS 1.2 cipher suites of a listener by default (an OpenSSL cipher string): forward secrecy
+# (ECDHE or DHE key exchange) and AEAD (AES-GCM or ChaCha20-Poly1305) only, so no static-RSA key
+# exchange, no CBC and no SHA-1 MACs (Mozilla's "intermediate" set).  TLS 1.3 suites are all AEAD
+# with forward secrecy and are not affected by this string.
+DEFAULT_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!DSS"
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -97,12 +103,14 @@ class CertificateFiles:
 class ListenerTLS:
     """
     TLS on a listener: the default certificate (clients without SNI, or with a name not in
-    ``sni``), the lowest TLS version accepted, and certificates chosen by SNI name (exact lower-case
-    names and ``*.example.com`` wildcards).
+    ``sni``), the lowest TLS version accepted, the TLS 1.2 cipher suites (an OpenSSL cipher
+    string) and certificates chosen by SNI name (exact lower-case names and ``*.example.com``
+    wildcards).
     """
 
     default: CertificateFiles
     min_version: str = "1.2"
+    ciphers: str = DEFAULT_CIPHERS
     sni: Mapping[str, CertificateFiles] = field(default_factory=dict)
 
 
@@ -662,6 +670,7 @@ def _sni_name(value: str) -> str | None:
 def _listener_tls(table: _Table) -> ListenerTLS | None:
     default = _certificate_files(table)
     min_version = table.get("min_version", "1.2", _choice(*TLS_VERSIONS))
+    ciphers = table.get("ciphers", DEFAULT_CIPHERS, _cipher_string)
     sni: dict[str, CertificateFiles] = {}
     for name, sub in table.subtables("sni"):
         normal = _sni_name(name)
@@ -676,7 +685,20 @@ def _listener_tls(table: _Table) -> ListenerTLS | None:
     table.done()
     if default is None:
         return None
-    return ListenerTLS(default=default, min_version=min_version, sni=sni)
+    return ListenerTLS(default=default, min_version=min_version, ciphers=ciphers, sni=sni)
+
+
+def _cipher_string(value: object) -> str:
+    """An OpenSSL cipher string that selects at least one TLS 1.2 cipher suite."""
+    from OpenSSL import SSL
+
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected an OpenSSL cipher string such as ECDHE+AESGCM")
+    try:
+        SSL.Context(SSL.TLS_METHOD).set_cipher_list(value.encode("ascii"))
+    except (SSL.Error, UnicodeEncodeError):
+        raise ValueError(f"{value!r}: selects no TLS 1.2 cipher suite OpenSSL knows") from None
+    return value
 
 
 def _listener(table: _Table) -> Listener:

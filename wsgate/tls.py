@@ -2,7 +2,8 @@
 TLS: the gate's front door (server-side contexts) and its connections to backend servers.
 
 Server side.  :class:`ServerTLS` is the connection creator of one TLS listener: TLS 1.2+ (or 1.3+),
-Twisted's (OpenSSL's) modern cipher defaults through ``CertificateOptions``, ALPN offering only
+for TLS 1.2 only cipher suites with forward secrecy and AEAD unless the listener's ``ciphers``
+says otherwise (``config.DEFAULT_CIPHERS``; TLS 1.3 keeps OpenSSL's suites), ALPN offering only
 ``http/1.1`` (so browsers never try WebSocket over HTTP/2), a default certificate for clients that
 send no SNI (or an unknown name) and certificates chosen by SNI name, exact or ``*.example.com``
 wildcard (one label, as browsers match).  :meth:`ServerTLS.reload` builds a whole new set of
@@ -51,6 +52,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import (
+    AcceptableCiphers,
     Certificate,
     CertificateOptions,
     PrivateCertificate,
@@ -109,8 +111,11 @@ def _private_certificate(cert: str, key: str) -> PrivateCertificate:
     return PrivateCertificate.loadPEM(_read(cert) + b"\n" + _read(key))
 
 
-def _server_options(files: CertificateFiles, min_version: str, **extra: Any) -> CertificateOptions:
-    """``CertificateOptions`` for one server certificate (the cert file may carry its chain)."""
+def _server_options(files: CertificateFiles, spec: ListenerTLS, **extra: Any) -> CertificateOptions:
+    """
+    ``CertificateOptions`` for one server certificate (the cert file may carry its chain), with
+    the listener's lowest version and TLS 1.2 ciphers (TLS 1.3 keeps OpenSSL's suites).
+    """
     chain = _certificates(files.cert)[1:]
     if files.chain is not None:
         chain += _certificates(files.chain)
@@ -119,7 +124,8 @@ def _server_options(files: CertificateFiles, min_version: str, **extra: Any) -> 
         privateKey=private.privateKey.original,
         certificate=private.original,
         extraCertChain=[c.original for c in chain],
-        raiseMinimumTo=_MIN_VERSIONS[min_version],
+        raiseMinimumTo=_MIN_VERSIONS[spec.min_version],
+        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(spec.ciphers),
         acceptableProtocols=ALPN_PROTOCOLS,
         **extra,
     )
@@ -147,12 +153,10 @@ class ServerTLS:
     def _build(self, spec: ListenerTLS) -> tuple[CertificateOptions, Mapping[bytes, SSL.Context]]:
         try:
             by_name = {
-                name.encode("idna"): _server_options(files, spec.min_version).getContext()
+                name.encode("idna"): _server_options(files, spec).getContext()
                 for name, files in spec.sni.items()
             }
-            default = _server_options(
-                spec.default, spec.min_version, contextForServerName=self._context_for
-            )
+            default = _server_options(spec.default, spec, contextForServerName=self._context_for)
             default.getContext()  # build it now, so that errors show here and not per connection
         except Exception as e:  # OpenSSL and file errors alike: say which file and why
             files = iter([spec.default, *spec.sni.values()])
