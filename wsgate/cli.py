@@ -10,7 +10,9 @@ the exit statuses.  It must not build services or parse the gateway's options it
   or SIGINT stops the gate gracefully, then the process ends by that signal, as under twistd.
   A failure to start (bad options or config, a busy port, an unreadable file) prints one line
   ``wsgate: <reason>`` on stderr and exits 1, instead of twistd's usage text or a traceback.
-- ``wsgate check PATH`` validates a config file like ``nginx -t`` (``wsgate.config.load``).
+- ``wsgate check PATH`` validates a config file like ``nginx -t`` (``wsgate.config.load``, then
+  ``wsgate.preflight``: endpoints, colliding listeners, console files), exit 1 on a problem; a
+  ``warning:`` line (exit 0) for a risky setting such as an admin listener beyond loopback.
 - ``wsgate version`` prints the versions of wsgate and of what it runs on, one per line.
 """
 
@@ -57,13 +59,24 @@ def versions() -> list[tuple[str, str]]:
 
 
 def check(path: str) -> int:
-    """Print ``ok`` (0) or every problem of the config file as ``PATH: key.path: reason`` (1)."""
+    """
+    Print ``ok`` (0) or every problem of the config file as ``PATH: key.path: reason`` (1): its
+    schema (``wsgate.config.load``), then what would fail at start (``wsgate.preflight``).
+    Risky but working settings print ``warning: PATH: key.path: reason`` lines first.
+    """
+    from wsgate import preflight
     from wsgate.config import ConfigError, load
 
     try:
-        load(path)
+        config = load(path)
     except ConfigError as e:
         print("\n".join(e.problems))
+        return 1
+    for warning in preflight.warnings(config):
+        print(f"warning: {warning}")
+    problems = preflight.problems(config)
+    if problems:
+        print("\n".join(problems))
         return 1
     print("ok")
     return 0
