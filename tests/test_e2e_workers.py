@@ -74,6 +74,7 @@ class WorkersTests(TestCase):
             f'[admin]\nendpoint = "tcp:{admin_port}:interface={LOOPBACK}"\n'
             '[limits]\nshutdown_grace = "5s"\n'
         )
+        self.config, self.gate_port = config, gate_port
         self.gate: Process = start_configured_gate(self, config, gate_port)
         self.url = f"ws://{LOOPBACK}:{gate_port}"
         self.admin = f"http://{LOOPBACK}:{admin_port}"
@@ -196,3 +197,35 @@ class WorkersTests(TestCase):
         self.assertNotIn("worker_killed", log)
         for pid in self.pids.values():
             self.assertFalse(_alive(pid), f"worker {pid} outlived the parent")
+
+    def test_process_group_signal(self) -> None:
+        """
+        SIGTERM or SIGINT to the whole process group (systemd's KillMode=mixed/control-group,
+        Ctrl-C in a terminal) reaches the parent and both workers at once: every client gets 1001,
+        each worker exits 0, the parent ends by the signal, and nothing logs a traceback or a
+        CRITICAL line (each worker stops once, however many stop requests meet).  Three rounds,
+        as the collision is a race.
+        """
+        for round, signum in enumerate((signal.SIGTERM, signal.SIGTERM, signal.SIGINT)):
+            if round:
+                self.gate = start_configured_gate(self, self.config, self.gate_port)
+                self.pids = self.worker_pids(2)
+                for pid in self.pids.values():
+                    self.addCleanup(_kill_worker, pid)
+            clients = self.open(4)
+            os.killpg(self.gate.pid, signum)
+            for ws in clients:
+                with self.assertRaises(ConnectionClosed):
+                    ws.recv(timeout=_WAIT)
+                self.assertEqual(ws.close_code, 1001)
+            deadline = time.monotonic() + _WAIT
+            while self.gate.returncode is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.assertEqual(self.gate.returncode, -signum, self.gate.describe())
+            output = self.gate.stdout() + self.gate.stderr()
+            for bad in ("Traceback", "CRITICAL", "#critical", "Unhandled"):
+                self.assertNotIn(bad, output, f"round {round}:\n{self.gate.describe()}")
+            for index, pid in self.pids.items():
+                self.assertIn(f"worker_stopped {index} pid={pid} exit 0", output)
+                self.assertFalse(_alive(pid), f"worker {pid} outlived the parent")
+            self.assertNotIn("worker_killed", output)

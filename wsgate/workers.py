@@ -10,7 +10,9 @@ listeners, health checks, reload) except the console and the admin listener, whi
 parent.  A worker that dies is restarted after a bounded backoff and the sessions it had are logged
 as lost.  SIGHUP in the parent validates the file and fans out to every worker; stopping the
 parent (SIGTERM) asks every worker to stop (each closes its sessions with 1001 within
-``shutdown_grace``) and ends after the last one.
+``shutdown_grace``) and ends after the last one.  A worker's own SIGTERM/SIGINT (a signal to the
+whole process group) goes through the same idempotent stop as the parent's request, not through
+Twisted's handlers, so the two never stop the reactor twice.
 
 Control channel.  Each worker's stdin and stdout carry newline-delimited JSON messages: requests
 ``{"id", "call", "args"}`` from the parent, answers ``{"id", "result"}`` or ``{"id", "error"}``
@@ -42,6 +44,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import socket
 import string
 import sys
@@ -551,9 +554,25 @@ def run_worker(argv: list[str], build: Callable[..., Any]) -> int:
     stopping: list[bool] = []
 
     def stop() -> None:
+        # The one way a worker stops, whichever comes first: the parent's "stop", the parent gone
+        # (stdin closed), or SIGTERM/SIGINT.  A process-group signal (systemd, Ctrl-C) brings the
+        # signal and the parent's "stop" together; a second reactor.stop() would raise
+        # ReactorNotRunning and be logged as a CRITICAL traceback.
         if not stopping:
             stopping.append(True)
             the_reactor.callLater(0, the_reactor.stop)
+
+    def on_signal(number: int, frame: Any) -> None:
+        Logger(namespace="wsgate.worker").info(
+            "worker_signal {index} {signal}: stopping",
+            index=index,
+            signal=signal.Signals(number).name,
+        )
+        the_reactor.callFromThread(stop)
+
+    # Twisted's own handlers would call reactor.stop() beside stop(); ours go through stop().
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, on_signal)
 
     control = _StdioControl(the_reactor, stop)
     stdio.StandardIO(control)  # type: ignore[no-untyped-call]
@@ -566,8 +585,8 @@ def run_worker(argv: list[str], build: Callable[..., Any]) -> int:
         top.privilegedStartService()
     except Exception:  # noqa: BLE001  reported to the parent, which restarts with a backoff
         log.failure("worker_start_failed {index}", index=index)
-        the_reactor.callLater(0, the_reactor.stop)
-        the_reactor.run()
+        stop()
+        the_reactor.run(installSignalHandlers=False)
         return 1
 
     def send_event(event: dict[str, Any]) -> None:
@@ -584,7 +603,7 @@ def run_worker(argv: list[str], build: Callable[..., Any]) -> int:
         lambda: defer.maybeDeferred(top.stopService).addBoth(lambda _: control.flush()),
     )
     the_reactor.callWhenRunning(top.startService)
-    the_reactor.run()
+    the_reactor.run(installSignalHandlers=False)
     return 0
 
 
