@@ -123,12 +123,22 @@ def _mounts(settings: dict[str, list[str]]) -> None:
     libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
     _check(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount --make-rprivate /")
+    # BindReadOnlyPaths=: kept visible (read-only) through the private /tmp, as systemd does;
+    # the tests name the checkout, which CI may clone under /tmp.
+    kept = [(path, os.open(path, os.O_PATH)) for path in settings.get("BindReadOnlyPaths", [])]
     if settings.get("PrivateTmp", ["no"])[-1] == "yes":
         for tmp in (b"/tmp", b"/var/tmp"):
             _check(
                 libc.mount(b"tmpfs", tmp, b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=1777"),
                 f"tmpfs on {tmp.decode()}",
             )
+    for path, fd in kept:
+        os.makedirs(path, exist_ok=True)
+        source = f"/proc/self/fd/{fd}".encode()
+        _check(libc.mount(source, path.encode(), None, _MS_BIND | _MS_REC, None), f"bind {path}")
+        flags = _MS_REMOUNT | _MS_BIND | _MS_RDONLY
+        _check(libc.mount(None, path.encode(), None, flags, None), f"read-only {path}")
+        os.close(fd)
     if settings.get("ProtectSystem", ["no"])[-1] == "strict":
         flags = _MS_REMOUNT | _MS_BIND | _MS_RDONLY
         _check(libc.mount(None, b"/", None, flags, None), "remount / read-only")

@@ -107,7 +107,9 @@ class UnitFileTests(SynchronousTestCase):
 
 def sandboxed(*command: str, extra: tuple[str, ...] = ()) -> list[str]:
     """``command`` under the unit's sandbox (tests/sandbox.py), with ``--set`` ``extra``."""
-    options = [arg for setting in extra for arg in ("--set", setting)]
+    # The checkout stays visible through PrivateTmp= wherever it is cloned (CI may use /tmp).
+    settings = (f"BindReadOnlyPaths={REPO}", *extra)
+    options = [arg for setting in settings for arg in ("--set", setting)]
     return [sys.executable, "-m", "tests.sandbox", str(UNIT), *options, "--", *command]
 
 
