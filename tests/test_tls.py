@@ -664,6 +664,18 @@ class BackendTLSTests(SynchronousTestCase):
             gate.stdout(),
         )
 
+    def test_name_service_identity_cannot_parse(self) -> None:
+        """A trusted certificate for another name plus a pattern service_identity refuses to parse
+        (``*.localhost``): refused, not accepted as Twisted 26.10's own check would (fail open)."""
+        self.backend(self.certs, "evil.test", "*.localhost")
+        gate = self.gate(ca=self.certs.ca_file)
+        self.refused()
+        gate.wait_for_output("session_refused")
+        self.assertIn(
+            f"TLS handshake with localhost:{self.backend_port} failed: certificate does not match",
+            gate.stdout(),
+        )
+
     def test_untrusted(self) -> None:
         """A backend certificate from a CA the gate does not trust (the system trust store when
         no ca is given): 502, and the log says 'certificate verify failed'."""

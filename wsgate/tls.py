@@ -28,10 +28,13 @@ decide routing; it receives specs from ``config.py`` and is wired by ``service.p
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import service_identity  # noqa: F401 - see the module docstring
+import service_identity  # see the module docstring
+import service_identity.hazmat
+import service_identity.pyopenssl
 from OpenSSL import SSL
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, fail
@@ -267,7 +270,7 @@ class TLSHandshakeError(Exception):
 
 def _describe_tls_failure(reason: Failure, host: str) -> str:
     value = reason.value
-    if isinstance(value, service_identity.VerificationError):
+    if isinstance(value, service_identity.VerificationError | service_identity.CertificateError):
         return f"certificate does not match host name {host!r}"
     if isinstance(value, SSL.Error):
         texts = [err[2] for err in value.args[0] if isinstance(err, tuple) and len(err) == 3]
@@ -358,7 +361,50 @@ def client_tls(server: ServerSpec) -> IOpenSSLClientConnectionCreator:
         )
         return unverified
     trust = trustRootFromCertificates(_certificates(server.ca)) if server.ca else platformTrust()
-    return optionsForClientTLS(server.host, trustRoot=trust, clientCertificate=client)
+    checked: Any = _HostChecked(
+        server.host, optionsForClientTLS(server.host, trustRoot=trust, clientCertificate=client)
+    )
+    return checked
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _HostChecked:
+    """
+    ``optionsForClientTLS``'s connections with a host name check that fails closed.  Twisted's own
+    check (26.10, ``_sslverify._verifyCB``) refuses a certificate only on ``VerificationError``; any
+    other exception, such as service_identity's ``CertificateError`` for a name it cannot parse
+    (``*.localhost``), is logged and the chain's verdict kept, so a backend holding a certificate
+    for another name plus one such pattern was accepted.  Here every exception refuses.
+    """
+
+    def __init__(self, host: str, creator: Any) -> None:
+        self._creator = creator
+        ip = isIPAddress(host) or isIPv6Address(host)
+        self._id = (
+            service_identity.hazmat.IPAddress_ID(host)
+            if ip
+            else (service_identity.hazmat.DNS_ID(host))
+        )
+
+    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
+        connection = self._creator.clientConnectionForTLS(tlsProtocol)
+        service, protocol = self._id, weakref.ref(tlsProtocol)  # no cycle through the callback
+
+        def verify(conn: SSL.Connection, cert: Any, err: int, depth: int, ok: int) -> bool:
+            if depth != 0 or not ok:
+                return bool(ok)  # the chain's own verdict, OpenSSL's to report
+            try:
+                patterns = service_identity.pyopenssl.extract_patterns(cert)
+                service_identity.hazmat.verify_service_identity(patterns, [service], [])
+            except Exception:  # noqa: BLE001  VerificationError and any other: refuse
+                wrapped = protocol()
+                if wrapped is not None:
+                    wrapped.failVerification(Failure())
+                return False
+            return True
+
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
+        return connection
 
 
 def unverified_servers(config: Config) -> list[str]:
