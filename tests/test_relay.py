@@ -256,3 +256,23 @@ class SlowConsumerTests(SynchronousTestCase):
             ((code, reason),) = backend.closes
             self.assertEqual(code, 1001, mode)
             self.assertIn("client error 1013", reason, mode)
+
+
+class IdleTests(SynchronousTestCase):
+    def test_pings_do_not_keep_an_idle_session(self) -> None:
+        """The gate's own keepalive pings (answered by pongs it consumes) and a peer's pings do
+        not count as activity: idle_timeout still closes a session that carries no message."""
+        for mode in MODES:
+            backend = BackendFactory()
+            net = Network(
+                make_config([A], mode=mode, idle_timeout="30s", ping_interval="5s"), {A: backend}
+            )
+            client = net.client()
+            for _ in range(5):
+                net.advance(5)
+                client.proto.sendPing(b"still here")
+                net.flush()
+            self.assertIsNone(client.close, mode)
+            for _ in range(2):
+                net.advance(5)
+            self.assertEqual(client.close, (1001, "idle timeout"), mode)

@@ -306,14 +306,14 @@ class Relay:
         rate = self.rate
         if rate is not None:
             engine.quota = rate.remaining()
-        before = engine.messages + engine.controls
-        spent = engine.bytes
+        messages, controls, spent = engine.messages, engine.controls, engine.bytes
         out = engine.receive(data)
         if out:
             self.sink.write(out)
-        count = engine.messages + engine.controls - before
+        count = engine.messages - messages + engine.controls - controls
         if count:
-            self.last = self._now()
+            if engine.messages != messages:  # idle means no message: pings do not count
+                self.last = self._now()
             if self._pinged and engine.expect_pong is None:
                 self._pinged = False
                 self.session.pong_received(self)
