@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.helpers import BackendFactory, Network, make_config, upgrade_request
 from tests.test_limits import frame
 from wsgate.bridge import READ_SIZE, Relay
-from wsgate.core.frames import FrameEngine, close_frame, data_frame
+from wsgate.core.frames import FrameEngine, close_frame
 
 A = "ws://a.test:1"
 
@@ -224,7 +224,8 @@ class ReadSizeTests(SynchronousTestCase):
         sink = _Sink()
         engine = FrameEngine(True, validate_utf8=False)
         relay = Relay(engine, source, sink, cast(Any, None), lambda: 0.0)
-        stream = data_frame(b"z" * (3 * READ_SIZE), binary=True, masked=True)
+        size = 3 * READ_SIZE  # a masked binary frame, key 0 (the payload as it is)
+        stream = bytes([0x82, 0x80 | 127]) + struct.pack("!Q", size) + bytes(4) + b"z" * size
         relay.dataReceived(stream[: READ_SIZE - 1])
         self.assertEqual(source.bufferSize, READ_SIZE)
         relay.dataReceived(stream[READ_SIZE - 1 : 2 * READ_SIZE - 1])

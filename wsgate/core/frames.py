@@ -86,7 +86,6 @@ from __future__ import annotations
 import codecs
 import os
 import struct
-from random import getrandbits
 from typing import Protocol
 
 from autobahn.websocket.xormasker import create_xor_masker
@@ -250,15 +249,6 @@ def _header(b0: int, length: int, key: bytes | None) -> bytes:
     else:
         head = struct.pack("!BBQ", b0, bit | 127, length)
     return head if key is None else head + key
-
-
-def data_frame(payload: bytes, binary: bool, masked: bool) -> bytes:
-    """A whole text or binary message in one frame, masked with a fresh key if asked."""
-    b0 = 0x82 if binary else 0x81
-    if not masked:
-        return _header(b0, len(payload), None) + payload
-    key = getrandbits(32).to_bytes(4, "big")
-    return _header(b0, len(payload), key) + xor_mask(payload, key)
 
 
 class FrameEngine:
