@@ -40,6 +40,7 @@ __all__ = [
     "start_node_backend",
     "start_process",
     "start_route_gate",
+    "read_until",
     "terminate_gate",
     "spawn_wscat",
     "wait_for_port",
@@ -341,6 +342,18 @@ CHROMIUM_FLAGS = (
     "--disable-component-update",
     "--disable-sync",
 )
+
+
+def read_until(sock: socket.socket, marker: bytes, timeout: float = 5.0) -> bytes:
+    """Read from ``sock`` until ``marker`` has arrived or the peer closes; what was read."""
+    sock.settimeout(timeout)
+    data = b""
+    while marker not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def terminate_gate(

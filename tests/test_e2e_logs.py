@@ -21,7 +21,13 @@ from twisted.trial.unittest import TestCase
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from tests.procs import LOOPBACK, free_ports, start_configured_gate, start_node_backend
+from tests.procs import (
+    LOOPBACK,
+    free_ports,
+    read_until,
+    start_configured_gate,
+    start_node_backend,
+)
 
 TOKEN = "tok3n-S3CRET"
 AUTH = "Bearer au7h-S3CRET"
@@ -39,12 +45,7 @@ def raw_status(port: int, request: bytes) -> int:
     """Send a raw request and return the HTTP status of the answer."""
     with socket.create_connection((LOOPBACK, port), timeout=5) as sock:
         sock.sendall(request)
-        answer = b""
-        while b"\r\n" not in answer:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
+        answer = read_until(sock, b"\r\n")
     return int(answer.split(b" ", 2)[1])
 
 

@@ -145,6 +145,15 @@ def run_deflate_client(url: str, size: int = MiB) -> dict[str, Any]:
 # --- a raw WebSocket client ----------------------------------------------------------------------
 
 
+# The websockets clients' options: every wait bounded, 4 MiB test messages allowed.
+_CLIENT_OPTIONS: dict[str, Any] = {
+    "open_timeout": _TIMEOUT,
+    "close_timeout": _TIMEOUT,
+    "max_size": 64 * MiB,
+    "proxy": None,
+}
+
+
 class _Ended(Exception):
     """The connection ended (FIN or RST) while a frame was awaited."""
 
@@ -331,13 +340,7 @@ class _RelayCase(SynchronousTestCase):
 
     def connect(self, path: str = "/", **kwargs: Any) -> ClientConnection:
         """A ``websockets`` (sync) client session; every wait bounded; cleanup closes it."""
-        options: dict[str, Any] = {
-            "open_timeout": _TIMEOUT,
-            "close_timeout": _TIMEOUT,
-            "max_size": 64 * MiB,
-            "proxy": None,
-        }
-        options.update(kwargs)
+        options = {**_CLIENT_OPTIONS, **kwargs}
         client = connect(self.url + path, **options)
         self.addCleanup(client.close)
         return client
@@ -362,13 +365,7 @@ class _RelayCase(SynchronousTestCase):
 
     def aconnect(self, path: str = "/", **kwargs: Any) -> Any:
         """A ``websockets`` asyncio client (``async with``); every wait bounded."""
-        options: dict[str, Any] = {
-            "open_timeout": _TIMEOUT,
-            "close_timeout": _TIMEOUT,
-            "max_size": 64 * MiB,
-            "proxy": None,
-        }
-        options.update(kwargs)
+        options = {**_CLIENT_OPTIONS, **kwargs}
         return aconnect(self.url + path, **options)
 
     def describe(self) -> str:

@@ -53,6 +53,7 @@ from tests.procs import (
     free_port,
     free_ports,
     node_command,
+    read_until,
     start_configured_gate,
     start_process,
     wait_for_port,
@@ -103,14 +104,7 @@ def accept_value(key: str) -> str:
 
 def read_head(sock: socket.socket, timeout: float = _IO_TIMEOUT) -> bytes:
     """Read from ``sock`` until the end of an HTTP head (or EOF); what was read."""
-    sock.settimeout(timeout)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
+    return read_until(sock, b"\r\n\r\n", timeout)
 
 
 class RawBackend:
