@@ -179,8 +179,7 @@ def ws_client(port: int, ca: str, path: str = "/") -> ClientConnection:
         f"wss://{LOOPBACK}:{port}{path}",
         ssl=context,
         server_hostname="localhost",
-        # Above the gate's own backend connect timeout (5 s): a slow machine must not turn the
-        # gate's 502/504 into a client-side timeout (seen twice in full CI runs on 2 cores).
+        # Above the gate's own backend connect timeout (5 s): the gate answers 502/504 first.
         open_timeout=15,
         close_timeout=2,
         proxy=None,

@@ -28,7 +28,6 @@ decide routing; it receives specs from ``config.py`` and is wired by ``service.p
 from __future__ import annotations
 
 import re
-import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -287,10 +286,13 @@ class _HandshakeWait(ProtocolWrapper):
     handshake is done, or fails with :class:`TLSHandshakeError` when the connection ends first.
     """
 
-    def __init__(self, factory: Any, wrappedProtocol: Any, host: str, port: int) -> None:
+    def __init__(
+        self, factory: Any, wrappedProtocol: Any, host: str, port: int, verify: bool
+    ) -> None:
         super().__init__(factory, wrappedProtocol)
         self.host = host
         self.port = port
+        self.verify = verify
         self.ready: Deferred = Deferred(self._cancel)
 
     def makeConnection(self, transport: Any) -> None:
@@ -306,8 +308,41 @@ class _HandshakeWait(ProtocolWrapper):
             self.transport.abortConnection()
 
     def handshakeCompleted(self) -> None:
-        if not self.ready.called:
-            self.ready.callback(self.wrappedProtocol)
+        if self.ready.called:
+            return
+        problem = self._identity_problem() if self.verify else None
+        if problem is not None:
+            self.ready.errback(
+                TLSHandshakeError(f"TLS handshake with {self.host}:{self.port} failed: {problem}")
+            )
+            transport: Any = self.transport
+            transport.abortConnection()
+            return
+        self.ready.callback(self.wrappedProtocol)
+
+    def _identity_problem(self) -> str | None:
+        """
+        The host name check again, failing closed.  Twisted 26.10's own (``_sslverify._verifyCB``)
+        refuses a certificate only on ``VerificationError``: any other exception, such as
+        service_identity's ``CertificateError`` for a name it cannot parse (``*.localhost``), is
+        logged and the chain's verdict kept, so a trusted certificate for another name plus such
+        a pattern was accepted.
+        """
+        host = self.host
+        ip = isIPAddress(host) or isIPv6Address(host)
+        wanted = (
+            service_identity.hazmat.IPAddress_ID(host)
+            if ip
+            else (service_identity.hazmat.DNS_ID(host))
+        )
+        try:
+            transport: Any = self.transport
+            cert = transport.getPeerCertificate()
+            patterns = service_identity.pyopenssl.extract_patterns(cert)
+            service_identity.hazmat.verify_service_identity(patterns, [wanted], [])
+        except Exception:  # noqa: BLE001  VerificationError and any other: refuse
+            return f"certificate does not match host name {host!r}"
+        return None
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
         if not self.ready.called:
@@ -321,13 +356,15 @@ class _HandshakeWait(ProtocolWrapper):
 class _HandshakeWaitFactory(WrappingFactory):
     noisy = False
 
-    def __init__(self, wrappedFactory: Any, host: str, port: int) -> None:
+    def __init__(self, wrappedFactory: Any, host: str, port: int, verify: bool) -> None:
         super().__init__(wrappedFactory)
         self.host = host
         self.port = port
+        self.verify = verify
 
     def buildProtocol(self, addr: Any) -> _HandshakeWait:
-        return _HandshakeWait(self, self.wrappedFactory.buildProtocol(addr), self.host, self.port)
+        wrapped = self.wrappedFactory.buildProtocol(addr)
+        return _HandshakeWait(self, wrapped, self.host, self.port, self.verify)
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -361,50 +398,7 @@ def client_tls(server: ServerSpec) -> IOpenSSLClientConnectionCreator:
         )
         return unverified
     trust = trustRootFromCertificates(_certificates(server.ca)) if server.ca else platformTrust()
-    checked: Any = _HostChecked(
-        server.host, optionsForClientTLS(server.host, trustRoot=trust, clientCertificate=client)
-    )
-    return checked
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class _HostChecked:
-    """
-    ``optionsForClientTLS``'s connections with a host name check that fails closed.  Twisted's own
-    check (26.10, ``_sslverify._verifyCB``) refuses a certificate only on ``VerificationError``; any
-    other exception, such as service_identity's ``CertificateError`` for a name it cannot parse
-    (``*.localhost``), is logged and the chain's verdict kept, so a backend holding a certificate
-    for another name plus one such pattern was accepted.  Here every exception refuses.
-    """
-
-    def __init__(self, host: str, creator: Any) -> None:
-        self._creator = creator
-        ip = isIPAddress(host) or isIPv6Address(host)
-        self._id = (
-            service_identity.hazmat.IPAddress_ID(host)
-            if ip
-            else (service_identity.hazmat.DNS_ID(host))
-        )
-
-    def clientConnectionForTLS(self, tlsProtocol: TLSMemoryBIOProtocol) -> SSL.Connection:
-        connection = self._creator.clientConnectionForTLS(tlsProtocol)
-        service, protocol = self._id, weakref.ref(tlsProtocol)  # no cycle through the callback
-
-        def verify(conn: SSL.Connection, cert: Any, err: int, depth: int, ok: int) -> bool:
-            if depth != 0 or not ok:
-                return bool(ok)  # the chain's own verdict, OpenSSL's to report
-            try:
-                patterns = service_identity.pyopenssl.extract_patterns(cert)
-                service_identity.hazmat.verify_service_identity(patterns, [service], [])
-            except Exception:  # noqa: BLE001  VerificationError and any other: refuse
-                wrapped = protocol()
-                if wrapped is not None:
-                    wrapped.failVerification(Failure())
-                return False
-            return True
-
-        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
-        return connection
+    return optionsForClientTLS(server.host, trustRoot=trust, clientCertificate=client)
 
 
 def unverified_servers(config: Config) -> list[str]:
@@ -460,7 +454,8 @@ class BackendConnector:
         except Exception as e:  # files gone or changed since the config was checked
             return fail(TLSHandshakeError(f"TLS settings for {server.url} failed to load: {e}"))
         tls_endpoint: Any = wrapClientTLS(creator, endpoint)
-        d = tls_endpoint.connect(_HandshakeWaitFactory(factory, server.host, server.port))
+        wait = _HandshakeWaitFactory(factory, server.host, server.port, server.verify)
+        d = tls_endpoint.connect(wait)
         d.addCallback(lambda wait: wait.ready)
         d.addTimeout(timeout, self._reactor)  # type: ignore[arg-type]
         return d
