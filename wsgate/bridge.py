@@ -674,7 +674,6 @@ class Session:
             return
         assert engine.closed is not None
         if engine.forwarded_close:
-            assert relay.partner is not None
             relay.close_sent = 1005 if engine.closed[0] is None else engine.closed[0]
         self._record_end(side, _describe_close("close", *engine.closed))
         self._close_handshake_progress()
@@ -1045,6 +1044,13 @@ def _send_data(leg: Any, data: bytes, sync: bool = False, chopsize: int | None =
         leg.transport.write(data)
 
 
+def _cancel_handshake_timer(leg: Any) -> None:
+    """Both legs' ``cancel_handshake_timer``: stop the opening-handshake timer, if it runs."""
+    timer, leg.handshake_timer = leg.handshake_timer, None
+    if timer is not None and timer.active():
+        timer.cancel()
+
+
 class _QuietLog:
     """
     The legs' Autobahn log: only errors pass.  Autobahn logs every failed handshake and failed
@@ -1091,11 +1097,8 @@ class ClientLeg(WebSocketServerProtocol):
         self.wasOpenHandshakeTimeout = True
         self.dropConnection(abort=True)
 
-    def cancel_handshake_timer(self) -> None:
-        """The request is complete: from here on the backend attempts' own timeouts apply."""
-        timer, self.handshake_timer = self.handshake_timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+    # The request is complete: from here on the backend attempts' own timeouts apply.
+    cancel_handshake_timer = _cancel_handshake_timer
 
     def onConnect(self, request: ConnectionRequest) -> Deferred:  # type: ignore[override]
         # Autobahn accepts a Deferred from onConnect and answers the handshake when it fires.
@@ -1283,10 +1286,7 @@ class BackendLeg(WebSocketClientProtocol):
         self.timed_out = True
         self.dropConnection(abort=True)
 
-    def _cancel_handshake_timer(self) -> None:
-        timer, self.handshake_timer = self.handshake_timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+    cancel_handshake_timer = _cancel_handshake_timer
 
     @property
     def session(self) -> Session:
@@ -1311,7 +1311,7 @@ class BackendLeg(WebSocketClientProtocol):
         )
 
     def onOpen(self) -> None:
-        self._cancel_handshake_timer()
+        self.cancel_handshake_timer()
         self.extensions_answer = self.http_headers.get("sec-websocket-extensions")
         self.session.backend_opened(self)
 
@@ -1320,7 +1320,7 @@ class BackendLeg(WebSocketClientProtocol):
         super().failHandshake(reason)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self._cancel_handshake_timer()
+        self.cancel_handshake_timer()
         if self.session.backend is self:
             self.session.leg_lost(self)
         else:
