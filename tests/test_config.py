@@ -170,7 +170,12 @@ class LimitsConfigTests(SynchronousTestCase):
         base = {
             "listen": [{"endpoint": "tcp:1", "proxy_protocol": True}],
             "route": [
-                {"upstream": "u", "max_frame_size": "1KiB", "allowed_origins": ["https://a"]}
+                {
+                    "upstream": "u",
+                    "max_frame_size": "1KiB",
+                    "allowed_origins": ["https://a"],
+                    "compression": "off",
+                }
             ],
             "upstream": {"u": {"servers": [{"url": "ws://a:1"}]}},
         }
@@ -183,14 +188,19 @@ class LimitsConfigTests(SynchronousTestCase):
                     "max_header_size": "8KiB",
                     "trusted_proxies": ["10.0.0.0/8"],
                     "close_timeout": "250ms",
+                    "send_timeout": "30s",
                 },
             },
             "x.toml",
         )
         self.assertEqual((c.limits.shutdown_grace, c.limits.max_header_size), (120.0, 8192))
         self.assertEqual((c.limits.close_timeout, c.log_session_opened), (0.25, True))
-        defaults = config.parse(base, "x.toml")
+        defaults = config.parse({**base, "route": [{"upstream": "u"}]}, "x.toml")
         self.assertEqual((defaults.limits.close_timeout, defaults.log_session_opened), (5.0, False))
+        self.assertEqual((c.limits.send_timeout, c.routes[0].compression), (30.0, "off"))
+        self.assertEqual(
+            (defaults.limits.send_timeout, defaults.routes[0].compression), (60.0, "pass")
+        )
         self.assertEqual(str(c.limits.trusted_proxies[0]), "10.0.0.0/8")
         self.assertEqual(
             (c.routes[0].max_frame_size, c.routes[0].allowed_origins), (1024, ("https://a",))
@@ -201,13 +211,25 @@ class LimitsConfigTests(SynchronousTestCase):
             config.parse,
             {
                 **base,
-                "limits": {"trusted_proxies": ["nonsense"], "max_sessions": -1, "shutdown": 1},
+                "route": [{"upstream": "u", "compression": "gzip"}],
+                "limits": {
+                    "trusted_proxies": ["nonsense"],
+                    "max_sessions": -1,
+                    "shutdown": 1,
+                    "send_timeout": "soon",
+                },
             },
             "x.toml",
         )
         self.assertEqual(
             sorted(p.split(": ")[1] for p in e.problems),
-            ["limits.max_sessions", "limits.shutdown", "limits.trusted_proxies"],
+            [
+                "limits.max_sessions",
+                "limits.send_timeout",
+                "limits.shutdown",
+                "limits.trusted_proxies",
+                "route[0].compression",
+            ],
         )
 
 
