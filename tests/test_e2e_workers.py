@@ -149,10 +149,15 @@ class WorkersTests(TestCase):
             by_worker.setdefault(row["worker"], []).append(row["id"])
         self.assertEqual(set(by_worker), {1, 2}, by_worker)
         self.assertEqual(sum(len(ids) for ids in by_worker.values()), 12)
-        metrics = self.get("/metrics").decode()
+        # The sessions opened before their messages went: poll until a worker report counts them.
+        deadline = time.monotonic() + _WAIT
+        while 'wsgate_messages_total{direction="up"} 12\n' not in (
+            metrics := self.get("/metrics").decode()
+        ):
+            self.assertLess(time.monotonic(), deadline, metrics)
+            time.sleep(0.2)
         self.assertIn("wsgate_sessions_active 12\n", metrics)
         self.assertIn("wsgate_sessions_opened_total 12\n", metrics)
-        self.assertIn('wsgate_messages_total{direction="up"} 12\n', metrics)
         self.assertIn('wsgate_handshakes_total{result="ok"} 12\n', metrics)
 
         os.kill(self.gate.pid, signal.SIGHUP)
