@@ -23,8 +23,8 @@ from twisted.internet.protocol import Protocol
 from twisted.test import iosim
 
 from wsgate import config as configmod
-from wsgate.bridge import ClientLegFactory
-from wsgate.gateway import Gateway
+from wsgate.dataplane.bridge import ClientLegFactory
+from wsgate.dataplane.gateway import Gateway
 
 txaio.use_twisted()
 

@@ -17,10 +17,10 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from tests.helpers import BackendFactory, Network, make_config, upgrade_request
 from wsgate import config as configmod
-from wsgate.admin import admin_resource, admin_service
-from wsgate.sdnotify import Listening, Notifier
-from wsgate.status import Sampler
-from wsgate.workers import Aggregate, WorkerControl
+from wsgate.ops.admin import admin_resource, admin_service
+from wsgate.ops.status import Sampler
+from wsgate.process.sdnotify import Listening, Notifier
+from wsgate.process.workers import Aggregate, WorkerControl
 
 A = "ws://a.test:1"
 B = "ws://b.test:2"

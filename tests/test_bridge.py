@@ -11,7 +11,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import BackendFactory, Network, make_config, upgrade_request
-from wsgate.bridge import Session, _ReadThrottle, partner_close
+from wsgate.dataplane.bridge import Session, _ReadThrottle, partner_close
 
 A = "ws://a.test:1"
 B = "ws://b.test:2"

@@ -1,5 +1,5 @@
 """
-The reach-ins of ``wsgate/_compat.py`` against the installed Twisted: each fails when an upstream
+The reach-ins of ``wsgate/dataplane/_compat.py`` against the installed Twisted: each fails when an upstream
 release changes what it relies on.
 """
 
@@ -11,7 +11,7 @@ from twisted.internet import epollreactor
 from twisted.internet.abstract import FileDescriptor
 from twisted.trial.unittest import SynchronousTestCase
 
-from wsgate._compat import dispatch_directly
+from wsgate.dataplane._compat import dispatch_directly
 
 
 class _Reader(FileDescriptor):

@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.helpers import BackendFactory, Network, make_config
 from wsgate import config as configmod
 from wsgate.config import ConfigError
-from wsgate.console import (
+from wsgate.ops.console import (
     TAP_QUEUE,
     Console,
     ConsoleError,
@@ -31,7 +31,7 @@ from wsgate.console import (
     load_users,
     table,
 )
-from wsgate.status import Sampler
+from wsgate.ops.status import Sampler
 
 A = "ws://a.test:1"
 B = "ws://b.test:2"

@@ -14,8 +14,8 @@ from twisted.names.common import ResolverBase
 from twisted.trial.unittest import TestCase
 
 from wsgate.config import ServerSpec, UpstreamSpec
-from wsgate.discovery import DnsDiscovery
-from wsgate.upstream import Upstream
+from wsgate.control.discovery import DnsDiscovery
+from wsgate.core.upstream import Upstream
 
 NAME = "chat.svc.test"
 

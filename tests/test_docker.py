@@ -203,8 +203,8 @@ class DockerfileTests(SynchronousTestCase):
         [wheel] = out.glob("wsgate-*.whl")
         names = set(zipfile.ZipFile(wheel).namelist())
         self.assertIn("twisted/plugins/wsgate_plugin.py", names)
-        self.assertIn("wsgate/static/index.html", names)
-        self.assertIn("wsgate/sdnotify.py", names)
+        self.assertIn("wsgate/ops/static/index.html", names)
+        self.assertIn("wsgate/process/sdnotify.py", names)
 
 
 class PidOneTests(TestCase):

@@ -27,7 +27,7 @@ from tests.procs import (
     start_process,
 )
 from wsgate.config import ServerSpec, UpstreamSpec
-from wsgate.upstream import Upstream
+from wsgate.core.upstream import Upstream
 
 
 def start_gate_config(case: TestCase, text: str, port: int) -> object:

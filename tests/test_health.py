@@ -17,8 +17,8 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from wsgate.config import HealthSpec, ServerSpec, UpstreamSpec
-from wsgate.health import AutoRebalance, HealthChecker, Probes
-from wsgate.upstream import Server, Upstream
+from wsgate.control.health import AutoRebalance, HealthChecker, Probes
+from wsgate.core.upstream import Server, Upstream
 
 A, B = "ws://a.test:1", "ws://b.test:2"
 

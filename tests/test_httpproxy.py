@@ -18,9 +18,9 @@ from twisted.web import resource, server
 
 from tests.helpers import BackendFactory
 from wsgate import config as configmod
-from wsgate.bridge import ClientLegFactory
-from wsgate.gateway import Gateway
-from wsgate.httpproxy import parse_head
+from wsgate.dataplane.bridge import ClientLegFactory
+from wsgate.dataplane.gateway import Gateway
+from wsgate.dataplane.httpproxy import parse_head
 
 BIG = 2 * 1024 * 1024
 

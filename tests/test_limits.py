@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.helpers import BackendFactory, Network, make_config, upgrade_request
 from wsgate import config as configmod
 from wsgate.config import Limits
-from wsgate.limits import Admission, MessageRate, WarningLimiter, client_address
+from wsgate.core.limits import Admission, MessageRate, WarningLimiter, client_address
 
 A = "ws://a.test:1"
 B = "ws://b.test:2"

@@ -25,19 +25,20 @@ from tests.helpers import CLIENT_ADDRESS, BackendFactory, Network, upgrade_reque
 from tests.test_admin import get
 from tests.test_console import Terminal
 from wsgate import config as configmod
-from wsgate.admin import admin_resource
-from wsgate.console import Console
-from wsgate.gateway import config_changes
-from wsgate.logs import GateLog, json_line, logfmt_value, text_line, twistd_log_file
-from wsgate.redact import (
+from wsgate.core.redact import (
+    logfmt_value,
     redact_headers,
     redact_target,
     redact_text,
     sanitize_request_id,
 )
+from wsgate.dataplane.gateway import config_changes
+from wsgate.ops.admin import admin_resource
+from wsgate.ops.console import Console
+from wsgate.ops.logs import GateLog, json_line, text_line, twistd_log_file
+from wsgate.ops.status import Sampler
+from wsgate.process.workers import Channel, _ForwardedLog, _WorkerProcess
 from wsgate.service import Options, makeService
-from wsgate.status import Sampler
-from wsgate.workers import Channel, _ForwardedLog, _WorkerProcess
 
 A = "ws://a.test:1"
 # Secrets a client sends: none of them may show anywhere but at the backend.
@@ -787,7 +788,7 @@ class WorkerLogTests(SynchronousTestCase):
         events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        log = Logger(namespace="wsgate.gateway.Gateway", observer=forwarded)
+        log = Logger(namespace="wsgate.dataplane.gateway.Gateway", observer=forwarded)
         log.debug("worker_debug {x}", x=1)
         log.info(
             "session_closed session_id={session_id} closed_by={closed_by} tls={tls}",
@@ -826,7 +827,7 @@ class RedirectLogTests(SynchronousTestCase):
         from twisted.internet.address import IPv4Address
         from twisted.internet.testing import StringTransport
 
-        from wsgate.tls import redirect_site
+        from wsgate.net.tls import redirect_site
 
         spec = configmod.LogSpec()
         site = redirect_site(8443, lambda target: redact_target(target, spec))

@@ -10,7 +10,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from wsgate.proxy_protocol import proxy_protocol_endpoint
+from wsgate.net.proxy_protocol import proxy_protocol_endpoint
 
 V2 = (
     b"\r\n\r\n\x00\r\nQUIT\n"  # signature

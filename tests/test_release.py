@@ -23,10 +23,10 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from wsgate import config as configmod
-from wsgate.bridge import ClientLegFactory
+from wsgate.dataplane.bridge import ClientLegFactory
+from wsgate.dataplane.gateway import Gateway
 from wsgate.demo import EchoBackendFactory
-from wsgate.gateway import Gateway
-from wsgate.tls import BackendConnector
+from wsgate.net.tls import BackendConnector
 
 
 class _Client(WebSocketClientProtocol):

@@ -1,5 +1,5 @@
 """
-systemd's readiness protocol (``Type=notify``): the datagrams of :mod:`wsgate.sdnotify` read from
+systemd's readiness protocol (``Type=notify``): the datagrams of :mod:`wsgate.process.sdnotify` read from
 a real AF_UNIX datagram socket (a path in a temporary directory, or an abstract name), and real
 gate processes (``wsgate run``, one process and ``workers = 2``) started with ``NOTIFY_SOCKET``
 set, as systemd starts them: ``READY=1`` once listening, ``RELOADING=1``/``READY=1`` around a
@@ -28,7 +28,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from websockets.sync.client import connect
 
 from tests.procs import LOOPBACK, Process, free_ports, start_node_backend, start_process
-from wsgate.sdnotify import Listening, Notifier, send, take_address
+from wsgate.process.sdnotify import Listening, Notifier, send, take_address
 
 _RECV_TIMEOUT = 20.0
 
@@ -108,7 +108,9 @@ class SendTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, observer)
         missing = os.path.join(self.mktemp(), "absent")
         Notifier(missing)("READY=1")
-        [event] = [e for e in events if e.get("log_namespace") == "wsgate.sdnotify.Notifier"]
+        [event] = [
+            e for e in events if e.get("log_namespace") == "wsgate.process.sdnotify.Notifier"
+        ]
         self.assertEqual(event["log_level"], LogLevel.warn)
         self.assertEqual(event["address"], missing)
         Notifier(None)("READY=1")  # no systemd: nothing to do

@@ -12,7 +12,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from wsgate.bridge import ClientLegFactory
+from wsgate.dataplane.bridge import ClientLegFactory
 from wsgate.demo import EchoBackendFactory
 from wsgate.service import Options, makeService
 

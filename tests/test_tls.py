@@ -38,15 +38,15 @@ from websockets.sync.client import ClientConnection, connect
 from tests import procs
 from tests.certs import CA
 from wsgate import config as configmod
-from wsgate.bridge import ClientLegFactory
-from wsgate.service import Options, makeService
-from wsgate.tls import (
+from wsgate.dataplane.bridge import ClientLegFactory
+from wsgate.net.tls import (
     HTTPSRedirect,
     ServerTLS,
     TLSLoadError,
     _certificates,
     tls_server_factory,
 )
+from wsgate.service import Options, makeService
 
 LOOPBACK = procs.LOOPBACK
 

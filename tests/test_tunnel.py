@@ -18,8 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import BackendFactory, Network, make_config, upgrade_request
 from tests.test_limits import frame
-from wsgate.bridge import READ_SIZE, Relay
 from wsgate.core.frames import FrameEngine, close_frame
+from wsgate.dataplane.bridge import READ_SIZE, Relay
 
 A = "ws://a.test:1"
 

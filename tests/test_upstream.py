@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.helpers import BackendFactory, Network, upgrade_request
 from wsgate import config as configmod
 from wsgate.config import ServerSpec, UpstreamSpec
-from wsgate.upstream import Server, Upstream, address_url, request_key
+from wsgate.core.upstream import Server, Upstream, address_url, request_key
 
 
 def upstream(

@@ -20,10 +20,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.helpers import BackendFactory, Network, make_config
 from tests.test_console import Terminal
 from wsgate import config as configmod
-from wsgate import metrics, status
-from wsgate.console import Console
-from wsgate.service import makeService
-from wsgate.workers import (
+from wsgate.core import metrics
+from wsgate.ops import status
+from wsgate.ops.console import Console
+from wsgate.process.workers import (
     Aggregate,
     Channel,
     RemoteError,
@@ -32,6 +32,7 @@ from wsgate.workers import (
     qualified_id,
     split_id,
 )
+from wsgate.service import makeService
 
 A = "ws://a.test:1"
 B = "ws://b.test:2"

@@ -16,8 +16,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.helpers import BackendFactory, Network, make_config
 from tests.test_console import Terminal, assert_tapped_hello
 from tests.test_workers import A, TwoWorkersCase, _Worker
-from wsgate.console import TAP_QUEUE, TAP_REFRESH, Console
-from wsgate.workers import Aggregate
+from wsgate.ops.console import TAP_QUEUE, TAP_REFRESH, Console
+from wsgate.process.workers import Aggregate
 
 
 class _Listener:

@@ -11,7 +11,7 @@ the exit statuses.  It must not build services or parse the gateway's options it
   A failure to start (bad options or config, a busy port, an unreadable file) prints one line
   ``wsgate: <reason>`` on stderr and exits 1, instead of twistd's usage text or a traceback.
 - ``wsgate check PATH`` validates a config file like ``nginx -t`` (``wsgate.config.load``, then
-  ``wsgate.preflight``: endpoints, colliding listeners, console files), exit 1 on a problem; a
+  ``wsgate.ops.preflight``: endpoints, colliding listeners, console files), exit 1 on a problem; a
   ``warning:`` line (exit 0) for a risky setting such as an admin listener beyond loopback.
 - ``wsgate version`` prints the versions of wsgate and of what it runs on, one per line.
 """
@@ -61,11 +61,11 @@ def versions() -> list[tuple[str, str]]:
 def check(path: str) -> int:
     """
     Print ``ok`` (0) or every problem of the config file as ``PATH: key.path: reason`` (1): its
-    schema (``wsgate.config.load``), then what would fail at start (``wsgate.preflight``).
+    schema (``wsgate.config.load``), then what would fail at start (``wsgate.ops.preflight``).
     Risky but working settings print ``warning: PATH: key.path: reason`` lines first.
     """
-    from wsgate import preflight
     from wsgate.config import ConfigError, load
+    from wsgate.ops import preflight
 
     try:
         config = load(path)

@@ -25,21 +25,16 @@ from twisted.python import components, usage
 
 import wsgate
 from wsgate import config as configmod
-from wsgate._compat import dispatch_directly
-from wsgate.admin import admin_service
-from wsgate.bridge import ClientLegFactory
-from wsgate.console import Console, ConsoleError, console_service
+from wsgate.control.discovery import DnsDiscovery
+from wsgate.control.health import AutoRebalance, HealthChecker, Probes
+from wsgate.control.sighup import reload_on_sighup
+from wsgate.core.redact import redact_target
+from wsgate.dataplane._compat import dispatch_directly
+from wsgate.dataplane.bridge import ClientLegFactory
+from wsgate.dataplane.gateway import Gateway
 from wsgate.demo import EchoBackendFactory
-from wsgate.discovery import DnsDiscovery
-from wsgate.gateway import Gateway
-from wsgate.health import AutoRebalance, HealthChecker, Probes
-from wsgate.logs import GateLog, twistd_log_file
-from wsgate.proxy_protocol import proxy_protocol_endpoint
-from wsgate.redact import redact_target
-from wsgate.sdnotify import Listening, Notifier, take_address
-from wsgate.sighup import reload_on_sighup
-from wsgate.status import Sampler
-from wsgate.tls import (
+from wsgate.net.proxy_protocol import proxy_protocol_endpoint
+from wsgate.net.tls import (
     BackendConnector,
     ServerTLS,
     TLSLoadError,
@@ -47,7 +42,12 @@ from wsgate.tls import (
     tls_server_factory,
     unverified_servers,
 )
-from wsgate.workers import SharedSocketEndpoint, WorkerPool
+from wsgate.ops.admin import admin_service
+from wsgate.ops.console import Console, ConsoleError, console_service
+from wsgate.ops.logs import GateLog, twistd_log_file
+from wsgate.ops.status import Sampler
+from wsgate.process.sdnotify import Listening, Notifier, take_address
+from wsgate.process.workers import SharedSocketEndpoint, WorkerPool
 
 __all__ = ["Options", "makeService", "worker_service"]
 

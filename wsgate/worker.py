@@ -1,13 +1,13 @@
 """
 ``python -m wsgate.worker INDEX CONFIG LISTENERS``: one worker process of ``workers = N``, started
-by the parent (:class:`wsgate.workers.WorkerPool`), never by hand.  Only glue: the process loop is
-:func:`wsgate.workers.run_worker`, the service tree :func:`wsgate.service.worker_service`.
+by the parent (:class:`wsgate.process.workers.WorkerPool`), never by hand.  Only glue: the process loop is
+:func:`wsgate.process.workers.run_worker`, the service tree :func:`wsgate.service.worker_service`.
 """
 
 import sys
 
+from wsgate.process.workers import run_worker
 from wsgate.service import worker_service
-from wsgate.workers import run_worker
 
 if __name__ == "__main__":
     sys.exit(run_worker(sys.argv[1:], worker_service))

@@ -3,7 +3,7 @@ The frame engine: one direction of an open WebSocket session, as bytes in and by
 
 A :class:`FrameEngine` is fed the bytes one peer sent, in whatever chunks the network delivered
 them, and returns the bytes to write to the other peer.  It knows RFC 6455 framing and nothing
-else: no sockets, no clock, no Twisted, no Autobahn.  The session's driver (``wsgate/bridge.py``)
+else: no sockets, no clock, no Twisted, no Autobahn.  The session's driver (``wsgate/dataplane/bridge.py``)
 calls :meth:`FrameEngine.receive` for every read and writes what it returns.
 
 What happens to every byte

@@ -9,7 +9,7 @@ a key takes effect at once), the persisted host key, and the ``gate`` namespace:
 (``tap``, ``top``) that run until Ctrl-C.  Full Python stays available for the rare deep dive.
 
 Must not hold business logic: verbs call the Gateway (or the reload callable ``service.py``
-passes) and format what they get back; the figures come from :mod:`wsgate.status`.
+passes) and format what they get back; the figures come from :mod:`wsgate.ops.status`.
 
 Live views never slow the gate down: a tap records at most :data:`TAP_QUEUE` messages between two
 screen refreshes and counts the rest as dropped; the relay pays one call per message while tapped.
@@ -39,13 +39,13 @@ from twisted.logger import Logger
 from twisted.python import components
 from zope.interface import implementer
 
-from wsgate import status
 from wsgate.config import ConfigError, ConsoleSpec, parse_duration
-from wsgate.workers import split_id
+from wsgate.ops import status
+from wsgate.ops.status import split_id
 
 if TYPE_CHECKING:
-    from wsgate.bridge import Session
-    from wsgate.gateway import Gateway
+    from wsgate.dataplane.bridge import Session
+    from wsgate.dataplane.gateway import Gateway
 
 __all__ = [
     "Console",

@@ -3,7 +3,7 @@ DNS discovery: servers marked ``resolve = true`` follow their host name's A and 
 
 :class:`DnsDiscovery` is a Service that, for one upstream, resolves the host name of every
 ``resolve = true`` server every ``resolve_interval`` seconds and hands the addresses to
-:meth:`Upstream.set_addresses <wsgate.upstream.Upstream.set_addresses>`: new addresses become
+:meth:`Upstream.set_addresses <wsgate.core.upstream.Upstream.set_addresses>`: new addresses become
 servers (they get new sessions at once), addresses gone from DNS are drained (their live sessions
 continue, they get no new ones).  A failed or empty answer keeps the servers as they are (a DNS
 outage must not empty an upstream).  Each change is logged as ``dns_changed``.
@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.names import dns
 from twisted.python.failure import Failure
 
-from wsgate.upstream import Upstream
+from wsgate.core.upstream import Upstream
 
 __all__ = ["DnsDiscovery"]
 

@@ -4,7 +4,7 @@ that keeps the last 15 minutes of totals for rates and charts.
 
 Owns the shape of a session row, a server row and the stats, shared by ``gate.sessions()``,
 ``/status.json`` and ``/metrics`` so that all three always agree.  Rows show what
-:mod:`wsgate.redact` lets through (redacted query strings and secret headers), never the raw
+:mod:`wsgate.core.redact` lets through (redacted query strings and secret headers), never the raw
 request.  Must not change the Gateway: it only reads it.
 """
 
@@ -21,21 +21,23 @@ from twisted.logger import Logger
 
 import twisted
 import wsgate
-from wsgate.redact import redact_headers
+from wsgate.core.redact import redact_headers
 
 if TYPE_CHECKING:
-    from wsgate.bridge import Session
-    from wsgate.gateway import Clock, Gateway
+    from wsgate.dataplane.bridge import Session
+    from wsgate.dataplane.gateway import Clock, Gateway
 
 __all__ = [
     "HISTORY_SECONDS",
     "GateFigures",
     "Sampler",
     "find_servers",
+    "qualified_id",
     "session_detail",
     "session_row",
     "sessions",
     "snapshot",
+    "split_id",
     "stats",
     "upstreams",
 ]
@@ -56,7 +58,7 @@ _VERSIONS = {
 @runtime_checkable
 class GateFigures(Protocol):
     """
-    A gate of several processes (``workers = N``; :class:`wsgate.workers.Aggregate`).  It has no
+    A gate of several processes (``workers = N``; :class:`wsgate.process.workers.Aggregate`).  It has no
     Session or Upstream objects to read: its workers made the rows with the functions below and it
     hands them over.  Like a Gateway it also has ``clock``, ``config``, ``sessions`` (a mapping, by
     worker-qualified id, of session rows), ``counters``, ``closed`` and the two histograms.
@@ -312,3 +314,21 @@ class Sampler(service.Service):
             points.append(point)
             previous = sample
         return points
+
+
+# -- session ids with workers ---------------------------------------------------------------
+
+
+def qualified_id(worker: int, session_id: int) -> str:
+    """Worker 2's session 17 is ``"2:17"`` in the parent."""
+    return f"{worker}:{session_id}"
+
+
+def split_id(text: object) -> tuple[int, int]:
+    """``"2:17"`` -> (2, 17); a LookupError for anything else."""
+    worker, sep, number = str(text).partition(":")
+    if not sep or not worker.isdigit() or not number.isdigit():
+        raise LookupError(
+            f"no live session {text!r}: with workers, session ids are WORKER:ID, e.g. '2:17'"
+        )
+    return int(worker), int(number)

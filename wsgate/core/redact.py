@@ -12,6 +12,7 @@ never change what the backend receives (the session keeps the real request).
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from urllib.parse import unquote_plus
 from wsgate.config import LogSpec
 
 __all__ = [
+    "logfmt_value",
     "HIDDEN",
     "REDACTED",
     "SECRET_HEADERS",
@@ -114,3 +116,13 @@ def sanitize_request_id(sent: str | None) -> str | None:
 def new_request_id() -> str:
     """A fresh random request id (128 bits, 32 hex digits)."""
     return secrets.token_hex(16)
+
+
+_NEEDS_QUOTES = re.compile(r'[\s"=\\\x00-\x1f\x7f]')
+
+
+def logfmt_value(text: str) -> str:
+    """``console (ops)`` -> ``"console (ops)"``; plain values stay as they are."""
+    if _NEEDS_QUOTES.search(text):
+        return json.dumps(text, ensure_ascii=False)
+    return text

@@ -3,7 +3,7 @@ Metrics: histograms the Gateway fills, and the Prometheus text exposition of a s
 
 Owns the metric names, their help texts and the text format (version 0.0.4: ``# HELP``, ``# TYPE``,
 one ``name{label="value"} number`` line per sample, label values escaped).  Must not keep state of
-its own: histograms live on the Gateway, figures come from :mod:`wsgate.status`.
+its own: histograms live on the Gateway, figures come from :mod:`wsgate.ops.status`.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def render(
     version: str,
 ) -> str:
     """
-    The Prometheus text exposition of a :func:`wsgate.status.snapshot` (without sessions), the
+    The Prometheus text exposition of a :func:`wsgate.ops.status.snapshot` (without sessions), the
     closed-session counts by ``(route, upstream, server, code)`` and the two histograms.
     """
     out = _Exposition()

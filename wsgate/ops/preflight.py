@@ -152,7 +152,7 @@ def _reason(e: Exception) -> str:
 
 
 def _console_problems(config: Config) -> list[str]:
-    from wsgate.console import ConsoleError, load_authorized_keys, load_users
+    from wsgate.ops.console import ConsoleError, load_authorized_keys, load_users
 
     spec = config.console
     if spec is None:

@@ -17,7 +17,7 @@ and follows a reload: it reads the current ``[log]`` settings through a callable
 installs instead of its own observer; :func:`twistd_log_file` opens what twistd would have
 written to.
 
-Must not redact: the events' fields are already what may be shown (``wsgate.redact``).
+Must not redact: the events' fields are already what may be shown (``wsgate.core.redact``).
 """
 
 from __future__ import annotations
@@ -45,13 +45,13 @@ from twisted.logger import (
 from zope.interface import implementer
 
 from wsgate.config import LogSpec
+from wsgate.core.redact import logfmt_value
 
 __all__ = [
     "LEVELS",
     "GateLog",
     "event_name",
     "json_line",
-    "logfmt_value",
     "message",
     "text_line",
     "twistd_log_file",
@@ -67,16 +67,8 @@ LEVELS = {
 _ENVELOPE = ("time", "level", "event", "message", "namespace", "traceback")
 # Keys of events that come from twisted.python.log (legacy) and are not fields of the event.
 _LEGACY_KEYS = ("message", "isError", "system", "time", "format", "why", "failure")
-_NEEDS_QUOTES = re.compile(r'[\s"=\\\x00-\x1f\x7f]')
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 _formatter = string.Formatter()
-
-
-def logfmt_value(text: str) -> str:
-    """``console (ops)`` -> ``"console (ops)"``; plain values stay as they are."""
-    if _NEEDS_QUOTES.search(text):
-        return json.dumps(text, ensure_ascii=False)
-    return text
 
 
 class _Calls(Mapping[str, Any]):

@@ -7,7 +7,7 @@ so that with ``hash`` on a cookie or query parameter a client's polling requests
 upgrade reach the same server.  Without ``http = true`` the client keeps getting 426.
 
 How a request gets here.  Autobahn parses every request on a listener; for one without
-``Upgrade`` (426) or with a method other than GET (405) the :class:`~wsgate.bridge.ClientLeg` calls
+``Upgrade`` (426) or with a method other than GET (405) the :class:`~wsgate.dataplane.bridge.ClientLeg` calls
 :func:`start_http` before answering the error.  When the route allows HTTP, an
 :class:`HttpExchange` takes over the connection: the leg passes on every later byte and the loss
 of the connection, and Autobahn is not involved any more.
@@ -38,8 +38,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from wsgate.redact import new_request_id, redact_target, sanitize_request_id
-from wsgate.upstream import Server
+from wsgate.core.redact import new_request_id, redact_target, sanitize_request_id
+from wsgate.core.upstream import Server
 
 __all__ = ["HttpExchange", "parse_head", "start_http"]
 

@@ -121,11 +121,11 @@ from zope.interface import implementer
 
 from wsgate.config import ServerSpec
 from wsgate.core.frames import PING, FrameEngine, close_frame, control_frame
-from wsgate.gateway import Gateway
-from wsgate.httpproxy import start_http
-from wsgate.limits import MessageRate, client_address
-from wsgate.redact import new_request_id, redact_target, redact_text, sanitize_request_id
-from wsgate.upstream import Server
+from wsgate.core.limits import MessageRate, client_address
+from wsgate.core.redact import new_request_id, redact_target, redact_text, sanitize_request_id
+from wsgate.core.upstream import Server
+from wsgate.dataplane.gateway import Gateway
+from wsgate.dataplane.httpproxy import start_http
 
 __all__ = [
     "BackendLeg",

@@ -16,14 +16,14 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from wsgate.config import Config
-from wsgate.limits import Admission, WarningLimiter, client_address
-from wsgate.metrics import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram
-from wsgate.redact import redact_target, redact_text, sanitize_request_id
-from wsgate.routing import Router
-from wsgate.upstream import Server, Upstream, request_key
+from wsgate.core.limits import Admission, WarningLimiter, client_address
+from wsgate.core.metrics import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram
+from wsgate.core.redact import redact_target, redact_text, sanitize_request_id
+from wsgate.core.routing import Router
+from wsgate.core.upstream import Server, Upstream, request_key
 
 if TYPE_CHECKING:
-    from wsgate.bridge import Session
+    from wsgate.dataplane.bridge import Session
 
 __all__ = ["Clock", "Gateway"]
 
@@ -42,7 +42,7 @@ class Gateway:
     ``sessions.closed``, and ``messages.up``/``bytes.up``/``messages.down``/``bytes.down`` of
     finished sessions.  ``closed`` counts finished sessions by route, upstream, server and close
     code; ``connect_time`` and ``session_duration`` are histograms (all read by ``/metrics``).
-    Figures of live sessions live on each :class:`~wsgate.bridge.Session`.
+    Figures of live sessions live on each :class:`~wsgate.dataplane.bridge.Session`.
     """
 
     log = Logger()

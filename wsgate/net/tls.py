@@ -71,7 +71,7 @@ from twisted.web import resource, server
 from zope.interface import implementer
 
 from wsgate.config import CertificateFiles, Config, ListenerTLS, ServerSpec, certificate_problems
-from wsgate.logs import logfmt_value
+from wsgate.core.redact import logfmt_value
 
 __all__ = [
     "ALPN_PROTOCOLS",

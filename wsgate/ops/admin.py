@@ -1,10 +1,10 @@
 """
 The admin HTTP listener: ``/metrics`` (Prometheus text format), ``/status.json``, ``/ready`` (for
 readiness probes and load balancers) and the live status page ``/`` with its files under
-``/static/`` (package data in ``wsgate/static``; plain HTML, JS and CSS: no build step, nothing
+``/static/`` (package data in ``wsgate/ops/static``; plain HTML, JS and CSS: no build step, nothing
 from a CDN).
 
-Owns the HTTP side only: figures come from :mod:`wsgate.status` and :mod:`wsgate.metrics`.  Must
+Owns the HTTP side only: figures come from :mod:`wsgate.ops.status` and :mod:`wsgate.core.metrics`.  Must
 not act on the gate: every resource is read-only.  There is no authentication: bind it to
 loopback or a management network.
 """
@@ -20,9 +20,10 @@ from twisted.web import resource, static
 from twisted.web.server import Request, Site
 
 import wsgate
-from wsgate import metrics, status
 from wsgate.config import AdminSpec
-from wsgate.gateway import Gateway
+from wsgate.core import metrics
+from wsgate.dataplane.gateway import Gateway
+from wsgate.ops import status
 
 __all__ = ["STATIC_DIR", "AdminSite", "admin_resource", "admin_service", "not_ready"]
 

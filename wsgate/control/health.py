@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from wsgate.config import HealthSpec, ServerSpec
-from wsgate.upstream import Server, Upstream
+from wsgate.core.upstream import Server, Upstream
 
 __all__ = ["AutoRebalance", "HealthChecker", "Probe", "Probes"]
 

@@ -21,7 +21,7 @@ goes to the parent's log, each line prefixed with the worker's number).  Not AMP
 than AMP's 64 KiB value limit.
 
 Aggregation.  :class:`Aggregate` is what the console, ``/metrics`` and the status page read in the
-parent instead of a Gateway (see :class:`wsgate.status.GateFigures`): the latest snapshot of every
+parent instead of a Gateway (see :class:`wsgate.ops.status.GateFigures`): the latest snapshot of every
 worker (polled each second), summed, with session ids qualified by the worker (``"2:17"`` is
 session 17 of worker 2).  Verbs go to the workers: ``kick`` to the worker that owns the session,
 ``drain``/``undrain``/``set_weight`` to all of them.  Figures are up to one poll interval old.
@@ -63,11 +63,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from wsgate import config as configmod
-from wsgate import status
-from wsgate.gateway import Clock, config_changes
-from wsgate.logs import LEVELS
-from wsgate.metrics import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram
-from wsgate.sighup import reload_on_sighup
+from wsgate.control.sighup import reload_on_sighup
+from wsgate.core.metrics import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram
+from wsgate.dataplane.gateway import Clock, config_changes
+from wsgate.ops import status
+from wsgate.ops.logs import LEVELS
+from wsgate.ops.status import qualified_id, split_id
 
 __all__ = [
     "Aggregate",
@@ -75,9 +76,7 @@ __all__ = [
     "SharedSocketEndpoint",
     "WorkerControl",
     "WorkerPool",
-    "qualified_id",
     "run_worker",
-    "split_id",
 ]
 
 POLL_INTERVAL = 1.0
@@ -90,21 +89,6 @@ STABLE_AFTER = 30.0
 # After stop, how long beyond shutdown_grace the parent waits before it kills workers.
 STOP_MARGIN = 5.0
 LOST_LOGGED = 100
-
-
-def qualified_id(worker: int, session_id: int) -> str:
-    """Worker 2's session 17 is ``"2:17"`` in the parent."""
-    return f"{worker}:{session_id}"
-
-
-def split_id(text: object) -> tuple[int, int]:
-    """``"2:17"`` -> (2, 17); a LookupError for anything else."""
-    worker, sep, number = str(text).partition(":")
-    if not sep or not worker.isdigit() or not number.isdigit():
-        raise LookupError(
-            f"no live session {text!r}: with workers, session ids are WORKER:ID, e.g. '2:17'"
-        )
-    return int(worker), int(number)
 
 
 # -- the control channel ---------------------------------------------------------------------------
@@ -356,7 +340,7 @@ class _WorkerTap:
     """
 
     def __init__(self, control: WorkerControl, number: int, session: Any) -> None:
-        from wsgate.console import TAP_QUEUE, TAP_REFRESH, _TapFanout
+        from wsgate.ops.console import TAP_QUEUE, TAP_REFRESH, _TapFanout
 
         self.control = control
         self.number = number
@@ -613,7 +597,7 @@ def run_worker(argv: list[str], build: Callable[..., Any]) -> int:
 class Aggregate:
     """
     The gateway as the console, ``/metrics`` and the status page see it with workers: one object
-    over every worker's latest snapshot (a :class:`wsgate.status.GateFigures`).  Counters,
+    over every worker's latest snapshot (a :class:`wsgate.ops.status.GateFigures`).  Counters,
     close counts and histograms are summed; servers are merged by URL (active sessions summed,
     ``draining`` if any worker drains it, ``up`` if any worker sees it up); sessions carry a
     ``worker`` field and worker-qualified ids.  ``send(worker, call, **args)`` reaches one worker
