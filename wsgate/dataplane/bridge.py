@@ -124,6 +124,7 @@ from wsgate.core.frames import PING, FrameEngine, close_frame, control_frame
 from wsgate.core.limits import MessageRate, client_address
 from wsgate.core.redact import new_request_id, redact_target, redact_text, sanitize_request_id
 from wsgate.core.upstream import Server
+from wsgate.dataplane._compat import AUTOBAHN_CLIENT_STATE, AUTOBAHN_SERVER_STATE, AUTOBAHN_STATE
 from wsgate.dataplane.gateway import Gateway
 from wsgate.dataplane.httpproxy import start_http
 
@@ -1074,6 +1075,7 @@ def _ignore(*args: Any, **kwargs: Any) -> None:
 class ClientLeg(WebSocketServerProtocol):
     """The client side of a session: accepts the upgrade only once the backend has accepted."""
 
+    __slots__ = (*AUTOBAHN_STATE, *AUTOBAHN_SERVER_STATE)
     log = _QuietLog()
     sendData = _send_data
     session: Session | None = None
@@ -1255,6 +1257,7 @@ def _options_on_class(protocol: type[Any], factory: Any) -> type[Any]:
 class BackendLeg(WebSocketClientProtocol):
     """The backend side of a session: reports its handshake's outcome to the session."""
 
+    __slots__ = (*AUTOBAHN_STATE, *AUTOBAHN_CLIENT_STATE, "refusal", "timed_out")
     log = _QuietLog()
     sendData = _send_data
 
