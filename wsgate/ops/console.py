@@ -60,6 +60,7 @@ __all__ = [
     "Text",
     "console_problems",
     "console_service",
+    "fingerprint",
     "load_authorized_keys",
     "load_host_key",
     "load_users",
@@ -830,6 +831,11 @@ class ConsoleManhole(EditingManhole):
 # -- SSH -------------------------------------------------------------------------------------------
 
 
+def fingerprint(key: keys.Key) -> str:
+    """The key's fingerprint as OpenSSH shows it (``ssh-keygen -lf``): ``SHA256:`` and base64."""
+    return "SHA256:" + key.fingerprint(keys.FingerprintFormats.SHA256_BASE64).rstrip("=")
+
+
 def load_host_key(path: str) -> keys.Key:
     """
     The console's SSH host key: read from ``path``, or made (Ed25519) and written there with mode
@@ -847,7 +853,7 @@ def load_host_key(path: str) -> keys.Key:
         Console.log.info(
             "console_host_key_created {path} {fingerprint}",
             path=path,
-            fingerprint=key.fingerprint(keys.FingerprintFormats.SHA256_BASE64),
+            fingerprint=fingerprint(key),
         )
         return key
     try:
@@ -998,7 +1004,7 @@ class _UserAuth(userauth.SSHUserAuthServer):
             "source": self._source(),
         }
         if key is not None:
-            fields["key"] = key.fingerprint(keys.FingerprintFormats.SHA256_BASE64)
+            fields["key"] = fingerprint(key)
         return fields
 
     def auth_publickey(self, packet: bytes) -> defer.Deferred:
