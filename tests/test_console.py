@@ -19,8 +19,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import BackendFactory, Network, make_config
 from wsgate import config as configmod
-from wsgate.ops import preflight
 from wsgate.config import ConfigError
+from wsgate.ops import preflight
 from wsgate.ops.console import (
     TAP_QUEUE,
     Console,
@@ -508,8 +508,8 @@ class LineEditingTests(ConsoleCase):
             ((b"abc", b"\x01", b"\x04"), "bc"),  # Ctrl-D deletes on a non-empty line
             ((b"abc", b"\x7f"), "ab"),  # Backspace
         ]
-        for keys, expected in cases:
-            self.assertEqual(self.run_keys(*keys), [expected], keys)
+        for pressed, expected in cases:
+            self.assertEqual(self.run_keys(*pressed), [expected], pressed)
 
     def test_no_warnings_logged(self) -> None:
         """No key writes to the gate's log (Ctrl-U/W/K used to log a warning each)."""
