@@ -7,6 +7,10 @@ a key takes effect at once), the persisted host key, and the ``gate`` namespace:
 (``sessions``, ``upstreams``, ``stats``), one session in full, verbs that act (``kick``, ``drain``,
 ``undrain``, ``weight``, ``reload``; each logged with the console user's name) and two live views
 (``tap``, ``top``) that run until Ctrl-C.  Full Python stays available for the rare deep dive.
+The prompt itself (one-line errors, completion, editing keys, lines without a terminal) is
+:mod:`wsgate.ops.prompt`; here it gets the ``gate``.  An SSH session with a pty is the prompt;
+an exec request or a shell without a pty runs the lines it is given and exits 0 or 1.  Logins,
+logouts and refused logins are logged with the source address (refusals rate limited).
 
 Must not hold business logic: verbs call the Gateway (or the reload callable ``service.py``
 passes) and format what they get back; the figures come from :mod:`wsgate.ops.status`.
