@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Clock", "Gateway"]
 
+# The close reason of the sessions a drain deadline closes.
+_DRAINED = "server shutting down"
+
 
 class Clock(Protocol):
     def seconds(self) -> float: ...
@@ -56,7 +59,7 @@ class Gateway:
         self.connect_time = Histogram(CONNECT_BUCKETS)
         self.session_duration = Histogram(DURATION_BUCKETS)
         self._next_id = 1
-        self._drain_calls: dict[str, Any] = {}
+        self._drain_calls: dict[str, list[Any]] = {}
         self.config = config
         self.router = Router(config.routes)
         self.upstreams = {
@@ -154,34 +157,56 @@ class Gateway:
     def drain(self, url: str, deadline: float | None = None, window: float = 10.0) -> int:
         """
         Send no new sessions to the server ``url`` (in every upstream that has it); its live
-        sessions continue.  With ``deadline`` (seconds), the sessions still open then are closed
-        with 1001, spread over ``window`` seconds.  Returns how many sessions are on it now.
+        sessions continue.  With ``deadline`` (seconds), its sessions are closed with 1001 by then:
+        those open ``window`` seconds before it (or at once, for a shorter deadline) are closed
+        one by one over the rest of the time, and every one still open at the deadline (the last
+        of them, or one that finished its handshake meanwhile) at the deadline exactly, on the
+        gateway's clock.  Returns how many sessions are on it now.
         """
         servers = self._servers(url)
         self._cancel_drain(url)
         for upstream, server in servers:
             upstream.set_draining(server, True, "operator: drain")
         if deadline is not None:
-            self._drain_calls[url.rstrip("/")] = self.clock.callLater(
-                deadline, self._drain_deadline, [s for _, s in servers], window
-            )
+            spread = min(window, deadline)
+            on = [s for _, s in servers]
+            end = self.clock.seconds() + deadline
+            self._drain_calls[url.rstrip("/")] = [
+                self.clock.callLater(deadline - spread, self._drain_spread, on, spread, end),
+                self.clock.callLater(deadline, self._drain_deadline, on),
+            ]
         return sum(len(self._sessions_on(s)) for _, s in servers)
 
-    def _drain_deadline(self, servers: list[Server], window: float) -> None:
-        self._drain_calls.pop(servers[0].url, None)
-        victims = [s for server in servers if server.draining for s in self._sessions_on(server)]
+    def _draining_sessions(self, servers: list[Server]) -> list[Session]:
+        return [s for server in servers if server.draining for s in self._sessions_on(server)]
+
+    def _drain_spread(self, servers: list[Server], spread: float, end: float) -> None:
+        """Close all but the last of the sessions on ``servers`` evenly over the ``spread``
+        seconds that end at the clock time ``end`` (the deadline closes the rest).  The times
+        are reckoned from ``end``, not from now, so that a late call does not push them back."""
+        victims = self._draining_sessions(servers)
+        step = spread / len(victims) if victims else 0.0
+        calls = self._drain_calls.setdefault(servers[0].url, [])
+        now = self.clock.seconds()
+        for i, session in enumerate(victims[:-1]):
+            delay = max(0.0, end - spread + (i + 1) * step - now)
+            calls.append(self.clock.callLater(delay, session.close, 1001, _DRAINED))
+
+    def _drain_deadline(self, servers: list[Server]) -> None:
+        for call in self._drain_calls.pop(servers[0].url, []):
+            if call.active():
+                call.cancel()
+        victims = self._draining_sessions(servers)
         self.log.info(
-            "drain_deadline {server} closing={count} window={window}s",
-            server=servers[0].url,
-            count=len(victims),
-            window=window,
+            "drain_deadline {server} closing={count}", server=servers[0].url, count=len(victims)
         )
-        self.close_spread(victims, 1001, "server shutting down", window)
+        for session in victims:
+            session.close(1001, _DRAINED)
 
     def _cancel_drain(self, url: str) -> None:
-        call = self._drain_calls.pop(url.rstrip("/"), None)
-        if call is not None and call.active():
-            call.cancel()
+        for call in self._drain_calls.pop(url.rstrip("/"), []):
+            if call.active():
+                call.cancel()
 
     def undrain(self, url: str) -> None:
         """The server ``url`` gets new sessions again (a pending drain deadline is cancelled)."""
