@@ -405,6 +405,7 @@ class Session:
         "_ping_sent", "_backend_aborted",
         "peer_address", "client_address", "client_port", "_admitted", "tls", "target", "route",
         "upstream", "request_id", "__weakref__",
+        "added_headers",
     )  # fmt: skip
 
     def __init__(
@@ -456,6 +457,7 @@ class Session:
         self.request_id = (
             sanitize_request_id(request.headers.get("x-request-id")) or new_request_id()
         )
+        self.added_headers: dict[str, str] | None = None  # by the on_connect webhook
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -483,8 +485,27 @@ class Session:
         self._timer = self.gateway.clock.callLater(
             self.upstream.spec.try_timeout, self._try_timeout_passed
         )
+        if route.on_connect is not None:
+            # The webhook's call is the first attempt: a client that leaves cancels it.
+            hooks = self.gateway.webhooks
+            assert hooks is not None, "service.py gives the gateway its webhooks"
+            self._attempt = hooks.on_connect(
+                route.on_connect, self.describe(), self.request, self.target
+            ).addCallback(self._connect_hook_answered)
+            return handshake
         self._try_next(None)  # may already have refused the client, when every try fails at once
         return handshake
+
+    def _connect_hook_answered(self, verdict: dict[str, str] | tuple[int, str]) -> None:
+        """The on_connect webhook allowed (headers to add) or refused (status, reason)."""
+        self._attempt = None
+        if self.state != "CONNECTING":
+            return
+        if isinstance(verdict, tuple):
+            self._refuse(verdict)
+        else:
+            self.added_headers = verdict
+            self._try_next(None)
 
     def _try_next(self, failure: tuple[int, str] | None) -> None:
         spec = self.upstream.spec
@@ -563,7 +584,8 @@ class Session:
         if self._handshake is not None:
             d, self._handshake = self._handshake, None
             # The client gets a generic reason: backend names and TLS errors stay in the log.
-            d.errback(Failure(ConnectionDeny(status, _CLIENT_REASONS.get(status, "Bad Gateway"))))
+            reason = _CLIENT_REASONS.get(status, reason if status < 500 else "Bad Gateway")
+            d.errback(Failure(ConnectionDeny(status, reason)))
 
     def backend_opened(self, leg: BackendLeg) -> None:
         """The backend accepted: answer the client's handshake with the backend's subprotocol and
@@ -964,6 +986,8 @@ class Session:
         headers["X-Forwarded-Host"] = incoming.get("host", "")
         headers["X-Real-IP"] = self.client_address
         headers["X-Request-ID"] = self.request_id
+        if self.added_headers:
+            headers.update(self.added_headers)
         return headers
 
 
