@@ -269,8 +269,7 @@ class _GracefulStop(service.Service):
 class _WebhookStop(service.Service):
     """
     On stop, gives the ``on_disconnect`` records of the sessions the shutdown closes time to go:
-    until no session is left and every queue is empty, at most ``shutdown_grace`` plus the longest
-    hook ``timeout``.
+    until no session is left and every queue is empty, within the same ``shutdown_grace``.
     """
 
     def __init__(self, gateway: Gateway, webhooks: Webhooks) -> None:
@@ -279,9 +278,7 @@ class _WebhookStop(service.Service):
 
     def stopService(self) -> Any:
         super().stopService()
-        config = self.gateway.config
-        hooks = [r.on_disconnect.timeout for r in config.routes if r.on_disconnect is not None]
-        grace = config.limits.shutdown_grace + max(hooks, default=0.0)
+        grace = self.gateway.config.limits.shutdown_grace
         return self.webhooks.drain(lambda: not self.gateway.sessions, grace)
 
 

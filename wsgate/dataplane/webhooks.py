@@ -119,7 +119,7 @@ class Webhooks:
         if result.startswith("failed"):
             self._warnings.warn(
                 "webhook_connect_failed",
-                "{session_id} url={url} problem={problem} result={result}",
+                "session_id={session_id} url={url} problem={problem} result={result}",
                 session_id=session["session_id"],
                 url=spec.url,
                 problem=problem,
