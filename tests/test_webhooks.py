@@ -320,6 +320,7 @@ class FakeAgent:
 
     def __init__(self) -> None:
         self.requests: list[tuple[bytes, bytes, Deferred]] = []
+        self.immediate: tuple[int, bytes] | None = None  # answer every request at once
 
     def request(self, method: bytes, url: bytes, headers: Any, body: Any) -> Deferred:
         sent: list[bytes] = []
@@ -331,6 +332,8 @@ class FakeAgent:
         body.startProducing(Consumer())
         d: Deferred = Deferred()
         self.requests.append((url, b"".join(sent), d))
+        if self.immediate is not None:
+            d.callback(_Response(*self.immediate))
         return d
 
     def answer(self, i: int, code: int, body: bytes = b"") -> None:
@@ -529,6 +532,22 @@ class SessionHookTests(SynchronousTestCase):
         self.assertEqual(net.gateway.counters["webhooks.connect.cancelled"], 1)
         self.assertEqual(backend.requests, [])
         self.assertEqual(net.clock.getDelayedCalls(), [])
+
+    def test_immediate_answer_keeps_the_backend_attempt_cancellable(self) -> None:
+        """A webhook that answers at once: a client that then leaves still cancels the connect."""
+        net = Network(
+            make_config(["ws://b1:80"], on_connect={"url": "http://hook/c"}), {"ws://b1:80": "hang"}
+        )
+        agent = FakeAgent()
+        agent.immediate = (204, b"")
+        net.gateway.webhooks = Webhooks(
+            net.clock, net.gateway.counters, net.gateway.warnings, agent=agent
+        )
+        raw = net.raw(upgrade_request("/"))
+        self.assertEqual(len(net.hanging), 1)
+        raw.transport.loseConnection()
+        net.flush()
+        self.assertEqual(net.cancelled, net.hanging)
 
     def test_disconnect_record_from_the_access_log(self) -> None:
         """A finished session's record is queued with its counts, codes and who closed."""

@@ -489,9 +489,9 @@ class Session:
             # The webhook's call is the first attempt: a client that leaves cancels it.
             hooks = self.gateway.webhooks
             assert hooks is not None, "service.py gives the gateway its webhooks"
-            self._attempt = hooks.on_connect(
-                route.on_connect, self.describe(), self.request, self.target
-            ).addCallback(self._connect_hook_answered)
+            call = hooks.on_connect(route.on_connect, self.describe(), self.request, self.target)
+            self._attempt = call  # before the callback, which may run at once and replace it
+            call.addCallback(self._connect_hook_answered)
             return handshake
         self._try_next(None)  # may already have refused the client, when every try fails at once
         return handshake
