@@ -34,6 +34,10 @@ refused with 502 (503 when no server could be tried at all, 504 when the last at
 A client that leaves meanwhile abandons the attempt: the pending connect is cancelled or the half
 open backend connection aborted.
 
+Webhook (``CONNECTING``).  On a route with ``on_connect``, the first attempt is a call to that
+webhook (``webhooks.py``): the backend attempts start only once it allows, carrying the headers it
+added; its refusal is the client's answer.  A client that leaves, or ``try_timeout``, cancels it.
+
 Relay (``OPEN``), both modes.  When both 101s are done, each leg's bytes go to a :class:`Relay`
 (one per direction) instead of Autobahn, including what Autobahn had already read past the
 handshake.  The relay feeds them to a :class:`~wsgate.core.frames.FrameEngine` and writes what it
