@@ -28,6 +28,8 @@ __all__ = [
     "CertificateFiles",
     "Config",
     "ConfigError",
+    "ConnectHook",
+    "DisconnectHook",
     "ConsoleSpec",
     "AdminSpec",
     "DEFAULT_CIPHERS",
@@ -225,6 +227,40 @@ class UpstreamSpec:
 
 
 @dataclass(frozen=True)
+class ConnectHook:
+    """
+    ``[route.on_connect]``: the HTTP call made during a client's handshake, before any backend is
+    contacted, that allows it (2xx, optionally adding headers to the backend request) or denies it
+    (4xx); see :mod:`wsgate.core.webhooks`.
+    """
+
+    url: str
+    timeout: float = 2.0
+    # The client request headers sent along (lower-case names), and whether the query string is.
+    headers: tuple[str, ...] = ()
+    query: bool = False
+    # No usable answer (5xx, timeout, unreachable): "deny" refuses the client with 503, "allow"
+    # lets it through without added headers.
+    on_failure: str = "deny"
+
+
+@dataclass(frozen=True)
+class DisconnectHook:
+    """
+    ``[route.on_disconnect]``: where the audit record of each finished session is POSTed, through a
+    queue of at most ``queue_size`` records with ``concurrency`` calls in flight and ``tries`` tries
+    each, ``backoff`` doubling between them.
+    """
+
+    url: str
+    timeout: float = 5.0
+    queue_size: int = 1000
+    concurrency: int = 4
+    tries: int = 4
+    backoff: float = 1.0
+
+
+@dataclass(frozen=True)
 class Route:
     """Which client requests go to which upstream, and the session options for them."""
 
@@ -249,6 +285,9 @@ class Route:
     compression: str = "pass"
     # Reverse-proxy plain HTTP requests (not WebSocket upgrades) to the upstream; else 426.
     http: bool = False
+    # Lifecycle webhooks (wsgate/dataplane/webhooks.py).
+    on_connect: ConnectHook | None = None
+    on_disconnect: DisconnectHook | None = None
 
     def matches(self, host: str, path: str) -> bool:
         """
@@ -903,9 +942,62 @@ def _route(table: _Table, upstreams: Mapping[str, UpstreamSpec]) -> Route:
             "required_subprotocol", None, _typed(str, "a subprotocol name")
         ),
         http=table.get("http", False, _typed(bool, "true or false")),
+        on_connect=_connect_hook(t) if (t := table.subtable("on_connect")) is not None else None,
+        on_disconnect=(
+            _disconnect_hook(t) if (t := table.subtable("on_disconnect")) is not None else None
+        ),
     )
     table.done()
     return route
+
+
+def _hook_url(value: object) -> str:
+    """An ``http://`` or ``https://`` URL with a host, in ASCII (it goes on the wire as is)."""
+    if not isinstance(value, str) or not value.isascii():
+        raise ValueError("expected an http:// or https:// URL (ASCII)")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as e:
+        raise ValueError(f"{value!r}: {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
+        raise ValueError(f"{value!r}: not an http:// or https:// URL")
+    if any(c in value for c in " \r\n\t"):
+        raise ValueError(f"{value!r}: a URL has no spaces")
+    return value
+
+
+def _header_names(value: object) -> tuple[str, ...]:
+    names = _strings(value)
+    for name in names:
+        if not re.match(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$", name):
+            raise ValueError(f"{name!r} is not a header name")
+    return tuple(name.lower() for name in names)
+
+
+def _connect_hook(table: _Table) -> ConnectHook:
+    spec = ConnectHook(
+        url=table.get("url", "", _hook_url, required=True),
+        timeout=table.get("timeout", 2.0, _positive_duration),
+        headers=table.get("headers", (), _header_names),
+        query=table.get("query", False, _typed(bool, "true or false")),
+        on_failure=table.get("on_failure", "deny", _choice("deny", "allow")),
+    )
+    table.done()
+    return spec
+
+
+def _disconnect_hook(table: _Table) -> DisconnectHook:
+    spec = DisconnectHook(
+        url=table.get("url", "", _hook_url, required=True),
+        timeout=table.get("timeout", 5.0, _positive_duration),
+        queue_size=table.get("queue_size", 1000, _positive_int),
+        concurrency=table.get("concurrency", 4, _positive_int),
+        tries=table.get("tries", 4, _positive_int),
+        backoff=table.get("backoff", 1.0, _positive_duration),
+    )
+    table.done()
+    return spec
 
 
 def _limits(table: _Table) -> Limits:

@@ -32,6 +32,7 @@ from wsgate.core.redact import redact_target
 from wsgate.dataplane._compat import dispatch_directly
 from wsgate.dataplane.bridge import ClientLegFactory
 from wsgate.dataplane.gateway import Gateway
+from wsgate.dataplane.webhooks import Webhooks
 from wsgate.demo import EchoBackendFactory
 from wsgate.net.proxy_protocol import proxy_protocol_endpoint
 from wsgate.net.tls import (
@@ -265,6 +266,22 @@ class _GracefulStop(service.Service):
         return self.gateway.shutdown()
 
 
+class _WebhookStop(service.Service):
+    """
+    On stop, gives the ``on_disconnect`` records of the sessions the shutdown closes time to go:
+    until no session is left and every queue is empty, within the same ``shutdown_grace``.
+    """
+
+    def __init__(self, gateway: Gateway, webhooks: Webhooks) -> None:
+        self.gateway = gateway
+        self.webhooks = webhooks
+
+    def stopService(self) -> Any:
+        super().stopService()
+        grace = self.gateway.config.limits.shutdown_grace
+        return self.webhooks.drain(lambda: not self.gateway.sessions, grace)
+
+
 class _LazyFormat:
     """
     Stands in for ``pprint.pformat`` in Autobahn's protocol module, whose only uses are debug log
@@ -485,6 +502,8 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
     top = _Gate()
     gateway = Gateway(config, reactor)
     top.gateway = gateway  # type: ignore[attr-defined]
+    gateway.webhooks = Webhooks(reactor, gateway.counters, gateway.warnings)
+    _WebhookStop(gateway, gateway.webhooks).setServiceParent(top)
     top.log_observer = _gate_log(options, lambda: gateway.config.log)
     listening = _ready_marker(config, notify_address)
     if adopted is None:

@@ -84,6 +84,28 @@ class _Exposition:
 SERVER_STATES = ("up", "down", "draining")
 
 
+def _webhooks(out: _Exposition, counts: dict[str, int]) -> None:
+    """The lifecycle webhooks' counters (``connect.allow``, ``disconnect.dropped``, ...)."""
+    out.family(
+        "wsgate_webhook_calls_total",
+        "counter",
+        "Webhook calls by hook and result: connect allow, deny, failed_open, failed_closed, "
+        "cancelled; disconnect sent, failed (a try that failed; it may be retried).",
+    )
+    for key, count in sorted(counts.items()):
+        hook, _, result = key.partition(".")
+        if result != "dropped":
+            out.sample("wsgate_webhook_calls_total", count, hook=hook, result=result)
+    out.family(
+        "wsgate_webhook_dropped_total",
+        "counter",
+        "on_disconnect records dropped: queue full, every try failed, or the gate stopped.",
+    )
+    out.sample(
+        "wsgate_webhook_dropped_total", counts.get("disconnect.dropped", 0), hook="disconnect"
+    )
+
+
 def render(
     snapshot: dict[str, Any],
     closed: Iterable[tuple[tuple[str, str, str, str], int]],
@@ -128,6 +150,7 @@ def render(
     )
     for result, count in sorted(stats["handshakes"].items()):
         out.sample("wsgate_handshakes_total", count, result=result)
+    _webhooks(out, stats.get("webhooks", {}))
     out.family(
         "wsgate_messages_total",
         "counter",

@@ -34,6 +34,10 @@ refused with 502 (503 when no server could be tried at all, 504 when the last at
 A client that leaves meanwhile abandons the attempt: the pending connect is cancelled or the half
 open backend connection aborted.
 
+Webhook (``CONNECTING``).  On a route with ``on_connect``, the first attempt is a call to that
+webhook (``webhooks.py``): the backend attempts start only once it allows, carrying the headers it
+added; its refusal is the client's answer.  A client that leaves, or ``try_timeout``, cancels it.
+
 Relay (``OPEN``), both modes.  When both 101s are done, each leg's bytes go to a :class:`Relay`
 (one per direction) instead of Autobahn, including what Autobahn had already read past the
 handshake.  The relay feeds them to a :class:`~wsgate.core.frames.FrameEngine` and writes what it
@@ -406,6 +410,7 @@ class Session:
         "_ping_sent", "_backend_aborted",
         "peer_address", "client_address", "client_port", "_admitted", "tls", "target", "route",
         "upstream", "request_id", "__weakref__",
+        "added_headers",
     )  # fmt: skip
 
     def __init__(
@@ -457,6 +462,7 @@ class Session:
         self.request_id = (
             sanitize_request_id(request.headers.get("x-request-id")) or new_request_id()
         )
+        self.added_headers: dict[str, str] | None = None  # by the on_connect webhook
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -484,8 +490,27 @@ class Session:
         self._timer = self.gateway.clock.callLater(
             self.upstream.spec.try_timeout, self._try_timeout_passed
         )
+        if route.on_connect is not None:
+            # The webhook's call is the first attempt: a client that leaves cancels it.
+            hooks = self.gateway.webhooks
+            assert hooks is not None, "service.py gives the gateway its webhooks"
+            call = hooks.on_connect(route.on_connect, self.describe(), self.request, self.target)
+            self._attempt = call  # before the callback, which may run at once and replace it
+            call.addCallback(self._connect_hook_answered)
+            return handshake
         self._try_next(None)  # may already have refused the client, when every try fails at once
         return handshake
+
+    def _connect_hook_answered(self, verdict: dict[str, str] | tuple[int, str]) -> None:
+        """The on_connect webhook allowed (headers to add) or refused (status, reason)."""
+        self._attempt = None
+        if self.state != "CONNECTING":
+            return
+        if isinstance(verdict, tuple):
+            self._refuse(verdict)
+        else:
+            self.added_headers = verdict
+            self._try_next(None)
 
     def _try_next(self, failure: tuple[int, str] | None) -> None:
         spec = self.upstream.spec
@@ -564,7 +589,8 @@ class Session:
         if self._handshake is not None:
             d, self._handshake = self._handshake, None
             # The client gets a generic reason: backend names and TLS errors stay in the log.
-            d.errback(Failure(ConnectionDeny(status, _CLIENT_REASONS.get(status, "Bad Gateway"))))
+            reason = _CLIENT_REASONS.get(status, reason if status < 500 else "Bad Gateway")
+            d.errback(Failure(ConnectionDeny(status, reason)))
 
     def backend_opened(self, leg: BackendLeg) -> None:
         """The backend accepted: answer the client's handshake with the backend's subprotocol and
@@ -965,6 +991,8 @@ class Session:
         headers["X-Forwarded-Host"] = incoming.get("host", "")
         headers["X-Real-IP"] = self.client_address
         headers["X-Request-ID"] = self.request_id
+        if self.added_headers:
+            headers.update(self.added_headers)
         return headers
 
 

@@ -24,6 +24,7 @@ from wsgate.core.upstream import Server, Upstream, request_key
 
 if TYPE_CHECKING:
     from wsgate.dataplane.bridge import Session
+    from wsgate.dataplane.webhooks import Webhooks
 
 __all__ = ["Clock", "Gateway"]
 
@@ -70,6 +71,8 @@ class Gateway:
         # Set by shutdown(): new sessions are refused and opening ones closed at once.
         self.closing = False
         self._drained: Deferred | None = None
+        # The lifecycle webhooks' client; service.py sets it (routes with hooks need it).
+        self.webhooks: Webhooks | None = None
 
     def reload(self, config: Config) -> list[str]:
         """
@@ -302,6 +305,9 @@ class Gateway:
             self._fire_drained()
         self.counters["sessions.closed"] += 1
         self._count_closed(session)
+        row = session.describe()
+        if self.webhooks is not None:
+            self.webhooks.session_closed(session.route, row)
         self.log.info(
             "session_closed session_id={session_id} client={client} client_port={client_port} "
             "route={route} upstream={upstream} server={server} path={path} "
@@ -311,7 +317,7 @@ class Gateway:
             "client_close={client_close} client_code={client_code} client_reason={client_reason} "
             "backend_close={backend_close} backend_code={backend_code} "
             "backend_reason={backend_reason} closed_by={closed_by}",
-            **session.describe(),
+            **row,
         )
 
     def session_refused(self, session: Session, status: int, reason: str) -> None:

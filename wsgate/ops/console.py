@@ -610,6 +610,9 @@ class Gate:
             ),
             ("versions", ", ".join(f"{k} {v}" for k, v in s["versions"].items())),
         ]
+        webhooks = ", ".join(f"{k} {v}" for k, v in sorted(s["webhooks"].items()))
+        if webhooks:  # e.g. "connect.allow 12, disconnect.sent 11"
+            rows.insert(-1, ("webhooks", webhooks))
         width = max(len(k) for k, _ in rows)
         return Text("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
 

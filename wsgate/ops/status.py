@@ -189,6 +189,11 @@ def stats(gateway: Gateway, sampler: Sampler | None = None) -> dict[str, Any]:
         "sessions_opened": counters["sessions.opened"],
         "sessions_closed": counters["sessions.closed"],
         "handshakes": handshakes,
+        "webhooks": {
+            key.split(".", 1)[1]: count
+            for key, count in counters.items()
+            if key.startswith("webhooks.")
+        },
         **_totals(gateway),
         "versions": dict(_VERSIONS),
     }
