@@ -80,6 +80,7 @@ __all__ = [
     "ServerTLS",
     "TLSHandshakeError",
     "TLSLoadError",
+    "certificate_rows",
     "redirect_site",
     "tls_server_factory",
     "unverified_servers",
@@ -107,6 +108,17 @@ def _read(path: str) -> bytes:
 
 def _certificates(path: str) -> list[Certificate]:
     return [Certificate.loadPEM(pem) for pem in _PEM_CERTIFICATE.findall(_read(path))]
+
+
+def _not_after(certificates: list[Certificate]) -> float:
+    """When the first of ``certificates`` expires (Unix time)."""
+    return min(c.original.to_cryptography().not_valid_after_utc.timestamp() for c in certificates)
+
+
+def _chain_not_after(files: CertificateFiles) -> float:
+    """When the first certificate a listener serves from ``files`` (leaf or chain) expires."""
+    chain = [*_certificates(files.cert), *(_certificates(files.chain) if files.chain else [])]
+    return _not_after(chain)
 
 
 def _private_certificate(cert: str, key: str) -> PrivateCertificate:
@@ -151,6 +163,13 @@ class ServerTLS:
     def __init__(self, spec: ListenerTLS) -> None:
         self.spec = spec
         self._default, self._by_name = self._build(spec)
+        self.expiries = self._expiries(spec)
+
+    @staticmethod
+    def _expiries(spec: ListenerTLS) -> list[tuple[str, str, float]]:
+        """``(sni name or "default", cert file, notAfter)`` of each certificate it serves."""
+        named = [("default", spec.default), *spec.sni.items()]
+        return [(name, files.cert, _chain_not_after(files)) for name, files in named]
 
     def _build(self, spec: ListenerTLS) -> tuple[CertificateOptions, Mapping[bytes, SSL.Context]]:
         try:
@@ -171,6 +190,7 @@ class ServerTLS:
         :class:`TLSLoadError` (and keeps the current certificates) when they do not load.
         """
         self._default, self._by_name = self._build(spec)
+        self.expiries = self._expiries(spec)
         self.spec = spec
 
     def names(self) -> list[str]:
@@ -422,15 +442,36 @@ class BackendConnector:
     def __init__(self, reactor: IReactorTime) -> None:
         self._reactor = reactor
         self._tls: dict[ServerSpec, IOpenSSLClientConnectionCreator] = {}
+        self._expiries: dict[ServerSpec, list[tuple[str, str, float]]] = {}
 
     def forget(self) -> None:
         self._tls.clear()
+        self._expiries.clear()
 
     def tls_for(self, server: ServerSpec) -> IOpenSSLClientConnectionCreator:
         creator = self._tls.get(server)
         if creator is None:
             creator = self._tls[server] = client_tls(server)
+            self._expiries[server] = [
+                (use, path, _not_after(_certificates(path)))
+                for use, path in (("backend_ca", server.ca), ("backend_client", server.client_cert))
+                if path is not None
+            ]
         return creator
+
+    def expiries(self, server: ServerSpec) -> list[tuple[str, str, float]]:
+        """
+        ``(use, file, notAfter)`` of the CA bundle and client certificate connections to the
+        ``wss://`` ``server`` use (loaded now if no connection has loaded them yet; none when
+        they do not load).
+        """
+        if not server.secure:
+            return []
+        try:
+            self.tls_for(server)
+        except Exception:  # noqa: BLE001  files gone: the next connection says why
+            return []
+        return self._expiries.get(server, [])
 
     def _endpoint(self, server: ServerSpec, timeout: float) -> Any:
         """
@@ -459,3 +500,28 @@ class BackendConnector:
         d.addCallback(lambda wait: wait.ready)
         d.addTimeout(timeout, self._reactor)  # type: ignore[arg-type]
         return d
+
+
+def certificate_rows(
+    listeners: Mapping[str, ServerTLS], connector: BackendConnector, config: Config
+) -> list[dict[str, Any]]:
+    """
+    Every certificate the gate uses, for ``wsgate_certificate_expiration_timestamp_seconds``:
+    each TLS listener's (by endpoint and SNI name, as loaded at start or the last reload) and
+    each ``wss://`` server's CA bundle and client certificate (``sni``: the name sent).
+    """
+    rows = [
+        {"use": "listener", "endpoint": endpoint, "sni": name, "file": path, "not_after": when}
+        for endpoint, tls in listeners.items()
+        for name, path, when in tls.expiries
+    ]
+    seen = set()
+    for upstream in config.upstreams.values():
+        for spec in upstream.servers:
+            for use, path, when in connector.expiries(spec):
+                row = {"use": use, "endpoint": spec.url, "sni": spec.host, "file": path}
+                key = tuple(row.values())
+                if key not in seen:
+                    seen.add(key)
+                    rows.append({**row, "not_after": when})
+    return rows
