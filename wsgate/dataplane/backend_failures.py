@@ -17,10 +17,11 @@ from wsgate.net.tls import TLSHandshakeError
 
 __all__ = ["connect_failure_reason", "handshake_failure_reason"]
 
-# Checked in order: Twisted's TCPTimedOutError is a TimeoutError too.
+# TimeoutError: the endpoint's timeout (or the TLS wait's); TCPTimedOutError: the kernel's.
 _CONNECT_ERRORS: tuple[tuple[type[BaseException], str], ...] = (
     (error.ConnectionRefusedError, "connect_refused"),
     (error.TimeoutError, "connect_timeout"),
+    (error.TCPTimedOutError, "connect_timeout"),
     (error.DNSLookupError, "dns"),
     (TLSHandshakeError, "tls"),
 )
