@@ -162,17 +162,18 @@ class ServerTLS:
 
     def __init__(self, spec: ListenerTLS) -> None:
         self.spec = spec
-        self._default, self._by_name = self._build(spec)
-        self.expiries = self._expiries(spec)
+        self._default, self._by_name, self.expiries = self._build(spec)
 
-    @staticmethod
-    def _expiries(spec: ListenerTLS) -> list[tuple[str, str, float]]:
-        """``(sni name or "default", cert file, notAfter)`` of each certificate it serves."""
-        named = [("default", spec.default), *spec.sni.items()]
-        return [(name, files.cert, _chain_not_after(files)) for name, files in named]
-
-    def _build(self, spec: ListenerTLS) -> tuple[CertificateOptions, Mapping[bytes, SSL.Context]]:
+    def _build(
+        self, spec: ListenerTLS
+    ) -> tuple[CertificateOptions, Mapping[bytes, SSL.Context], list[tuple[str, str, float]]]:
+        """
+        The default context, the contexts by SNI name, and ``(SNI name or "default", cert file,
+        notAfter)`` of each certificate (for the expiry metric): all of them, or TLSLoadError.
+        """
         try:
+            named = [("default", spec.default), *spec.sni.items()]
+            expiries = [(name, files.cert, _chain_not_after(files)) for name, files in named]
             by_name = {
                 name.encode("idna"): _server_options(files, spec).getContext()
                 for name, files in spec.sni.items()
@@ -182,15 +183,14 @@ class ServerTLS:
         except Exception as e:  # OpenSSL and file errors alike: say which file and why
             files = iter([spec.default, *spec.sni.values()])
             raise TLSLoadError(_load_problems(files) or [f"{type(e).__name__}: {e}"]) from e
-        return default, by_name
+        return default, by_name, expiries
 
     def reload(self, spec: ListenerTLS) -> None:
         """
         Load ``spec``'s certificates and use them for new connections.  Raises
         :class:`TLSLoadError` (and keeps the current certificates) when they do not load.
         """
-        self._default, self._by_name = self._build(spec)
-        self.expiries = self._expiries(spec)
+        self._default, self._by_name, self.expiries = self._build(spec)
         self.spec = spec
 
     def names(self) -> list[str]:
@@ -451,12 +451,13 @@ class BackendConnector:
     def tls_for(self, server: ServerSpec) -> IOpenSSLClientConnectionCreator:
         creator = self._tls.get(server)
         if creator is None:
-            creator = self._tls[server] = client_tls(server)
-            self._expiries[server] = [
+            expiries = [
                 (use, path, _not_after(_certificates(path)))
                 for use, path in (("backend_ca", server.ca), ("backend_client", server.client_cert))
                 if path is not None
             ]
+            creator = self._tls[server] = client_tls(server)
+            self._expiries[server] = expiries
         return creator
 
     def expiries(self, server: ServerSpec) -> list[tuple[str, str, float]]:
