@@ -39,6 +39,7 @@ from wsgate.net.tls import (
     BackendConnector,
     ServerTLS,
     TLSLoadError,
+    certificate_rows,
     redirect_site,
     tls_server_factory,
     unverified_servers,
@@ -223,7 +224,12 @@ class _Reload(service.Service):
 
     def reload(self) -> list[str]:
         """Reload now; returns what changed, or raises ConfigError naming every problem."""
-        new = configmod.load(self.path)
+        try:
+            new = configmod.load(self.path)
+        except configmod.ConfigError:
+            self.gateway.reloads.record(False, self.reactor.seconds())
+            raise
+        certificates_kept = False
         changes = self.gateway.reload(new)
         self.upstream_services.update()
         self.factory.setProtocolOptions(
@@ -238,6 +244,7 @@ class _Reload(service.Service):
             try:
                 current.reload(listener.tls)
             except TLSLoadError as e:
+                certificates_kept = True
                 for problem in e.problems:
                     changes.append(f"{listener.endpoint}: certificates kept: {problem}")
                     self.log.error(
@@ -252,6 +259,7 @@ class _Reload(service.Service):
                     names=",".join(current.names()) or "-",
                 )
         self.connector.forget()
+        self.gateway.reloads.record(not certificates_kept, self.reactor.seconds())
         return changes
 
 
@@ -521,6 +529,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
     if unverified:
         _UnverifiedWarning(unverified).setServiceParent(top)
     tls_listeners: dict[str, ServerTLS] = {}
+    gateway.certificates = lambda: certificate_rows(tls_listeners, connector, gateway.config)
     for listener in config.listeners:
         if adopted is not None:
             if listener.endpoint not in adopted:

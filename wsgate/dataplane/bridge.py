@@ -129,6 +129,7 @@ from wsgate.core.limits import MessageRate, client_address
 from wsgate.core.redact import new_request_id, redact_target, redact_text, sanitize_request_id
 from wsgate.core.upstream import Server
 from wsgate.dataplane._compat import AUTOBAHN_CLIENT_STATE, AUTOBAHN_SERVER_STATE, AUTOBAHN_STATE
+from wsgate.dataplane.backend_failures import connect_failure_reason, handshake_failure_reason
 from wsgate.dataplane.gateway import Gateway
 from wsgate.dataplane.httpproxy import start_http
 
@@ -541,11 +542,12 @@ class Session:
         self._attempt = None
         if self.state != "CONNECTING":
             return
+        why = connect_failure_reason(reason)
         if reason.check(TimeoutError):
-            self._attempt_failed(server, (504, "backend connect timed out"))
+            self._attempt_failed(server, (504, "backend connect timed out"), why)
         else:
             self._attempt_failed(
-                server, (502, f"backend connect failed: {reason.getErrorMessage()}")
+                server, (502, f"backend connect failed: {reason.getErrorMessage()}"), why
             )
 
     def _end_attempt(self, ok: bool | None) -> None:
@@ -554,8 +556,9 @@ class Session:
             server, self._attempting = self._attempting, None
             self.upstream.attempt_ended(server, ok)
 
-    def _attempt_failed(self, server: Server, failure: tuple[int, str]) -> None:
+    def _attempt_failed(self, server: Server, failure: tuple[int, str], why: str) -> None:
         self._end_attempt(False)
+        self.gateway.backend_failed(self.upstream.name, server.url, why)
         self.log.warn(
             "backend_attempt_failed {session_id} server={server} status={status} reason={reason}",
             session_id=self.id,
@@ -567,6 +570,8 @@ class Session:
 
     def _try_timeout_passed(self) -> None:
         self._timer = None
+        if self._attempting is not None:
+            self.gateway.backend_failed(self.upstream.name, self._attempting.url, "try_timeout")
         self._abandon_attempt()
         self._refuse((504, "No backend server answered in time"))
 
@@ -630,7 +635,10 @@ class Session:
             failure = (502, f"backend refused the handshake: {leg.refusal}")
         else:
             failure = (502, f"backend connection lost during handshake: {leg.wasNotCleanReason}")
-        self._attempt_failed(self._tried[-1], failure)
+        why = handshake_failure_reason(
+            leg.timed_out, leg.refusal, getattr(leg, "http_status_line", None)
+        )
+        self._attempt_failed(self._tried[-1], failure, why)
 
     def client_opened(self) -> None:
         """

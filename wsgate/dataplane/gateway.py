@@ -9,7 +9,7 @@ register and report here; listeners and connections are built by ``service.py``.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from wsgate.config import Config
 from wsgate.core.limits import Admission, WarningLimiter, client_address
-from wsgate.core.metrics import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram
+from wsgate.core.metrics import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram, Reloads
 from wsgate.core.redact import redact_target, redact_text, sanitize_request_id
 from wsgate.core.routing import Router
 from wsgate.core.upstream import Server, Upstream, request_key
@@ -46,6 +46,9 @@ class Gateway:
     ``sessions.closed``, and ``messages.up``/``bytes.up``/``messages.down``/``bytes.down`` of
     finished sessions.  ``closed`` counts finished sessions by route, upstream, server and close
     code; ``connect_time`` and ``session_duration`` are histograms (all read by ``/metrics``).
+    ``backend_failures`` counts failed backend attempts by upstream, server and reason,
+    ``reloads`` the reload results (``service.py`` records them) and ``certificates()`` lists the
+    certificates in use with their expiry (``service.py`` sets it; none by default).
     Figures of live sessions live on each :class:`~wsgate.dataplane.bridge.Session`.
     """
 
@@ -59,6 +62,9 @@ class Gateway:
         self.closed: Counter[tuple[str, str, str, str]] = Counter()
         self.connect_time = Histogram(CONNECT_BUCKETS)
         self.session_duration = Histogram(DURATION_BUCKETS)
+        self.backend_failures: Counter[tuple[str, str, str]] = Counter()
+        self.reloads = Reloads(clock.seconds())
+        self.certificates: Callable[[], list[dict[str, Any]]] = list
         self._next_id = 1
         self._drain_calls: dict[str, list[Any]] = {}
         self.config = config
@@ -283,6 +289,11 @@ class Gateway:
     def handshake_result(self, result: str) -> None:
         """Count one client handshake by its result: ``ok`` or the HTTP status it was refused with."""
         self.counters[f"handshakes.{result}"] += 1
+
+    def backend_failed(self, upstream: str, server: str, reason: str) -> None:
+        """Count one failed backend attempt by upstream, server URL and reason (a word of
+        :data:`wsgate.core.metrics.BACKEND_FAILURE_REASONS`)."""
+        self.backend_failures[(upstream, server, reason)] += 1
 
     def session_opened(self, session: Session) -> None:
         self.sessions[session.id] = session
