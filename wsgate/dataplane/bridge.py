@@ -120,10 +120,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from wsgate.config import ServerSpec
+from wsgate.core.auth import Identity, backend_view
 from wsgate.core.frames import PING, FrameEngine, close_frame, control_frame
 from wsgate.core.limits import MessageRate, client_address
 from wsgate.core.redact import new_request_id, redact_target, redact_text, sanitize_request_id
 from wsgate.core.upstream import Server
+from wsgate.dataplane.auth import Authenticator, Lifetime, authenticate, start_lifetime
 from wsgate.dataplane.gateway import Gateway
 from wsgate.dataplane.httpproxy import start_http
 
@@ -405,6 +407,7 @@ class Session:
         "_ping_sent", "_backend_aborted",
         "peer_address", "client_address", "client_port", "_admitted", "tls", "target", "route",
         "upstream", "request_id", "__weakref__",
+        "auth", "lifetime", "refusal_headers",
     )  # fmt: skip
 
     def __init__(
@@ -456,6 +459,9 @@ class Session:
         self.request_id = (
             sanitize_request_id(request.headers.get("x-request-id")) or new_request_id()
         )
+        self.auth: Identity | None = None  # who [route.auth] found the client to be
+        self.lifetime: Lifetime | None = None  # credential expiry and max_session_age timers
+        self.refusal_headers: tuple[tuple[str, str], ...] = ()  # e.g. WWW-Authenticate
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -480,11 +486,32 @@ class Session:
         self.route_path = route.path
         self.upstream = self.gateway.upstreams[route.upstream]
         handshake = self._handshake = Deferred()
+        if route.auth is not None:  # calls back authenticated() or deny()
+            authenticate(self, self.client.factory.auth)
+        else:
+            self._open_backend()
+        return handshake
+
+    def _open_backend(self) -> None:
         self._timer = self.gateway.clock.callLater(
             self.upstream.spec.try_timeout, self._try_timeout_passed
         )
         self._try_next(None)  # may already have refused the client, when every try fails at once
-        return handshake
+
+    def authenticated(self, identity: Identity) -> None:
+        """[route.auth] accepted the client: the backend gets the identity's headers (and the
+        credential only with forward_token)."""
+        self.auth = identity
+        if not identity.forward:
+            self.target = backend_view(identity.source, {}, self.target or "/")[1]
+        self._open_backend()
+
+    def deny(
+        self, status: int, reason: str, client_reason: str, headers: tuple[tuple[str, str], ...]
+    ) -> None:
+        """[route.auth] refused the client: ``status`` with ``headers``; ``reason`` is logged."""
+        self.refusal_headers = headers
+        self._refuse((status, reason), client_reason)
 
     def _try_next(self, failure: tuple[int, str] | None) -> None:
         spec = self.upstream.spec
@@ -555,7 +582,7 @@ class Session:
             pending, self._pending = self._pending, None
             pending.transport.abortConnection()
 
-    def _refuse(self, failure: tuple[int, str]) -> None:
+    def _refuse(self, failure: tuple[int, str], client_reason: str | None = None) -> None:
         self.state = "REFUSED"
         self._cancel_timer()
         status, reason = failure
@@ -563,7 +590,8 @@ class Session:
         if self._handshake is not None:
             d, self._handshake = self._handshake, None
             # The client gets a generic reason: backend names and TLS errors stay in the log.
-            d.errback(Failure(ConnectionDeny(status, _CLIENT_REASONS.get(status, "Bad Gateway"))))
+            client_reason = client_reason or _CLIENT_REASONS.get(status, "Bad Gateway")
+            d.errback(Failure(ConnectionDeny(status, client_reason)))
 
     def backend_opened(self, leg: BackendLeg) -> None:
         """The backend accepted: answer the client's handshake with the backend's subprotocol and
@@ -662,6 +690,7 @@ class Session:
             self._timer = self.gateway.clock.callLater(route.idle_timeout, self._check_idle)
         if route.ping_interval > 0:
             self._ping_timer = self.gateway.clock.callLater(route.ping_interval, self._ping)
+        self.lifetime = start_lifetime(self)
 
     # -- relay events ---------------------------------------------------------------------------
 
@@ -851,6 +880,8 @@ class Session:
                 timer.cancel()
         for throttle in self.throttles or ():
             throttle.cancel()
+        if self.lifetime is not None:
+            self.lifetime.cancel()
         if self.server is not None:
             self.server.active -= 1
         self.gateway.session_closed(self)
@@ -964,6 +995,10 @@ class Session:
         headers["X-Forwarded-Host"] = incoming.get("host", "")
         headers["X-Real-IP"] = self.client_address
         headers["X-Request-ID"] = self.request_id
+        if self.auth is not None:
+            if not self.auth.forward:
+                headers = backend_view(self.auth.source, headers, "")[0]
+            headers.update(self.auth.headers)
         return headers
 
 
@@ -1156,6 +1191,8 @@ class ClientLeg(WebSocketServerProtocol):
             code, reason = 404, "No route for this path"
         elif any(name == "Sec-WebSocket-Version" for name, _ in responseHeaders or ()):
             code = 426  # RFC 6455 4.4: a version we do not speak is "Upgrade Required"
+        if responseHeaders is None and self.session is not None:
+            responseHeaders = list(self.session.refusal_headers)  # [route.auth]'s challenge
         gateway.handshake_result(str(code))
         # One access-log line per refusal; a session refused by _refuse has written its own.
         session = self.session
@@ -1221,6 +1258,7 @@ class ClientLegFactory(WebSocketServerFactory):
         super().__init__(server="wsgate")
         self.gateway = gateway
         self.connect = connect
+        self.auth = Authenticator(gateway, gateway.clock)  # a Service: service.py starts it
         limits = gateway.config.limits
         self.backend_legs = BackendLegFactory(limits.close_timeout)
         self.setProtocolOptions(
