@@ -70,3 +70,18 @@ class DispatchDirectlyTests(SynchronousTestCase):
     def test_other_reactors_untouched(self) -> None:
         """Only an EPollReactor is changed."""
         self.assertFalse(dispatch_directly(object()))
+
+
+class QuietPoolTests(SynchronousTestCase):
+    def test_connections_not_noisy(self) -> None:
+        """The pool's connections are made by a factory class that does not log its start
+        and stop (it relies on HTTPConnectionPool._factory)."""
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.web.client import HTTPConnectionPool
+
+        from wsgate.dataplane._compat import quiet_pool
+
+        pool = quiet_pool(MemoryReactorClock())
+        self.assertIsInstance(pool, HTTPConnectionPool)
+        self.assertFalse(pool._factory.noisy)
+        self.assertTrue(HTTPConnectionPool._factory.noisy)  # the class itself is left alone

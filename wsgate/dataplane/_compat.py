@@ -13,8 +13,22 @@ import errno
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
+from twisted.web.client import HTTPConnectionPool
 
-__all__ = ["dispatch_directly"]
+__all__ = ["dispatch_directly", "quiet_pool"]
+
+
+def quiet_pool(reactor: Any) -> HTTPConnectionPool:
+    """
+    A persistent HTTP connection pool whose connections do not log "Starting factory" and
+    "Stopping factory" at info level: two lines per new connection, which forward auth would
+    write for every handshake to a service that closes its connections.  Relies on the pool
+    making each connection's factory from its ``_factory`` class attribute (Twisted's
+    ``_HTTP11ClientFactory``), the only way to set ``noisy`` on it.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = type("QuietHTTP11ClientFactory", (pool._factory,), {"noisy": False})  # type: ignore[attr-defined]
+    return pool
 
 
 def dispatch_directly(reactor: Any) -> bool:

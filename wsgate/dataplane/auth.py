@@ -51,6 +51,7 @@ from wsgate.core.auth import (
     www_authenticate,
 )
 from wsgate.core.frames import control_frame
+from wsgate.dataplane._compat import quiet_pool
 
 if TYPE_CHECKING:
     from wsgate.dataplane.bridge import Session
@@ -346,7 +347,7 @@ class Authenticator(service.Service):
             Headers({name: [value] for name, value in headers.items()}),
         )
         d.addCallback(self._answered, spec)
-        d.addTimeout(spec.timeout, self.reactor)
+        d.addTimeout(spec.timeout, self.reactor, onTimeoutCancel=_timed_out)
         d.addErrback(_unreachable, spec)
 
         def remember(answer: Identity | AuthFailure) -> Identity:
@@ -371,7 +372,7 @@ class Authenticator(service.Service):
 
     def _agent(self, timeout: float) -> Agent:
         if self._pool is None:
-            self._pool = HTTPConnectionPool(self.reactor, persistent=True)
+            self._pool = quiet_pool(self.reactor)
             self._pool.maxPersistentPerHost = 16
         return Agent(self.reactor, connectTimeout=timeout, pool=self._pool)
 
@@ -386,7 +387,13 @@ class Authenticator(service.Service):
             return _read_body(response, MAX_JWKS)
 
         d.addCallback(body)
-        return d.addTimeout(timeout, self.reactor)
+        return d.addTimeout(timeout, self.reactor, onTimeoutCancel=_timed_out)
+
+
+def _timed_out(result: object, timeout: float) -> Failure:
+    """``addTimeout``'s outcome whatever the cancelled request failed with (the Agent wraps the
+    CancelledError in ResponseNeverReceived)."""
+    return Failure(TimeoutError(f"no answer within {timeout:g}s"))
 
 
 def _unreachable(failure: Failure, spec: AuthSpec) -> AuthFailure:
