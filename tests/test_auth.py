@@ -181,7 +181,9 @@ class HelpersTests(SynchronousTestCase):
         """Header, cookie and query parameter, first found wins; Basic is no bearer token."""
         sources = ("header", "cookie:at", "query:access_token")
         params = {"access_token": ["q"]}
-        self.assertEqual(find_token(sources, {"authorization": "Bearer h"}, params), ("h", "header"))
+        self.assertEqual(
+            find_token(sources, {"authorization": "Bearer h"}, params), ("h", "header")
+        )
         self.assertEqual(
             find_token(sources, {"authorization": "Basic x", "cookie": "a=1; at=c"}, params),
             ("c", "cookie:at"),
@@ -213,7 +215,9 @@ class HelpersTests(SynchronousTestCase):
         allowed = forward_answer(spec, 204, {"x-user": ["alice"], "x-other": ["no"]})
         self.assertEqual(allowed.headers, (("X-User", "alice"),))  # type: ignore[union-attr]
         refused = forward_answer(spec, 401, {"www-authenticate": ['Basic realm="x"']})
-        self.assertEqual((refused.status, refused.headers), (401, (("WWW-Authenticate", 'Basic realm="x"'),)))  # type: ignore[union-attr]
+        self.assertEqual(
+            (refused.status, refused.headers), (401, (("WWW-Authenticate", 'Basic realm="x"'),))
+        )  # type: ignore[union-attr]
         self.assertEqual(forward_answer(spec, 403, {}).status, 403)  # type: ignore[union-attr]
         self.assertEqual(forward_answer(spec, 302, {}).status, 503)  # type: ignore[union-attr]
 
@@ -266,7 +270,9 @@ class SessionAuthTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         directory = tempfile.mkdtemp()
-        self.addCleanup(lambda: [os.remove(os.path.join(directory, f)) for f in os.listdir(directory)])
+        self.addCleanup(
+            lambda: [os.remove(os.path.join(directory, f)) for f in os.listdir(directory)]
+        )
         self.keys_path = os.path.join(directory, "jwks.json")
         with open(self.keys_path, "wb") as f:
             f.write(jwks(jwk(RSA_KEY, "k1")))
@@ -295,7 +301,9 @@ class SessionAuthTests(SynchronousTestCase):
         self.assertEqual(raw.status, 401)
         self.assertIn(b'WWW-Authenticate: Bearer realm="wsgate"\r\n', raw.data)
         self.assertEqual(backend.requests, [])
-        self.assertEqual([(e["status"], e["reason"]) for e in self.refusals()], [(401, "auth: no credential")])
+        self.assertEqual(
+            [(e["status"], e["reason"]) for e in self.refusals()], [(401, "auth: no credential")]
+        )
 
     def test_expired_token_401_never_logged(self) -> None:
         """An expired token: 401 invalid_token; neither the log nor the answer holds the token."""

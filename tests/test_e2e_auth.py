@@ -14,6 +14,7 @@ and the backend (``websockets``, which reports the handshake it got).
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 import urllib.request
@@ -27,8 +28,6 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from tests.procs import LOOPBACK, REPO, free_ports, start_configured_gate, start_process
-
-import sys
 
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
@@ -103,7 +102,9 @@ class AuthGateTests(TestCase):
             closed = time.time()
         self.assertEqual((ws.close_code, ws.close_reason), (1008, "credential expired"))
         self.assertTrue(exp - 0.05 <= closed < exp + 1.5, (exp, closed))
-        self.assertIn("closed_by=\"gate (credential expired)\"", self.gate.wait_for_output("credential expired"))
+        self.assertIn(
+            'closed_by="gate (credential expired)"', self.gate.wait_for_output("credential expired")
+        )
 
     def test_forward_auth(self) -> None:
         """Allow with copied headers, 401 with the service's challenge, 403, 503 for a hanging

@@ -1035,7 +1035,9 @@ def _key_file(reader: _Reader) -> Callable[[object], str]:
                 keys = None
             if not isinstance(keys, list):
                 raise ValueError(f"{path}: not a JWKS file (a JSON object with a keys list)")
-        elif b"-----BEGIN PUBLIC KEY-----" not in data and b"-----BEGIN CERTIFICATE-----" not in data:
+        elif (
+            b"-----BEGIN PUBLIC KEY-----" not in data and b"-----BEGIN CERTIFICATE-----" not in data
+        ):
             raise ValueError(f"{path}: neither a JWKS file nor PEM public keys or certificates")
         return path
 

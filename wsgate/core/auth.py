@@ -103,7 +103,7 @@ def _unauthorized(realm: str, reason: str, error: str | None = "invalid_token") 
 
 
 def _cookies(header: str) -> dict[str, str]:
-    jar = {}
+    jar: dict[str, str] = {}
     for item in header.split(";"):
         name, eq, value = item.strip().partition("=")
         if eq and name:
@@ -149,15 +149,15 @@ def backend_view(
     if kind == "header":
         headers.pop("Authorization", None)
     elif kind == "cookie" and "Cookie" in headers:
-        rest = [c for c in headers["Cookie"].split(";") if c.strip().partition("=")[0] != name]
-        if any(c.strip() for c in rest):
-            headers["Cookie"] = ";".join(rest).strip()
+        others = [c for c in headers["Cookie"].split(";") if c.strip().partition("=")[0] != name]
+        if any(c.strip() for c in others):
+            headers["Cookie"] = ";".join(others).strip()
         else:
             del headers["Cookie"]
     elif kind == "query" and "?" in target:
         rest, hash_, fragment = target.partition("#")
         path, _, query = rest.partition("?")
-        kept = [p for p in query.split("&") if unquote_plus(p.partition("=")[0]) != name]
+        kept = [item for item in query.split("&") if unquote_plus(item.split("=")[0]) != name]
         target = path + ("?" + "&".join(kept) if kept else "") + hash_ + fragment
     return headers, target
 
@@ -212,9 +212,10 @@ def load_keys(data: bytes) -> KeySet:
     """
     if data.lstrip().startswith(b"{"):
         return _load_jwks(data)
-    keys = []
+    keys: list[VerifyKey] = []
     for match in re.finditer(rb"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----", data, re.S):
         pem, label = match.group(0), match.group(1)
+        key: Any
         if label == b"CERTIFICATE":
             key = x509.load_pem_x509_certificate(pem).public_key()
         elif label == b"PUBLIC KEY":

@@ -27,7 +27,7 @@ def quiet_pool(reactor: Any) -> HTTPConnectionPool:
     ``_HTTP11ClientFactory``), the only way to set ``noisy`` on it.
     """
     pool = HTTPConnectionPool(reactor, persistent=True)
-    pool._factory = type("QuietHTTP11ClientFactory", (pool._factory,), {"noisy": False})  # type: ignore[attr-defined]
+    pool._factory = type("QuietHTTP11ClientFactory", (pool._factory,), {"noisy": False})  # type: ignore[assignment]
     return pool
 
 

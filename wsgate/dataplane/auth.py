@@ -109,7 +109,7 @@ class _BoundedBody(Protocol):
         self.size += len(data)
         if self.size > self.limit:
             self.parts = []
-            self.transport.stopProducing()
+            self.transport.stopProducing()  # type: ignore[union-attr]
             return
         self.parts.append(data)
 
@@ -128,7 +128,7 @@ def _read_body(response: Any, limit: int) -> Deferred:
     protocol: _BoundedBody
 
     def cancel(d: Deferred) -> None:
-        protocol.transport.stopProducing()
+        protocol.transport.stopProducing()  # type: ignore[union-attr]
 
     done: Deferred = Deferred(cancel)
     protocol = _BoundedBody(done, limit)
@@ -322,7 +322,9 @@ class Authenticator(service.Service):
             reload = keys.for_unknown_kid() if retry else None
             if reload is None:
                 challenge = www_authenticate(spec.realm, "invalid_token", "unknown key id")
-                raise AuthFailure(401, "unknown key id", (("WWW-Authenticate", challenge),))
+                raise AuthFailure(
+                    401, "unknown key id", (("WWW-Authenticate", challenge),)
+                ) from None
             return reload.addCallback(self._verify, token, spec, keys, False)
 
     # -- forward -----------------------------------------------------------------------------
@@ -378,7 +380,9 @@ class Authenticator(service.Service):
 
     def _get(self, url: str, timeout: float) -> Deferred:
         """GET ``url``: a Deferred of its body (200 only, at most MAX_JWKS bytes)."""
-        d = self._agent(timeout).request(b"GET", url.encode(), Headers({"Accept": ["application/json"]}))
+        d = self._agent(timeout).request(
+            b"GET", url.encode(), Headers({"Accept": ["application/json"]})
+        )
 
         def body(response: Any) -> Deferred:
             if response.code != 200:
