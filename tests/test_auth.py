@@ -403,3 +403,98 @@ class SessionAuthTests(SynchronousTestCase):
         net.advance(1)
         left = [call.func.__name__ for call in net.clock.getDelayedCalls()]
         self.assertEqual(left, ["_load"])  # only the key file's refresh
+
+
+class ConsoleDetailTests(SynchronousTestCase):
+    def test_session_detail_shows_auth_and_closes(self) -> None:
+        """The console's session detail names the subject and when the gate will close it."""
+        from wsgate.ops.status import session_detail
+
+        directory = tempfile.mkdtemp()
+        path = os.path.join(directory, "jwks.json")
+        with open(path, "wb") as f:
+            f.write(jwks(jwk(RSA_KEY, "k1")))
+        self.addCleanup(os.remove, path)
+        config = make_config([A], max_session_age="1h", auth={"type": "jwt", "keys": path})
+        net = Network(config, {A: BackendFactory()})
+        net.clock.advance(500)
+        net.client("/", headers={"Authorization": "Bearer " + token(exp=560)})
+        [session] = net.gateway.sessions.values()
+        detail = session_detail(session)
+        self.assertEqual(
+            (detail["auth"], detail["credential_expires_in"], detail["max_age_close_in"]),
+            ("jwt alice", 60.0, 3600.0),
+        )
+
+
+class AuthConfigTests(SynchronousTestCase):
+    def problems(self, auth: Any, **route: Any) -> list[str]:
+        data = {
+            "listen": [{"endpoint": "tcp:0"}],
+            "route": [{"upstream": "u", "auth": auth, **route}],
+            "upstream": {"u": {"servers": [{"url": A}]}},
+        }
+        try:
+            configmod.parse(data, "t.toml")
+        except configmod.ConfigError as e:
+            return e.problems
+        return []
+
+    def test_refused_with_file_key_and_reason(self) -> None:
+        """Bad [route.auth] values are refused, each naming the file and the key path."""
+        directory = tempfile.mkdtemp()
+        bad = os.path.join(directory, "bad.pem")
+        with open(bad, "w") as f:
+            f.write("not a key")
+        self.addCleanup(os.remove, bad)
+        table = [
+            (
+                {"type": "jwt", "jwks_url": "http://k", "algorithms": ["none"]},
+                "route[0].auth.algorithms: 'none' is not one of",
+            ),
+            (
+                {"type": "jwt"},
+                "route[0].auth: give keys (a PEM or JWKS file) or jwks_url, not both",
+            ),
+            ({"type": "jwt", "keys": bad}, "route[0].auth.keys: " + bad + ": neither a JWKS file"),
+            (
+                {"type": "jwt", "jwks_url": "ftp://k"},
+                "route[0].auth.jwks_url: 'ftp://k': not an http:// or https:// URL",
+            ),
+            (
+                {"type": "jwt", "jwks_url": "http://k", "token": "query:"},
+                "route[0].auth.token: 'query:' is not",
+            ),
+            (
+                {"type": "jwt", "jwks_url": "http://k", "url": "http://a"},
+                'route[0].auth.url: only with type = "forward"',
+            ),
+            (
+                {"type": "jwt", "jwks_url": "http://k", "claim_headers": {"email": "Bad Header"}},
+                "route[0].auth.claim_headers: 'Bad Header' is not an HTTP header name",
+            ),
+            ({"type": "forward"}, 'route[0].auth.url: required with type = "forward"'),
+            (
+                {"type": "forward", "url": "http://a", "forward_token": False},
+                'route[0].auth.forward_token: only with type = "jwt"',
+            ),
+            ({"type": "saml"}, "route[0].auth.type: 'saml' is not one of jwt, forward"),
+            (
+                {"type": "forward", "url": "http://a", "timeout": "0s"},
+                "route[0].auth.timeout: must be more than 0",
+            ),
+        ]
+        for auth, expected in table:
+            problems = self.problems(auth)
+            self.assertTrue(
+                any(p.startswith("t.toml: " + expected) for p in problems), (auth, problems)
+            )
+
+    def test_spread_needs_age(self) -> None:
+        """max_session_age_spread alone is refused."""
+        problems = self.problems(
+            {"type": "forward", "url": "http://a"}, max_session_age_spread="1m"
+        )
+        self.assertEqual(
+            problems, ["t.toml: route[0].max_session_age_spread: only with max_session_age"]
+        )

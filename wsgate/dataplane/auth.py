@@ -57,7 +57,14 @@ if TYPE_CHECKING:
     from wsgate.dataplane.bridge import Session
     from wsgate.dataplane.gateway import Gateway
 
-__all__ = ["Authenticator", "Lifetime", "UNKNOWN_KID_INTERVAL", "authenticate", "start_lifetime"]
+__all__ = [
+    "Authenticator",
+    "Lifetime",
+    "UNKNOWN_KID_INTERVAL",
+    "auth_detail",
+    "authenticate",
+    "start_lifetime",
+]
 
 # A token with an unknown key id makes a JWKS URL be fetched again at most this often.
 UNKNOWN_KID_INTERVAL = 10.0
@@ -472,6 +479,20 @@ class Lifetime:
             else self.deadlines.expire - now,
             "max_age_close_in": None if self.deadlines.age is None else self.deadlines.age - now,
         }
+
+
+def auth_detail(session: Session, now: float) -> dict[str, Any]:
+    """What the console's session detail shows of authentication and lifetime."""
+    identity = getattr(session, "auth", None)
+    lifetime = getattr(session, "lifetime", None)
+    detail: dict[str, Any] = {
+        "auth": None if identity is None else f"{identity.method} {identity.subject or '-'}",
+        "credential_expires_in": None,
+        "max_age_close_in": None,
+    }
+    if lifetime is not None:
+        detail.update(lifetime.describe(now))
+    return detail
 
 
 def start_lifetime(session: Session) -> Lifetime | None:
