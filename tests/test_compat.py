@@ -113,3 +113,18 @@ class LegSlotsTests(SynchronousTestCase):
             hidden = [n for n in leg.__slots__ if any(n in vars(cls) for cls in bases)]
             self.assertEqual(hidden, [], leg.__name__)
             self.assertEqual(len(set(leg.__slots__)), len(leg.__slots__))
+
+
+class QuietPoolTests(SynchronousTestCase):
+    def test_connections_not_noisy(self) -> None:
+        """The pool's connections are made by a factory class that does not log its start
+        and stop (it relies on HTTPConnectionPool._factory)."""
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.web.client import HTTPConnectionPool
+
+        from wsgate.dataplane._compat import quiet_pool
+
+        pool = quiet_pool(MemoryReactorClock())
+        self.assertIsInstance(pool, HTTPConnectionPool)
+        self.assertFalse(pool._factory.noisy)
+        self.assertTrue(HTTPConnectionPool._factory.noisy)  # the class itself is left alone

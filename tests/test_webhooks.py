@@ -284,7 +284,7 @@ class ConfigTests(SynchronousTestCase):
                 [
                     "w.toml: route[0].on_connect.url: 'ws://x/': not an http:// or https:// URL",
                     "w.toml: route[0].on_connect.timeout: must be more than 0",
-                    "w.toml: route[0].on_connect.headers: 'bad name' is not a header name",
+                    "w.toml: route[0].on_connect.headers: 'bad name' is not an HTTP header name",
                     "w.toml: route[0].on_connect.on_failure: 'maybe' is not one of deny, allow",
                     "w.toml: route[0].on_connect.colour: unknown key",
                     "w.toml: route[0].on_disconnect.url: required",

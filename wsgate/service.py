@@ -525,6 +525,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
     upstream_services = _UpstreamServices(gateway, connector, reactor)
     upstream_services.setServiceParent(top)
     factory: Any = ClientLegFactory(gateway, connector)
+    factory.auth.setServiceParent(top)  # [route.auth]: key refresh timers, HTTP connections
     unverified = unverified_servers(config)
     if unverified:
         _UnverifiedWarning(unverified).setServiceParent(top)

@@ -324,6 +324,12 @@ class FrameEngine:
         self._size = 0  # payload bytes of the current message so far
         self._preview = b""
 
+    @property
+    def in_message(self) -> bool:
+        """Whether a message of the source is half relayed: no message of the gate's own may
+        go to the sink now (control frames may)."""
+        return self._in_message
+
     # -- bytes in, bytes out ----------------------------------------------------------------------
 
     def receive(self, data: bytes) -> bytes:

@@ -13,8 +13,15 @@ import errno
 from typing import Any
 
 from twisted.internet.epollreactor import EPollReactor
+from twisted.web.client import HTTPConnectionPool
 
-__all__ = ["AUTOBAHN_CLIENT_STATE", "AUTOBAHN_SERVER_STATE", "AUTOBAHN_STATE", "dispatch_directly"]
+__all__ = [
+    "AUTOBAHN_CLIENT_STATE",
+    "AUTOBAHN_SERVER_STATE",
+    "AUTOBAHN_STATE",
+    "dispatch_directly",
+    "quiet_pool",
+]
 
 # The instance attributes Autobahn's WebSocket protocols (24.4 to 26.x) set on every connection,
 # none of them a class attribute anywhere in the protocol's classes.  The legs declare them as
@@ -82,6 +89,19 @@ AUTOBAHN_SERVER_STATE = (
 )
 # What only the client side (WebSocketClientProtocol) sets.
 AUTOBAHN_CLIENT_STATE = ("websocket_key",)
+
+
+def quiet_pool(reactor: Any) -> HTTPConnectionPool:
+    """
+    A persistent HTTP connection pool whose connections do not log "Starting factory" and
+    "Stopping factory" at info level: two lines per new connection, which forward auth would
+    write for every handshake to a service that closes its connections.  Relies on the pool
+    making each connection's factory from its ``_factory`` class attribute (Twisted's
+    ``_HTTP11ClientFactory``), the only way to set ``noisy`` on it.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = type("QuietHTTP11ClientFactory", (pool._factory,), {"noisy": False})  # type: ignore[assignment]
+    return pool
 
 
 def dispatch_directly(reactor: Any) -> bool:

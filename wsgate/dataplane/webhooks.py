@@ -33,11 +33,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
-from twisted.web.http import PotentialDataLoss
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
@@ -55,6 +53,8 @@ from wsgate.core.webhooks import (
     disconnect_record,
     retryable,
 )
+from wsgate.dataplane._compat import quiet_pool
+from wsgate.dataplane.httpclient import read_body
 
 __all__ = ["Webhooks"]
 
@@ -85,7 +85,7 @@ class Webhooks:
         self._warnings = warnings
         self._pool: HTTPConnectionPool | None = None
         if agent is None:
-            self._pool = HTTPConnectionPool(reactor, persistent=True)
+            self._pool = quiet_pool(reactor)
             self._pool.maxPersistentPerHost = _POOL_PER_HOST
             self._pool.cachedConnectionTimeout = _POOL_IDLE
             self._pool.retryAutomatically = False
@@ -300,41 +300,4 @@ def _outcome(answer: tuple[int, bytes] | Failure) -> tuple[int | None, bytes, st
 
 def _read_answer(response: Any, limit: int | None) -> Deferred:
     """The response's status and body, reading at most ``limit`` bytes (then the call fails)."""
-    reader = _LimitedBody(response.code, limit)
-    response.deliverBody(reader)
-    return reader.done
-
-
-class _LimitedBody(Protocol):
-    """Collects a response body of at most ``limit`` bytes (None: reads and forgets it all)."""
-
-    def __init__(self, status: int, limit: int | None) -> None:
-        self._status = status
-        self._limit = limit
-        self._parts: list[bytes] = []
-        self._size = 0
-        self.done: Deferred = Deferred(lambda d: self._abort())
-
-    def _abort(self) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._limit is None:
-            return
-        self._size += len(data)
-        if self._size <= self._limit:
-            self._parts.append(data)
-            return
-        self._parts = []
-        if not self.done.called:
-            self.done.errback(ValueError(f"answer longer than {self._limit} bytes"))
-        self._abort()
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        if self.done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback((self._status, b"".join(self._parts)))
-        else:
-            self.done.errback(reason)
+    return read_body(response, limit).addCallback(lambda body: (response.code, body))

@@ -567,6 +567,8 @@ class Gate:
             ("idle", _age(d["idle"])),
             ("connect time", _ms(None if d["connect_time"] is None else d["connect_time"] * 1000)),
             ("ping rtt", rtt),
+            ("auth", d.get("auth") or "-"),
+            ("closes", _lifetime(d)),
             ("client->backend", f"{d['messages_up']} messages, {_size(d['bytes_up'])}"),
             ("backend->client", f"{d['messages_down']} messages, {_size(d['bytes_down'])}"),
         ]
@@ -751,6 +753,16 @@ def _url(session: Session) -> str:
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f} ms" if value >= 10 else f"{value:.1f} ms"
+
+
+def _lifetime(d: dict[str, Any]) -> str:
+    """When the gate will close a session by itself: credential expiry, max_session_age."""
+    parts = []
+    if d.get("credential_expires_in") is not None:
+        parts.append(f"credential expires in {_age(d['credential_expires_in'])} (1008)")
+    if d.get("max_age_close_in") is not None:
+        parts.append(f"max session age in {_age(d['max_age_close_in'])} (1001)")
+    return ", ".join(parts) or "-"
 
 
 def _rtt(value: int | None) -> str:
