@@ -16,7 +16,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.helpers import BackendFactory, Network, make_config
 from tests.test_console import Terminal, assert_tapped_hello
 from tests.test_workers import A, TwoWorkersCase, _Worker
-from wsgate.ops.console import TAP_QUEUE, TAP_REFRESH, Console
+from wsgate.dataplane.tap import TAP_QUEUE, TAP_REFRESH
+from wsgate.ops.console import Console
 from wsgate.process.workers import Aggregate
 
 
@@ -51,8 +52,9 @@ class WorkerSideTests(SynchronousTestCase):
 
     def tap(self, number: int = 7) -> Any:
         answer = self.worker.control("tap", {"id": self.sid, "tap": number})
-        self.assertEqual(answer, {"client": self.session.client_address})
-        return self.worker.control.taps[number]
+        self.assertEqual(self.successResultOf(answer), {"client": self.session.client_address})
+        control = self.worker.control
+        return control.view._taps[control.taps[number]]
 
     def test_tapped_messages_each_refresh(self) -> None:
         """Both directions' messages go to the parent as one ``tapped`` event per refresh."""
@@ -206,7 +208,7 @@ class ConsoleTapTests(TwoWorkersCase):
         self.client = self.workers[1].net.client("/")
         self.workers[2].net.client("/")
         self.poll()
-        self.term = Terminal(Console(self.aggregate, self.clock))  # type: ignore[arg-type]
+        self.term = Terminal(Console(self.aggregate, self.clock))
 
     def advance(self) -> None:
         for _ in range(2):
@@ -237,7 +239,8 @@ class ConsoleTapTests(TwoWorkersCase):
     def test_drops_reported(self) -> None:
         """What the worker could not send is reported as on one process."""
         self.term.type('gate.tap("1:1")')
-        self.workers[1].control.taps[1].limit = 2
+        control = self.workers[1].control
+        control.view._taps[control.taps[1]].limit = 2
         for i in range(5):
             self.client.proto.sendMessage(str(i).encode())
         self.workers[1].net.flush()
