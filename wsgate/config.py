@@ -14,7 +14,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -804,6 +804,9 @@ def _control(table: _Table) -> ControlSpec:
         token_file=table.get("token_file", None, _token_file(table._reader)),
     )
     kind = spec.endpoint.split(":", 1)[0].lower()
+    if kind == "unix" and ":mode=" not in spec.endpoint:
+        # Twisted makes Unix sockets 0666: only the gate's user (and root) may act on it.
+        spec = replace(spec, endpoint=spec.endpoint + ":mode=600")
     if kind not in ("unix", "tcp", "tcp6"):
         table._reader.problem(table.key("endpoint"), "a unix: socket or a loopback tcp: port")
     elif kind != "unix" and spec.token_file is None:

@@ -495,25 +495,24 @@ def runtime_resets(upstream: Upstream, spec: UpstreamSpec) -> list[str]:
     configured = {s.url for s in upstream.spec.servers}
     lines = []
     for server in upstream.servers:
-        if server.origin is not server.spec:  # found by DNS: the file never names it
+        if server.retired or server.origin is not server.spec:  # DNS found it: not in the file
             continue
         new = wanted.get(server.url)
         where = f"{server.url} in upstream {upstream.name}"
-        if server.url not in configured and not server.retired:
-            if new is None:
+        if new is None:
+            if server.url not in configured:
                 lines.append(f"server {where} added at run time, removed by the file")
-            elif new.weight != server.weight:
-                lines.append(
-                    f"weight of {where} set at run time to {server.weight}, "
-                    f"reset to {new.weight} by the file"
-                )
-        elif server.retired and new is not None and not new.resolve:
-            if not any(s.url == server.url and not s.retired for s in upstream.servers):
-                lines.append(f"server {where} removed at run time, back from the file")
-        elif new is not None and not server.retired and server.weight != server.spec.weight:
-            if new.weight != server.weight:
-                lines.append(
-                    f"weight of {where} set at run time to {server.weight}, "
-                    f"reset to {new.weight} by the file"
-                )
+        elif new.weight != server.weight and (
+            server.url not in configured or server.weight != server.spec.weight
+        ):
+            lines.append(
+                f"weight of {where} set at run time to {server.weight}, "
+                f"reset to {new.weight} by the file"
+            )
+    live = {s.url for s in upstream.servers if not s.retired}
+    for entry in upstream.spec.servers:
+        new = wanted.get(entry.url)
+        if new is not None and not entry.resolve and entry.url not in live:
+            where = f"{entry.url} in upstream {upstream.name}"
+            lines.append(f"server {where} removed at run time, back from the file")
     return lines

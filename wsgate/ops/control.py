@@ -59,6 +59,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from wsgate.config import ConfigError, ControlSpec, parse_duration, read_token
 from wsgate.ops import status
+from wsgate.ops.preflight import binds_at
 from wsgate.ops.view import MAX_PUSH, GateView, find_server
 
 __all__ = ["MAX_BODY", "ControlResource", "control_service", "control_target"]
@@ -356,39 +357,13 @@ def _finish(request: Request, body: bytes | Failure) -> None:
 def control_target(endpoint: str) -> tuple[str, str, int]:
     """
     Where a client connects for a server ``endpoint``: ``("unix", path, 0)`` or ``("tcp", host,
-    port)`` (the ``interface``, or the loopback address when none is given).
+    port)`` (a wildcard address is reached on loopback).
     """
-    kind, _, rest = endpoint.partition(":")
-    fields = [f.replace("\\:", ":") for f in _split_endpoint(rest)]
-    named = dict(f.split("=", 1) for f in fields if "=" in f)
-    positional = [f for f in fields if "=" not in f]
-    kind = kind.lower()
-    if kind == "unix":
-        return "unix", named.get("address") or positional[0], 0
-    if kind in ("tcp", "tcp6"):
-        port = int(named.get("port") or positional[0])
-        default = "::1" if kind == "tcp6" else "127.0.0.1"
-        host = named.get("interface") or default
-        return "tcp", {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host), port
-    raise ValueError(f"{endpoint!r}: a control endpoint is unix: or tcp:")
-
-
-def _split_endpoint(text: str) -> list[str]:
-    """Fields of an endpoint string split at ``:`` but not at ``\\:``."""
-    fields, current, escaped = [], "", False
-    for char in text:
-        if escaped:
-            current += "\\" + char
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ":":
-            fields.append(current)
-            current = ""
-        else:
-            current += char
-    fields.append(current)
-    return fields
+    where = binds_at(endpoint)
+    if where is None:
+        raise ValueError(f"{endpoint!r}: a control endpoint is unix: or tcp:")
+    kind, address, port = where
+    return kind, {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address, address), port
 
 
 class _ControlService(service.MultiService):
