@@ -439,7 +439,7 @@ def _parent_service(
         config,
         options["config"],
         reactor,
-        rows=config.console is not None or config.admin is not None,
+        rows=any(x is not None for x in (config.console, config.admin, config.control)),
     )
     top.log_observer = _gate_log(options, lambda: pool.config.log)
     pool.setServiceParent(top)

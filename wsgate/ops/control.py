@@ -164,7 +164,7 @@ class ControlResource(resource.Resource):
         if name is not None and name not in self.view.config.upstreams:
             raise LookupError(f"no upstream {name}")
         rows = status.upstreams(self.view, self.view.clock.seconds())
-        found: dict[str, list[dict[str, Any]]] = {}
+        found: dict[str, list[dict[str, Any]]] = {n: [] for n in self.view.config.upstreams}
         for row in rows:
             if name in (None, row["upstream"]):
                 found.setdefault(row["upstream"], []).append(row)
