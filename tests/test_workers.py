@@ -201,7 +201,8 @@ class TwoWorkersCase(SynchronousTestCase):
     def _broadcast(self, call: str, **args: Any) -> Deferred:
         from twisted.internet.defer import gatherResults
 
-        return gatherResults([c.request(call, **args) for c in self.channels.values()])
+        calls = [c.request(call, **args) for c in self.channels.values()]
+        return gatherResults(calls, consumeErrors=True)  # as WorkerPool.broadcast
 
     def poll(self) -> None:
         for index, channel in self.channels.items():
