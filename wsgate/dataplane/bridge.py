@@ -47,6 +47,10 @@ keepalive Pings (``ping_interval``) are answered by Pongs the engine consumes.  
 permessage-deflate offer goes to the backend (``compression = "pass"``) and the backend's answer
 back to the client unchanged; compressed frames pass untouched.
 
+Pushed messages (the control API's, :meth:`Session.push`) go to the client between two relayed
+messages, in both modes: while a fragmented message is in flight they wait in a small bounded queue
+and follow its final fragment.
+
 Backpressure: each leg's transport has a :class:`_ReadThrottle` registered as its producer, which
 pauses reading on the *other* leg while this leg's send buffer is full.  Everything the gate
 queues toward a peer (relayed frames, the far endpoint's pongs, Closes) comes from the other leg,
