@@ -91,13 +91,15 @@ class _GateCase(SynchronousTestCase):
             time.sleep(0.05)
         raise AssertionError(f"no {what} within {timeout}s\n{self.gate.describe()}")
 
-    def session_id(self, count: int = 1) -> str:
-        """The id of the newest live session, once the API lists ``count`` of them."""
-        rows = self.wait(
-            lambda: (r := self.ok("GET", "/sessions")["sessions"]) and len(r) >= count and r,
-            f"{count} sessions",
-        )
-        return str(rows[-1]["id"])
+    def ids(self) -> set[str]:
+        return {str(r["id"]) for r in self.ok("GET", "/sessions")["sessions"]}
+
+    def session_id(self, before: set[str] | None = None) -> str:
+        """The id of the one live session not in ``before``, once the API lists it (with
+        workers, up to a poll interval later)."""
+        new = self.wait(lambda: self.ids() - (before or set()), "a new session")
+        self.assertEqual(len(new), 1, new)
+        return str(new.pop())
 
     def wsgate(self, *args: str) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -278,8 +280,9 @@ class WorkersTests(_GateCase):
         """Sessions are listed as WORKER:ID; push and kick reach the client through its worker,
         a push during a fragmented message included; server verbs reach every worker."""
         self.push_during_fragmented_message()
+        before = self.ids()
         ws = self.client()
-        sid = self.session_id(2)
+        sid = self.session_id(before)
         self.assertIn(":", sid)
         self.ok("POST", f"/sessions/{sid}/messages", {"text": "via a worker"})
         self.assertEqual(ws.recv(timeout=TIMEOUT), "via a worker")

@@ -536,7 +536,7 @@ class Gate:
         sessions within that time."""
         name, url = find_server(self.view, str(server), upstream)
         seconds = None if deadline is None else parse_duration(deadline)
-        self._logged("drain", f"upstream={name} server={url} deadline={seconds}")
+        self._logged("drain", f"server={url} upstream={name} deadline={seconds}")
 
         def drained(count: int) -> Text:
             text = f"draining {url} of {name}: no new sessions"
@@ -548,7 +548,7 @@ class Gate:
     def undrain(self, server: str, upstream: str | None = None) -> Any:
         """Let ``server`` take new sessions again."""
         name, url = find_server(self.view, str(server), upstream)
-        self._logged("undrain", f"upstream={name} server={url}")
+        self._logged("undrain", f"server={url} upstream={name}")
         done = self.view.undrain(name, url)
         return _settled(done, lambda _: Text(f"{url} of {name} takes new sessions again"))
 
@@ -557,7 +557,7 @@ class Gate:
         name, url = find_server(self.view, str(server), upstream)
         if not isinstance(w, int) or isinstance(w, bool) or w < 1:
             raise ValueError("a weight is a whole number of at least 1")
-        self._logged("weight", f"upstream={name} server={url} weight={w}")
+        self._logged("weight", f"server={url} upstream={name} weight={w}")
         return _settled(self.view.set_weight(name, url, w), lambda _: Text(f"{url} weight {w}"))
 
     def reload(self) -> Any:
