@@ -19,6 +19,7 @@ from tests.helpers import BackendFactory, Network, make_config, upgrade_request
 from wsgate import config as configmod
 from wsgate.ops.admin import admin_resource, admin_service
 from wsgate.ops.status import Sampler
+from wsgate.ops.view import LocalView
 from wsgate.process.sdnotify import Listening, Notifier
 from wsgate.process.workers import Aggregate, WorkerControl
 
@@ -55,10 +56,10 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 class MetricsTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.net = Network(make_config([A, B]), {A: BackendFactory(), B: BackendFactory()})
-        self.sampler = Sampler(self.net.gateway, self.net.clock)
+        self.sampler = Sampler(LocalView(self.net.gateway), self.net.clock)
         self.sampler.startService()
         self.addCleanup(self.sampler.stopService)
-        self.root = admin_resource(self.net.gateway, self.sampler)
+        self.root = admin_resource(LocalView(self.net.gateway), self.sampler)
 
     def script(self) -> None:
         """Three sessions (A, B, A), one 502 and one plain GET (426)."""
@@ -144,10 +145,10 @@ class MetricsTests(SynchronousTestCase):
 class StatusTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.net = Network(make_config([A]), {A: BackendFactory()})
-        self.sampler = Sampler(self.net.gateway, self.net.clock)
+        self.sampler = Sampler(LocalView(self.net.gateway), self.net.clock)
         self.sampler.startService()
         self.addCleanup(self.sampler.stopService)
-        self.root = admin_resource(self.net.gateway, self.sampler)
+        self.root = admin_resource(LocalView(self.net.gateway), self.sampler)
 
     def test_status_json(self) -> None:
         """/status.json holds the sessions, upstreams, stats with rates, and the history."""
@@ -232,7 +233,7 @@ class ReadyTests(SynchronousTestCase):
         self.net = Network(config, {A: BackendFactory(), B: BackendFactory(), C: BackendFactory()})
         self.gateway = self.net.gateway
         self.listening = Listening(Notifier(None))
-        self.root = admin_resource(self.gateway, None, self.listening)
+        self.root = admin_resource(LocalView(self.gateway), None, self.listening)
 
     def ready(self, root: Any = None) -> tuple[int, str]:
         request, body = get(root or self.root, "/ready")
@@ -297,7 +298,7 @@ class ReadyTests(SynchronousTestCase):
     def test_workers_aggregate(self) -> None:
         """With workers, the parent answers from its workers' snapshots: no report, not ready."""
         aggregate = Aggregate(self.gateway.config, self.net.clock, lambda *a, **k: None, None)  # type: ignore[arg-type]
-        root = admin_resource(aggregate, None, self.listening)  # type: ignore[arg-type]
+        root = admin_resource(aggregate, None, self.listening)
         self.listening.startService()
         self.assertEqual(
             self.ready(root),
@@ -313,6 +314,9 @@ class ReadyTests(SynchronousTestCase):
     def test_service_passes_the_marker(self) -> None:
         """admin_service serves /ready from the marker it is given."""
         svc: Any = admin_service(
-            configmod.AdminSpec("tcp:0:interface=127.0.0.1"), self.gateway, None, self.listening
+            configmod.AdminSpec("tcp:0:interface=127.0.0.1"),
+            LocalView(self.gateway),
+            None,
+            self.listening,
         )
         self.assertEqual(self.ready(svc.factory.resource), (503, "not ready: gate starting\n"))

@@ -18,6 +18,7 @@ from twisted.conch.ssh import keys
 from twisted.trial.unittest import SynchronousTestCase
 
 from wsgate import cli
+from wsgate import config as configmod
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted(glob.glob(str(ROOT / "etc" / "*.toml")))
@@ -185,3 +186,40 @@ class CheckTests(SynchronousTestCase):
         ):
             text = self.listen("tcp:0", extra=f'[admin]\nendpoint = "{endpoint}"\n')
             self.assertEqual(self.check(text), (0, ["ok"]), endpoint)
+
+    def test_control(self) -> None:
+        """[control]: a Unix socket (mode 0600 added) or loopback TCP with a token file pass; TCP
+        without a token, with an empty token file, or beyond loopback are refused, named."""
+        token = Path(self.dir, "token")
+        token.write_text("t0ken\n")
+        for endpoint in (f"unix:{self.dir}/c.sock", "tcp:9091:interface=127.0.0.1"):
+            extra = f'[control]\nendpoint = "{endpoint}"\ntoken_file = "{token}"\n'
+            self.assertEqual(self.check(self.listen("tcp:0", extra=extra)), (0, ["ok"]), endpoint)
+        config = load_text(self.listen("tcp:0", extra="[control]\n"), self.path)
+        assert config.control is not None
+        self.assertTrue(config.control.endpoint.endswith("control.sock:mode=600"))
+        self.assert_problem(
+            self.listen("tcp:0", extra='[control]\nendpoint = "tcp:9091:interface=127.0.0.1"\n'),
+            "control.token_file",
+            "required with a tcp: endpoint",
+        )
+        with_token = f'token_file = "{token}"\n'
+        self.assert_problem(
+            self.listen("tcp:0", extra=f'[control]\nendpoint = "tcp:9091"\n{with_token}'),
+            "control.endpoint",
+            "loopback only",
+        )
+        self.assert_problem(
+            self.listen("tcp:0", extra='[control]\nendpoint = "ssl:9091"\n'),
+            "control.endpoint",
+            "a unix: socket or a loopback tcp: port",
+        )
+        token.write_text("  \n")
+        self.assert_problem(
+            self.listen("tcp:0", extra=f"[control]\n{with_token}"), "control.token_file", "empty"
+        )
+
+
+def load_text(text: str, path: str) -> configmod.Config:
+    Path(path).write_text(text)
+    return configmod.load(path)

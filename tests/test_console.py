@@ -20,9 +20,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.helpers import BackendFactory, Network, make_config
 from wsgate import config as configmod
 from wsgate.config import ConfigError
+from wsgate.dataplane.tap import TAP_QUEUE
 from wsgate.ops import preflight
 from wsgate.ops.console import (
-    TAP_QUEUE,
     Console,
     ConsoleError,
     ConsoleManhole,
@@ -34,6 +34,7 @@ from wsgate.ops.console import (
     table,
 )
 from wsgate.ops.status import Sampler
+from wsgate.ops.view import LocalView
 
 A = "ws://a.test:1"
 B = "ws://b.test:2"
@@ -83,11 +84,12 @@ def output(screen: str) -> list[str]:
 class ConsoleCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.net = Network(make_config([A, B]), {A: BackendFactory(), B: BackendFactory()})
-        self.sampler = Sampler(self.net.gateway, self.net.clock)
+        self.view = LocalView(self.net.gateway, self._reload)
+        self.sampler = Sampler(self.view, self.net.clock)
         self.sampler.startService()
         self.addCleanup(self.sampler.stopService)
         self.reloads: list[str] = []
-        self.console = Console(self.net.gateway, self.net.clock, self.sampler, self._reload)
+        self.console = Console(self.view, self.net.clock, self.sampler)
         self.term = Terminal(self.console)
         self.events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(self.events.append)
@@ -208,13 +210,19 @@ class ActingTests(ConsoleCase):
         """drain/undrain/weight resolve a server from part of its URL and call the Gateway."""
         calls: list[tuple[Any, ...]] = []
         gateway: Any = self.net.gateway
-        gateway.drain = lambda url, deadline=None: calls.append(("drain", url, deadline))
-        gateway.undrain = lambda url: calls.append(("undrain", url))
-        gateway.set_weight = lambda url, w: calls.append(("weight", url, w))
+        gateway.drain = lambda url, deadline=None, window=10.0, upstream=None: calls.append(
+            ("drain", url, deadline, upstream)
+        )
+        gateway.undrain = lambda url, upstream=None: calls.append(("undrain", url, upstream))
+        gateway.set_weight = lambda url, w, upstream=None: calls.append(
+            ("weight", url, w, upstream)
+        )
         self.term.type('gate.drain("b.test", "30s")')
         self.term.type('gate.undrain("ws://b.test:2")')
         self.term.type('gate.weight("a.test", 5)')
-        self.assertEqual(calls, [("drain", B, 30.0), ("undrain", B), ("weight", A, 5)])
+        self.assertEqual(
+            calls, [("drain", B, 30.0, "u"), ("undrain", B, "u"), ("weight", A, 5, "u")]
+        )
         self.assertEqual([e["user"] for e in self.logged("drain")], ["alice"])
         self.assertEqual(len(self.logged("undrain")), 1)
         self.assertEqual(len(self.logged("weight")), 1)
@@ -235,7 +243,7 @@ class ActingTests(ConsoleCase):
         def refused() -> list[str]:
             raise ConfigError(["etc/x.toml: listen: at least one [[listen]] table is required"])
 
-        self.console.reload = refused
+        self.view._reload = refused
         screen = self.term.type("gate.reload()")
         self.assertIn("new config refused", screen)
         self.assertIn("at least one [[listen]]", screen)
@@ -364,7 +372,7 @@ class KeyFileTests(SynchronousTestCase):
         spec = configmod.ConsoleSpec(
             endpoint="tcp:0", host_key=self.mktemp(), authorized_keys=self.write("# none\n")
         )
-        console = Console(Network(make_config([A]), {}).gateway, MemoryReactorClock())
+        console = Console(LocalView(Network(make_config([A]), {}).gateway), MemoryReactorClock())
         e = self.assertRaises(ConsoleError, console_service, spec, console, MemoryReactorClock())
         self.assertIn("holds no public key, so it lets no one in", str(e))
 
@@ -375,7 +383,7 @@ class KeyFileTests(SynchronousTestCase):
             host_key=self.mktemp(),
             authorized_keys=self.write(PUBLIC_KEY + "\n"),
         )
-        console = Console(Network(make_config([A]), {}).gateway, MemoryReactorClock())
+        console = Console(LocalView(Network(make_config([A]), {}).gateway), MemoryReactorClock())
         svc: Any = console_service(spec, console, MemoryReactorClock())
         self.assertEqual(svc.endpoint._interface, "127.0.0.1")
         self.assertTrue(Path(spec.host_key).exists())

@@ -476,5 +476,5 @@ class WorkersConsoleTests(ConsoleGateCase):
         self.gate.wait_for_output(f"console_tap user=ops session={sid}")
         ws.send("after")
         self.assertEqual(ws.recv(timeout=5), "after")
-        console.sendline("len(gate.gateway.taps)")
+        console.sendline("len(gate.view.taps)")
         console.expect(r"\n0\r?\n>>> ", timeout=5)

@@ -37,6 +37,7 @@ from wsgate.ops.admin import admin_resource
 from wsgate.ops.console import Console
 from wsgate.ops.logs import GateLog, json_line, text_line, twistd_log_file
 from wsgate.ops.status import Sampler
+from wsgate.ops.view import LocalView
 from wsgate.process.workers import Channel, _ForwardedLog, _WorkerProcess
 from wsgate.service import Options, makeService
 
@@ -562,11 +563,11 @@ class SecretsTests(SynchronousTestCase):
         )
         globalLogPublisher.addObserver(json_observer)
         self.addCleanup(globalLogPublisher.removeObserver, json_observer)
-        self.sampler = Sampler(self.net.gateway, self.net.clock)
+        self.sampler = Sampler(LocalView(self.net.gateway), self.net.clock)
         self.sampler.startService()
         self.addCleanup(self.sampler.stopService)
-        self.root = admin_resource(self.net.gateway, self.sampler)
-        self.console = Console(self.net.gateway, self.net.clock, self.sampler)
+        self.root = admin_resource(LocalView(self.net.gateway), self.sampler)
+        self.console = Console(LocalView(self.net.gateway), self.net.clock, self.sampler)
         self.term = Terminal(self.console)
 
     def assertNoSecrets(self, text: str, where: str) -> None:
@@ -622,7 +623,7 @@ class SecretsTests(SynchronousTestCase):
         net = Network(gate_config({"redact_query": False}), {A: BackendFactory()})
         net.client(f"/x?token={TOKEN}", headers={"Authorization": AUTH})
         [session] = net.gateway.sessions.values()
-        console = Console(net.gateway, net.clock)
+        console = Console(LocalView(net.gateway), net.clock)
         screen = Terminal(console).type(f"gate.session({session.id})")
         self.assertIn(f"/x?token={TOKEN}", screen)
         self.assertNotIn(AUTH, screen)

@@ -30,6 +30,7 @@ from wsgate.dataplane.backend_failures import connect_failure_reason, handshake_
 from wsgate.net.tls import BackendConnector, ServerTLS, TLSHandshakeError, certificate_rows
 from wsgate.ops.admin import admin_resource
 from wsgate.ops.process_metrics import gate_processes, process_text
+from wsgate.ops.view import LocalView
 from wsgate.process.workers import Aggregate, WorkerPool
 
 A = "ws://a.test:1"
@@ -160,7 +161,7 @@ class SessionFailureTests(SynchronousTestCase):
     """Sessions over in-memory backends count their failed attempts on /metrics."""
 
     def scrape(self, net: Network) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-        _, body = get(admin_resource(net.gateway, None), "/metrics")
+        _, body = get(admin_resource(LocalView(net.gateway), None), "/metrics")
         return samples(body.decode())
 
     def failures(self, net: Network, server: str, reason: str) -> float:

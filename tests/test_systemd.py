@@ -75,7 +75,8 @@ class UnitFileTests(SynchronousTestCase):
     def test_settings(self) -> None:
         """
         Never root and only CAP_NET_BIND_SERVICE; Type=notify; SIGTERM to the main process only,
-        for longer than the default shutdown_grace; SIGHUP reloads; the usual sandbox.
+        for longer than the default shutdown_grace; `wsgate reload` reloads (through the control
+        socket in RuntimeDirectory); the usual sandbox.
         """
         settings = {k: v[-1] for k, v in unit_settings(str(UNIT)).items()}
         expected = {
@@ -87,7 +88,8 @@ class UnitFileTests(SynchronousTestCase):
             "CapabilityBoundingSet": "CAP_NET_BIND_SERVICE",
             "KillMode": "mixed",
             "ExecStart": "/opt/wsgate/.venv/bin/wsgate run --config /etc/wsgate/wsgate.toml",
-            "ExecReload": "/bin/kill -HUP $MAINPID",
+            "ExecReload": "/opt/wsgate/.venv/bin/wsgate reload --config /etc/wsgate/wsgate.toml",
+            "RuntimeDirectory": "wsgate",
             "NoNewPrivileges": "yes",
             "ProtectSystem": "strict",
             "ProtectHome": "yes",

@@ -458,11 +458,16 @@ class DriverTests(SynchronousTestCase):
 
 
 class _Counters:
-    """Just enough of a Gateway for status.stats."""
+    """Just enough of a GateView for status.stats: counters, and no session."""
 
     def __init__(self, counters: Counter[str]) -> None:
         self.counters = counters
-        self.sessions: dict[int, Any] = {}
+
+    def session_count(self) -> int:
+        return 0
+
+    def totals(self) -> dict[str, int]:
+        return {}
 
 
 _STATS = {

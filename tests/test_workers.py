@@ -23,6 +23,7 @@ from wsgate import config as configmod
 from wsgate.core import metrics
 from wsgate.ops import status
 from wsgate.ops.console import Console
+from wsgate.ops.view import find_server
 from wsgate.process.workers import (
     Aggregate,
     Channel,
@@ -119,8 +120,18 @@ class ChannelTests(SynchronousTestCase):
             raise LookupError("no live session 9")
 
         parent, _ = _pair(Clock(), answer)
-        failure = self.failureResultOf(parent.request("kick"), RemoteError)
+        failure = self.failureResultOf(parent.request("kick"), LookupError)
         self.assertEqual(str(failure.value), "no live session 9")
+
+    def test_other_error_answer(self) -> None:
+        """An error the parent has no kind for arrives as a RemoteError with its message."""
+
+        def answer(call: str, args: dict[str, Any]) -> None:
+            raise RuntimeError("broken")
+
+        parent, _ = _pair(Clock(), answer)
+        failure = self.failureResultOf(parent.request("kick"), RemoteError)
+        self.assertEqual(str(failure.value), "broken")
 
     def test_split_lines_and_events(self) -> None:
         """Messages split across reads are put back together; messages without id are events."""
@@ -190,7 +201,8 @@ class TwoWorkersCase(SynchronousTestCase):
     def _broadcast(self, call: str, **args: Any) -> Deferred:
         from twisted.internet.defer import gatherResults
 
-        return gatherResults([c.request(call, **args) for c in self.channels.values()])
+        calls = [c.request(call, **args) for c in self.channels.values()]
+        return gatherResults(calls, consumeErrors=True)  # as WorkerPool.broadcast
 
     def poll(self) -> None:
         for index, channel in self.channels.items():
@@ -258,14 +270,14 @@ class AggregateTests(TwoWorkersCase):
         """A server is one row: active sessions summed, draining if any worker drains it."""
         self.open(1, 2)
         self.open(2, 2)
-        self.workers[2].gateway.drain(A)
+        self.workers[2].gateway.drain(A, upstream="u")
         self.poll()
         rows = {r["server"]: r for r in status.upstreams(self.aggregate, 0.0)}
         self.assertEqual(set(rows), {A, B})
         self.assertEqual(rows[A]["active"] + rows[B]["active"], 4)
         self.assertEqual(rows[A]["state"], "draining")
         self.assertEqual(rows[B]["state"], "up")
-        self.assertEqual(status.find_servers(self.aggregate, "a.test"), [A])
+        self.assertEqual(find_server(self.aggregate, "a.test"), ("u", A))
 
     def test_worker_gone(self) -> None:
         """A worker that is gone no longer counts."""
@@ -279,7 +291,7 @@ class AggregateTests(TwoWorkersCase):
         """gate.kick("2:1") closes session 1 of worker 2 and only that one."""
         clients = {w: self.open(w, 1)[0] for w in (1, 2)}
         self.poll()
-        term = Terminal(Console(self.aggregate, self.clock))  # type: ignore[arg-type]
+        term = Terminal(Console(self.aggregate, self.clock))
         screen = term.type("gate.sessions()")
         self.assertIn("2:1", screen)
         self.assertIn("(2 sessions)", screen)
@@ -296,7 +308,7 @@ class AggregateTests(TwoWorkersCase):
         """gate.drain and gate.weight act in every worker."""
         self.open(1, 1)
         self.poll()
-        term = Terminal(Console(self.aggregate, self.clock))  # type: ignore[arg-type]
+        term = Terminal(Console(self.aggregate, self.clock))
         term.type('gate.drain("a.test")')
         term.type('gate.weight("b.test", 3)')
         for worker in self.workers.values():
@@ -313,10 +325,10 @@ class AggregateTests(TwoWorkersCase):
         self.open(1, 1)
         self.poll()
         details: list[dict[str, Any]] = []
-        self.aggregate.session_detail("1:1").addCallback(details.append)
+        self.aggregate.session("1:1").addCallback(details.append)
         self.assertEqual(details[0]["id"], "1:1")
         self.assertIn("request_headers", details[0])
-        term = Terminal(Console(self.aggregate, self.clock))  # type: ignore[arg-type]
+        term = Terminal(Console(self.aggregate, self.clock))
         screen = term.type('gate.session("1:1")')
         self.assertIn("forwarded headers:", screen)
 
@@ -336,6 +348,7 @@ class AggregateTests(TwoWorkersCase):
 
     def test_reload_and_stop_calls(self) -> None:
         """The worker side of reload and stop calls its service tree."""
-        self.assertEqual(self.workers[1].control("reload", {}), ["nothing changed"])
+        reloaded = self.workers[1].control("reload", {})
+        self.assertEqual(self.successResultOf(reloaded), ["nothing changed"])
         self.workers[1].control("stop", {})
         self.assertEqual((self.workers[1].reloads, self.workers[1].stops), (1, 1))

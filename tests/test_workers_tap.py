@@ -10,13 +10,15 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from twisted.internet import task
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import BackendFactory, Network, make_config
 from tests.test_console import Terminal, assert_tapped_hello
 from tests.test_workers import A, TwoWorkersCase, _Worker
-from wsgate.ops.console import TAP_QUEUE, TAP_REFRESH, Console
+from wsgate.dataplane.tap import TAP_QUEUE, TAP_REFRESH
+from wsgate.ops.console import Console
 from wsgate.process.workers import Aggregate
 
 
@@ -51,8 +53,9 @@ class WorkerSideTests(SynchronousTestCase):
 
     def tap(self, number: int = 7) -> Any:
         answer = self.worker.control("tap", {"id": self.sid, "tap": number})
-        self.assertEqual(answer, {"client": self.session.client_address})
-        return self.worker.control.taps[number]
+        self.assertEqual(self.successResultOf(answer), {"client": self.session.client_address})
+        control = self.worker.control
+        return control.view._taps[control.taps[number]]
 
     def test_tapped_messages_each_refresh(self) -> None:
         """Both directions' messages go to the parent as one ``tapped`` event per refresh."""
@@ -132,7 +135,7 @@ class ParentSideTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.sent: list[tuple[int, str, dict[str, Any]]] = []
-        self.aggregate = Aggregate(make_config([A]), None, self._send, self._broadcast)  # type: ignore[arg-type]
+        self.aggregate = Aggregate(make_config([A]), task.Clock(), self._send, self._broadcast)
         snapshot = {
             "counters": {},
             "closed": [],
@@ -206,7 +209,7 @@ class ConsoleTapTests(TwoWorkersCase):
         self.client = self.workers[1].net.client("/")
         self.workers[2].net.client("/")
         self.poll()
-        self.term = Terminal(Console(self.aggregate, self.clock))  # type: ignore[arg-type]
+        self.term = Terminal(Console(self.aggregate, self.clock))
 
     def advance(self) -> None:
         for _ in range(2):
@@ -237,7 +240,8 @@ class ConsoleTapTests(TwoWorkersCase):
     def test_drops_reported(self) -> None:
         """What the worker could not send is reported as on one process."""
         self.term.type('gate.tap("1:1")')
-        self.workers[1].control.taps[1].limit = 2
+        control = self.workers[1].control
+        control.view._taps[control.taps[1]].limit = 2
         for i in range(5):
             self.client.proto.sendMessage(str(i).encode())
         self.workers[1].net.flush()

@@ -1,5 +1,6 @@
 """
-The ``wsgate`` command (and ``python -m wsgate``): ``run``, ``check PATH`` and ``version``.
+The ``wsgate`` command (and ``python -m wsgate``): ``run``, ``check PATH``, ``version``, and the
+control API's clients ``reload`` and ``ctl VERB`` (:mod:`wsgate.ctl`).
 
 Owns what an operator types and reads back: the argument parser, the one-line startup errors and
 the exit statuses.  It must not build services or parse the gateway's options itself:
@@ -27,6 +28,8 @@ from typing import Any, NoReturn
 
 import wsgate
 from wsgate.core import frames
+from wsgate.ctl import add_ctl_parsers, ctl
+from wsgate.ctl import reload as ctl_reload
 
 __all__ = ["check", "main", "run", "twistd_arguments", "versions"]
 
@@ -168,7 +171,9 @@ class _RunHelp(argparse.Action):
 
 def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description="wsgate, a WebSocket gateway: run it, check a config, versions."
+        prog=prog,
+        description="wsgate, a WebSocket gateway: run it, check a config, reload it, act on it "
+        "through its control API, versions.",
     )
     parser.add_argument("--version", action="version", version=f"wsgate {wsgate.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -191,6 +196,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     check_parser.add_argument("path", help="the TOML config file")
     commands.add_parser("version", help="print the versions of wsgate and what it runs on")
+    add_ctl_parsers(commands)
     return parser
 
 
@@ -205,6 +211,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "wsgate") -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "check":
         return check(args.path)
+    if args.command == "reload":
+        return ctl_reload(args)
+    if args.command == "ctl":
+        return ctl(args)
     for name, version in versions():
         print(f"{name} {version}")
     return 0

@@ -16,7 +16,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -37,6 +37,7 @@ __all__ = [
     "DisconnectHook",
     "ConsoleSpec",
     "AdminSpec",
+    "ControlSpec",
     "DEFAULT_CIPHERS",
     "HealthSpec",
     "LOG_FORMATS",
@@ -53,6 +54,9 @@ __all__ = [
     "from_arguments",
     "load",
     "parse",
+    "default_control_endpoint",
+    "read_token",
+    "server_spec",
 ]
 
 BALANCE_METHODS = ("round_robin", "least_conn", "hash", "random_two")
@@ -400,6 +404,42 @@ class AdminSpec:
 
 
 @dataclass(frozen=True)
+class ControlSpec:
+    """
+    The control API (``[control]``): JSON over HTTP on a Unix socket (by default
+    :func:`default_control_endpoint`) or a loopback TCP port, which needs ``token_file``: a file
+    holding the bearer token callers must send (on a Unix socket too, when given).
+    """
+
+    endpoint: str
+    token_file: str | None = None
+
+
+def default_control_endpoint(env: Mapping[str, str] | None = None) -> str:
+    """
+    Where the control socket is when ``[control]`` names no endpoint: ``control.sock`` in
+    systemd's ``RuntimeDirectory`` (``$RUNTIME_DIRECTORY``, or ``/run/wsgate`` when it exists, so
+    an operator's shell finds it too), else in ``$XDG_RUNTIME_DIR/wsgate/``, else in
+    ``/tmp/wsgate-UID/``.  Mode 0600: only the gate's user (and root) may connect.
+    """
+    env = os.environ if env is None else env
+    runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if not runtime and os.path.isdir("/run/wsgate"):
+        runtime = "/run/wsgate"
+    if not runtime:
+        xdg = env.get("XDG_RUNTIME_DIR")
+        runtime = os.path.join(xdg, "wsgate") if xdg else f"/tmp/wsgate-{os.getuid()}"
+    return f"unix:{os.path.join(runtime, 'control.sock')}:mode=600"
+
+
+def server_spec(url: str, weight: int = 1, backup: bool = False) -> ServerSpec:
+    """A server added at run time (the control API's ``add``); a ValueError when it is bad."""
+    return ServerSpec(
+        url=check_backend_url(url), weight=_positive_int(weight), backup=backup is True
+    )
+
+
+@dataclass(frozen=True)
 class LogSpec:
     """
     The gate's log (``[log]``): the lowest level written, the line format (``text``: Twisted's
@@ -429,6 +469,7 @@ class Config:
     limits: Limits = field(default_factory=lambda: Limits())
     console: ConsoleSpec | None = None
     admin: AdminSpec | None = None
+    control: ControlSpec | None = None
     # Worker processes sharing the listeners (``workers``; "auto" is resolved to the core count).
     workers: int = 1
     # A log line when a session opens, besides the access-log line when it ends.
@@ -854,6 +895,45 @@ def _admin(table: _Table) -> AdminSpec:
     return spec
 
 
+def _control(table: _Table) -> ControlSpec:
+    spec = ControlSpec(
+        endpoint=table.get("endpoint", "", check_endpoint) or default_control_endpoint(),
+        token_file=table.get("token_file", None, _token_file(table._reader)),
+    )
+    kind = spec.endpoint.split(":", 1)[0].lower()
+    if kind == "unix" and ":mode=" not in spec.endpoint:
+        # Twisted makes Unix sockets 0666: only the gate's user (and root) may act on it.
+        spec = replace(spec, endpoint=spec.endpoint + ":mode=600")
+    if kind not in ("unix", "tcp", "tcp6"):
+        table._reader.problem(table.key("endpoint"), "a unix: socket or a loopback tcp: port")
+    elif kind != "unix" and spec.token_file is None:
+        table._reader.problem(
+            table.key("token_file"),
+            "required with a tcp: endpoint (anyone who can connect could act on the gate)",
+        )
+    table.done()
+    return spec
+
+
+def _token_file(reader: _Reader) -> Callable[[object], str]:
+    """A readable file whose content (surrounding blanks stripped) is a bearer token."""
+    readable = _file(reader)
+
+    def convert(value: object) -> str:
+        path = readable(value)
+        if read_token(path) == "":
+            raise ValueError(f"{path}: empty: it must hold the token")
+        return path
+
+    return convert
+
+
+def read_token(path: str) -> str:
+    """The bearer token in ``path`` (surrounding blanks stripped); OSError when unreadable."""
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8", "replace").strip()
+
+
 def _port(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
         raise ValueError("expected a port number from 1 to 65535")
@@ -1229,6 +1309,8 @@ def parse(data: Mapping[str, Any], source: str, base_dir: str | None = None) -> 
     console = _console(console_table) if console_table is not None else None
     admin_table = top.subtable("admin")
     admin = _admin(admin_table) if admin_table is not None else None
+    control_table = top.subtable("control")
+    control = _control(control_table) if control_table is not None else None
     log_table = top.subtable("log")
     log = _log(log_table) if log_table is not None else LogSpec()
     log = _with_token_parameters(log, routes)
@@ -1254,6 +1336,7 @@ def parse(data: Mapping[str, Any], source: str, base_dir: str | None = None) -> 
         limits=limits,
         console=console,
         admin=admin,
+        control=control,
         workers=workers,
         log_session_opened=log_session_opened,
         log=log,

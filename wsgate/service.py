@@ -46,8 +46,10 @@ from wsgate.net.tls import (
 )
 from wsgate.ops.admin import admin_service
 from wsgate.ops.console import Console, ConsoleError, console_service
+from wsgate.ops.control import control_service
 from wsgate.ops.logs import GateLog, twistd_log_file
 from wsgate.ops.status import Sampler
+from wsgate.ops.view import GateView, LocalView
 from wsgate.process.sdnotify import Listening, Notifier, take_address
 from wsgate.process.workers import SharedSocketEndpoint, WorkerPool
 
@@ -344,34 +346,42 @@ def _listener_service(endpoint: Any, factory: Any) -> StreamServerEndpointServic
 
 def _add_monitoring(
     config: configmod.Config,
-    gateway: Gateway,
+    view: GateView,
     top: service.MultiService,
     reactor: Any,
     listening: Listening,
 ) -> None:
-    """The sampler, the SSH console and the admin listener, each only when configured."""
-    if config.console is None and config.admin is None:
+    """The sampler, the SSH console, the admin listener and the control API, each only when
+    configured; all of them read and act through ``view``."""
+    if config.console is None and config.admin is None and config.control is None:
         return
-    sampler = Sampler(gateway, reactor)
+    sampler = Sampler(view, reactor)
     sampler.setServiceParent(top)
     top.sampler = sampler  # type: ignore[attr-defined]
     if config.console is not None:
-
-        def reload() -> Any:
-            # Looked up at call time: the reload service is added further down.
-            method = getattr(top, "reload", None)
-            if method is None:
-                raise configmod.ConfigError(["reload is not available: no config file"])
-            return method()
-
-        console = Console(gateway, reactor, sampler, reload=reload)
+        console = Console(view, reactor, sampler)
         try:
             console_service(config.console, console, reactor).setServiceParent(top)
         except ConsoleError as e:
             raise usage.UsageError(f"cannot start the console:\n{e}") from None
         top.console = console  # type: ignore[attr-defined]
     if config.admin is not None:
-        admin_service(config.admin, gateway, sampler, listening).setServiceParent(top)
+        admin_service(config.admin, view, sampler, listening).setServiceParent(top)
+    if config.control is not None:
+        try:
+            control_service(config.control, view, sampler).setServiceParent(top)
+        except OSError as e:
+            raise usage.UsageError(f"cannot start the control API: {e}") from None
+
+
+def _local_view(gateway: Gateway, top: service.MultiService) -> LocalView:
+    """The operations view of this process; its reload is looked up at call time (the reload
+    service is added after the monitoring)."""
+
+    def reload() -> list[str]:
+        return list(top.reload())  # type: ignore[attr-defined]
+
+    return LocalView(gateway, reload)
 
 
 class _UpstreamServices(service.MultiService):
@@ -454,14 +464,14 @@ def _parent_service(
         config,
         options["config"],
         reactor,
-        rows=config.console is not None or config.admin is not None,
+        rows=any(x is not None for x in (config.console, config.admin, config.control)),
     )
     top.log_observer = _gate_log(options, lambda: pool.config.log)
     pool.setServiceParent(top)
     top.workers = pool  # type: ignore[attr-defined]
     top.reload = pool.reload  # type: ignore[attr-defined]
     listening = _ready_marker(config, notify_address)
-    _add_monitoring(config, pool.aggregate, top, reactor, listening)  # type: ignore[arg-type]
+    _add_monitoring(config, pool.aggregate, top, reactor, listening)
     for redirect in config.redirects:
         StreamServerEndpointService(
             serverFromString(reactor, redirect.endpoint),
@@ -515,7 +525,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
     top.log_observer = _gate_log(options, lambda: gateway.config.log)
     listening = _ready_marker(config, notify_address)
     if adopted is None:
-        _add_monitoring(config, gateway, top, reactor, listening)
+        _add_monitoring(config, _local_view(gateway, top), top, reactor, listening)
     if options.get("demo"):
         demo: Any = EchoBackendFactory()
         strports.service(f"tcp:{options['demo-port']}:interface=127.0.0.1", demo).setServiceParent(

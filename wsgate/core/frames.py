@@ -106,6 +106,7 @@ __all__ = [
     "Utf8Check",
     "close_frame",
     "control_frame",
+    "message_frame",
     "valid_close_code",
     "xor_mask",
 ]
@@ -144,6 +145,13 @@ def control_frame(opcode: int, payload: bytes, masked: bool) -> bytes:
         return bytes((0x80 | opcode, len(payload))) + payload
     key = os.urandom(4)
     return bytes((0x80 | opcode, 0x80 | len(payload))) + key + xor_mask(payload, key)
+
+
+def message_frame(payload: bytes, binary: bool, masked: bool) -> bytes:
+    """A whole, unfragmented data message (text or binary), masked with a random key if asked."""
+    key = os.urandom(4) if masked else None
+    head = _header(0x82 if binary else 0x81, len(payload), key)
+    return head + (payload if key is None else xor_mask(payload, key))
 
 
 def close_frame(code: int | None, reason: str, masked: bool) -> bytes:

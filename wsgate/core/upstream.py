@@ -56,7 +56,7 @@ from twisted.logger import Logger
 
 from wsgate.config import ServerSpec, UpstreamSpec
 
-__all__ = ["Server", "Upstream", "address_url", "request_key"]
+__all__ = ["Server", "Upstream", "address_url", "request_key", "runtime_resets"]
 
 # How long after a rebalance's last close new sessions keep being steered to the emptiest servers.
 REBALANCE_SETTLE = 30.0
@@ -404,6 +404,34 @@ class Upstream:
                 self.servers.append(Server(new, self.now))
         self._forget_retired()
 
+    def add_server(self, spec: ServerSpec) -> Server:
+        """
+        Add a server at run time (the operator's ``add``), until the next reload, which keeps only
+        the file's servers (see :func:`runtime_resets`).  A URL already here is a ValueError,
+        unless it is being removed: then it takes sessions again.
+        """
+        current = self.find(spec.url)
+        if current is not None and not current.retired:
+            raise ValueError(f"upstream {self.name} already has the server {spec.url}")
+        if current is not None:
+            current.retired = False
+            self._respec(current, spec, spec)
+            self.set_draining(current, False, "operator: added again")
+            return current
+        server = Server(spec, self.now)
+        self.servers.append(server)
+        self._event(server, "added", "operator", "added at run time")
+        return server
+
+    def remove_server(self, url: str) -> Server:
+        """Remove a server at run time: drained now, forgotten once its last session ends."""
+        server = self.find(url)
+        if server is None or server.retired:
+            raise LookupError(f"upstream {self.name} has no server {url}")
+        self._retire(server, "operator: removed")
+        self._forget_retired()
+        return server
+
     def set_addresses(
         self, origin_url: str, addresses: Iterable[str]
     ) -> tuple[list[str], list[str]]:
@@ -455,3 +483,36 @@ class Upstream:
 
 def _address_spec(origin: ServerSpec, url: str) -> ServerSpec:
     return replace(origin, url=url, resolve=False)
+
+
+def runtime_resets(upstream: Upstream, spec: UpstreamSpec) -> list[str]:
+    """
+    What a reload to ``spec`` undoes of the operator's run-time changes to ``upstream``, one
+    readable line each: a weight set at run time, a server added or removed at run time.
+    (Draining stays across a reload: it is not reset.)
+    """
+    wanted = {s.url: s for s in spec.servers}
+    configured = {s.url for s in upstream.spec.servers}
+    lines = []
+    for server in upstream.servers:
+        if server.retired or server.origin is not server.spec:  # DNS found it: not in the file
+            continue
+        new = wanted.get(server.url)
+        where = f"{server.url} in upstream {upstream.name}"
+        if new is None:
+            if server.url not in configured:
+                lines.append(f"server {where} added at run time, removed by the file")
+        elif new.weight != server.weight and (
+            server.url not in configured or server.weight != server.spec.weight
+        ):
+            lines.append(
+                f"weight of {where} set at run time to {server.weight}, "
+                f"reset to {new.weight} by the file"
+            )
+    live = {s.url for s in upstream.servers if not s.retired}
+    for entry in upstream.spec.servers:
+        new = wanted.get(entry.url)
+        if new is not None and not entry.resolve and entry.url not in live:
+            where = f"{entry.url} in upstream {upstream.name}"
+            lines.append(f"server {where} removed at run time, back from the file")
+    return lines

@@ -51,6 +51,10 @@ keepalive Pings (``ping_interval``) are answered by Pongs the engine consumes.  
 permessage-deflate offer goes to the backend (``compression = "pass"``) and the backend's answer
 back to the client unchanged; compressed frames pass untouched.
 
+Pushed messages (the control API's, :meth:`Session.push`) go to the client between two relayed
+messages, in both modes: while a fragmented message is in flight they wait in a small bounded queue
+and follow its final fragment.
+
 Backpressure: each leg's transport has a :class:`_ReadThrottle` registered as its producer, which
 pauses reading on the *other* leg while this leg's send buffer is full.  Everything the gate
 queues toward a peer (relayed frames, the far endpoint's pongs, Closes) comes from the other leg,
@@ -101,6 +105,7 @@ the ``connect`` callable it receives opens backend connections).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, cast
@@ -125,7 +130,7 @@ from zope.interface import implementer
 
 from wsgate.config import ServerSpec
 from wsgate.core.auth import Identity, backend_view
-from wsgate.core.frames import PING, FrameEngine, close_frame, control_frame
+from wsgate.core.frames import PING, FrameEngine, close_frame, control_frame, message_frame
 from wsgate.core.limits import MessageRate, client_address
 from wsgate.core.redact import new_request_id, redact_target, redact_text, sanitize_request_id
 from wsgate.core.upstream import Server
@@ -150,6 +155,9 @@ _OPEN = WebSocketProtocol.STATE_OPEN
 _WHOLE_FRAME = 128 * 1024
 # Messages up to this size are framed (and masked toward a backend) by the relay itself.
 _SMALL_MESSAGE = 4096
+# Pushed messages (and their bytes) that may wait per session for a fragmented message to end.
+PUSH_QUEUE = 64
+PUSH_QUEUE_BYTES = 4 * 1024 * 1024
 # How much of a message the console's tap sees.
 _TAP_PREVIEW = 64
 
@@ -258,7 +266,7 @@ class Relay:
 
     __slots__ = (
         "engine", "source", "sink", "session", "partner", "last", "rate", "_clock", "_now",
-        "_tap", "_masked", "_pinged", "close_sent", "__weakref__",
+        "_tap", "_masked", "_pinged", "close_sent", "_pushed", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -286,6 +294,8 @@ class Relay:
         self._tap: Callable[[bool, int, bytes], None] | None = None
         self._masked = engine.from_client  # frames toward a backend are masked
         self._pinged = False  # the gate pinged this relay's source and awaits its pong
+        # Pushed messages waiting for the end of the message in flight (see push); None: none.
+        self._pushed: deque[bytes] | None = None
 
     @property
     def tap(self) -> Callable[[bool, int, bytes], None] | None:
@@ -318,6 +328,8 @@ class Relay:
         out = engine.receive(data)
         if out:
             self.sink.write(out)
+        if self._pushed is not None and not engine.in_message:
+            self._write_pushed()
         count = engine.messages - messages + engine.controls - controls
         if count:
             if engine.messages != messages:  # idle means no message: pings do not count
@@ -370,6 +382,32 @@ class Relay:
             self.engine.sink_open = False
             self.close_sent = 1005 if code is None else code
             self.sink.write(close_frame(code, reason, self._masked))
+
+    def push(self, payload: bytes, binary: bool) -> bool:
+        """
+        Send the sink a whole message of the gate's own (the control API's push), in either mode:
+        now when the relayed stream is between two messages (True), else queued until the
+        fragmented message in flight ends (False), since a data frame in the middle of another
+        message would break it.  ValueError when the sink is closing; OverflowError when
+        :data:`PUSH_QUEUE` messages or :data:`PUSH_QUEUE_BYTES` already wait.
+        """
+        if not self.engine.sink_open:
+            raise ValueError("the session is closing")
+        frame = message_frame(payload, binary, self._masked)
+        if self._pushed is None and not self.engine.in_message:
+            self.sink.write(frame)
+            return True
+        pushed = self._pushed if self._pushed is not None else deque()
+        if len(pushed) >= PUSH_QUEUE or sum(map(len, pushed)) + len(frame) > PUSH_QUEUE_BYTES:
+            raise OverflowError("too many pushed messages wait for the message in flight")
+        pushed.append(frame)
+        self._pushed = pushed
+        return False
+
+    def _write_pushed(self) -> None:
+        pushed, self._pushed = self._pushed or (), None
+        if self.engine.sink_open:
+            self.sink.write(b"".join(pushed))
 
     def ping(self, payload: bytes) -> None:
         """Ping the sink; its answer comes through the partner and is consumed there."""
@@ -826,6 +864,12 @@ class Session:
             leg.ping_rtt = round((self.gateway.clock.seconds() - self._ping_sent) * 1000)
 
     # -- closing ------------------------------------------------------------------------------
+
+    def push(self, payload: bytes, binary: bool) -> bool:
+        """Send the client a message of the gate's own (see :meth:`Relay.push`)."""
+        if self.state != "OPEN" or self.down is None:
+            raise ValueError(f"session {self.id} is not open ({self.state})")
+        return self.down.push(payload, binary)
 
     def close(self, code: int = 1001, reason: str = "", by: str = "gate") -> None:
         """Close both legs: ``code`` and ``reason`` to the client, 1001 and ``reason`` to the backend."""

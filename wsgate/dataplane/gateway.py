@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from wsgate.config import Config
+from wsgate.config import Config, server_spec
 from wsgate.core.limits import Admission, WarningLimiter, client_address
 from wsgate.core.metrics import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram, Reloads
 from wsgate.core.redact import redact_target, redact_text, sanitize_request_id
 from wsgate.core.routing import Router
-from wsgate.core.upstream import Server, Upstream, request_key
+from wsgate.core.upstream import Server, Upstream, request_key, runtime_resets
 
 if TYPE_CHECKING:
     from wsgate.dataplane.bridge import Session
@@ -66,7 +66,7 @@ class Gateway:
         self.reloads = Reloads(clock.seconds())
         self.certificates: Callable[[], list[dict[str, Any]]] = list
         self._next_id = 1
-        self._drain_calls: dict[str, list[Any]] = {}
+        self._drain_calls: dict[tuple[str, str], list[Any]] = {}
         self.config = config
         self.router = Router(config.routes)
         self.upstreams = {
@@ -87,6 +87,14 @@ class Gateway:
         ones) and limits.  Live sessions keep their route and server.  Returns what changed.
         """
         changes = config_changes(self.config, config)
+        resets = [
+            line
+            for name, spec in config.upstreams.items()
+            if name in self.upstreams
+            for line in runtime_resets(self.upstreams[name], spec)
+        ]
+        if resets:
+            changes = [c for c in changes if c != "nothing changed"] + resets
         upstreams = {}
         for name, spec in config.upstreams.items():
             current = self.upstreams.get(name)
@@ -149,94 +157,128 @@ class Gateway:
 
     # -- servers at run time (the console calls these) -----------------------------------------
 
-    def _servers(self, url: str) -> list[tuple[Upstream, Server]]:
+    def _server(self, url: str, upstream: str | None = None) -> tuple[Upstream, Server]:
+        """
+        The server ``url`` of the upstream named ``upstream``; without a name, the one upstream
+        that has it.  A URL in several upstreams must be named with its upstream: a verb never
+        acts on every upstream that holds the same URL.
+        """
+        if upstream is not None and upstream not in self.upstreams:
+            raise LookupError(f"no upstream {upstream}")
         found = [
-            (upstream, server)
-            for upstream in self.upstreams.values()
-            for server in upstream.servers
-            if server.url == url.rstrip("/")
+            (group, server)
+            for name, group in self.upstreams.items()
+            if upstream in (None, name)
+            for server in group.servers
+            if server.url == url.rstrip("/") and not server.retired
         ]
         if not found:
-            raise KeyError(f"no server {url} in any upstream")
-        return found
+            where = f"upstream {upstream}" if upstream is not None else "any upstream"
+            raise KeyError(f"no server {url} in {where}")
+        if len(found) > 1:
+            names = ", ".join(group.name for group, _ in found)
+            raise LookupError(f"{url} is in upstreams {names}: name the upstream")
+        return found[0]
 
     def _sessions_on(self, server: Server) -> list[Session]:
         return [s for s in self.sessions.values() if s.server is server and s.state == "OPEN"]
 
-    def drain(self, url: str, deadline: float | None = None, window: float = 10.0) -> int:
+    def drain(
+        self,
+        url: str,
+        deadline: float | None = None,
+        window: float = 10.0,
+        upstream: str | None = None,
+    ) -> int:
         """
-        Send no new sessions to the server ``url`` (in every upstream that has it); its live
-        sessions continue.  With ``deadline`` (seconds), its sessions are closed with 1001 by then:
-        those open ``window`` seconds before it (or at once, for a shorter deadline) are closed
-        one by one over the rest of the time, and every one still open at the deadline (the last
-        of them, or one that finished its handshake meanwhile) at the deadline exactly, on the
-        gateway's clock.  Returns how many sessions are on it now.
+        Send no new sessions to the server ``url`` (of ``upstream``, which may be left out when
+        only one upstream has that URL); its live sessions continue.  With ``deadline`` (seconds),
+        its sessions are closed with 1001 by then: those open ``window`` seconds before it (or at
+        once, for a shorter deadline) are closed one by one over the rest of the time, and every
+        one still open at the deadline (the last of them, or one that finished its handshake
+        meanwhile) at the deadline exactly, on the gateway's clock.  Returns how many sessions
+        are on it now.
         """
-        servers = self._servers(url)
-        self._cancel_drain(url)
-        for upstream, server in servers:
-            upstream.set_draining(server, True, "operator: drain")
+        group, server = self._server(url, upstream)
+        self._cancel_drain(group, server)
+        group.set_draining(server, True, "operator: drain")
         if deadline is not None:
             spread = min(window, deadline)
-            on = [s for _, s in servers]
             end = self.clock.seconds() + deadline
-            self._drain_calls[url.rstrip("/")] = [
-                self.clock.callLater(deadline - spread, self._drain_spread, on, spread, end),
-                self.clock.callLater(deadline, self._drain_deadline, on),
+            self._drain_calls[(group.name, server.url)] = [
+                self.clock.callLater(
+                    deadline - spread, self._drain_spread, group, server, spread, end
+                ),
+                self.clock.callLater(deadline, self._drain_deadline, group, server),
             ]
-        return sum(len(self._sessions_on(s)) for _, s in servers)
+        return len(self._sessions_on(server))
 
-    def _draining_sessions(self, servers: list[Server]) -> list[Session]:
-        return [s for server in servers if server.draining for s in self._sessions_on(server)]
+    def _draining_sessions(self, server: Server) -> list[Session]:
+        return self._sessions_on(server) if server.draining else []
 
-    def _drain_spread(self, servers: list[Server], spread: float, end: float) -> None:
-        """Close all but the last of the sessions on ``servers`` evenly over the ``spread``
-        seconds that end at the clock time ``end`` (the deadline closes the rest).  The times
-        are reckoned from ``end``, not from now, so that a late call does not push them back."""
-        victims = self._draining_sessions(servers)
+    def _drain_spread(self, group: Upstream, server: Server, spread: float, end: float) -> None:
+        """Close all but the last of the server's sessions evenly over the ``spread`` seconds that
+        end at the clock time ``end`` (the deadline closes the rest).  The times are reckoned from
+        ``end``, not from now, so that a late call does not push them back."""
+        victims = self._draining_sessions(server)
         step = spread / len(victims) if victims else 0.0
-        calls = self._drain_calls.setdefault(servers[0].url, [])
+        calls = self._drain_calls.setdefault((group.name, server.url), [])
         now = self.clock.seconds()
         for i, session in enumerate(victims[:-1]):
             delay = max(0.0, end - spread + (i + 1) * step - now)
             calls.append(self.clock.callLater(delay, session.close, 1001, _DRAINED))
 
-    def _drain_deadline(self, servers: list[Server]) -> None:
-        for call in self._drain_calls.pop(servers[0].url, []):
-            if call.active():
-                call.cancel()
-        victims = self._draining_sessions(servers)
+    def _drain_deadline(self, group: Upstream, server: Server) -> None:
+        self._cancel_drain(group, server)
+        victims = self._draining_sessions(server)
         self.log.info(
-            "drain_deadline {server} closing={count}", server=servers[0].url, count=len(victims)
+            "drain_deadline {upstream} {server} closing={count}",
+            upstream=group.name,
+            server=server.url,
+            count=len(victims),
         )
         for session in victims:
             session.close(1001, _DRAINED)
 
-    def _cancel_drain(self, url: str) -> None:
-        for call in self._drain_calls.pop(url.rstrip("/"), []):
+    def _cancel_drain(self, group: Upstream, server: Server) -> None:
+        for call in self._drain_calls.pop((group.name, server.url), []):
             if call.active():
                 call.cancel()
 
-    def undrain(self, url: str) -> None:
+    def undrain(self, url: str, upstream: str | None = None) -> None:
         """The server ``url`` gets new sessions again (a pending drain deadline is cancelled)."""
-        servers = self._servers(url)
-        self._cancel_drain(url)
-        for upstream, server in servers:
-            upstream.set_draining(server, False, "operator: undrain")
+        group, server = self._server(url, upstream)
+        self._cancel_drain(group, server)
+        group.set_draining(server, False, "operator: undrain")
 
-    def set_weight(self, url: str, weight: int) -> None:
+    def set_weight(self, url: str, weight: int, upstream: str | None = None) -> None:
         """Change the weight of the server ``url`` for new sessions (live sessions stay)."""
         if not isinstance(weight, int) or isinstance(weight, bool) or weight < 1:
             raise ValueError("weight must be a whole number of at least 1")
-        for upstream, server in self._servers(url):
-            self.log.info(
-                "server_weight {upstream} {server} {old} -> {new}",
-                upstream=upstream.name,
-                server=server.url,
-                old=server.weight,
-                new=weight,
-            )
-            server.weight = weight
+        group, server = self._server(url, upstream)
+        self.log.info(
+            "server_weight {upstream} {server} {old} -> {new}",
+            upstream=group.name,
+            server=server.url,
+            old=server.weight,
+            new=weight,
+        )
+        server.weight = weight
+
+    def add_server(self, upstream: str, url: str, weight: int = 1, backup: bool = False) -> None:
+        """Add the server ``url`` to ``upstream`` until the next reload (which reports it)."""
+        group = self.upstreams.get(upstream)
+        if group is None:
+            raise LookupError(f"no upstream {upstream}")
+        group.add_server(server_spec(url, weight, backup))
+
+    def remove_server(self, upstream: str, url: str) -> int:
+        """Drain the server ``url`` of ``upstream`` and forget it once its sessions end."""
+        group, server = self._server(url, upstream)
+        self._cancel_drain(group, server)
+        sessions = len(self._sessions_on(server))
+        group.remove_server(server.url)
+        return sessions
 
     def rebalance(self, upstream_name: str, window: float = 10.0) -> int:
         """

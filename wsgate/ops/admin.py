@@ -4,7 +4,8 @@ readiness probes and load balancers) and the live status page ``/`` with its fil
 ``/static/`` (package data in ``wsgate/ops/static``; plain HTML, JS and CSS: no build step, nothing
 from a CDN).
 
-Owns the HTTP side only: figures come from :mod:`wsgate.ops.status` and :mod:`wsgate.core.metrics`
+Owns the HTTP side only: figures come from the gate's operations view (:mod:`wsgate.ops.view`,
+one process or workers alike) through :mod:`wsgate.ops.status` and :mod:`wsgate.core.metrics`
 (process figures from :mod:`wsgate.ops.process_metrics`).  Must
 not act on the gate: every resource is read-only.  There is no authentication: bind it to
 loopback or a management network.
@@ -23,9 +24,9 @@ from twisted.web.server import Request, Site
 import wsgate
 from wsgate.config import AdminSpec
 from wsgate.core import metrics
-from wsgate.dataplane.gateway import Gateway
 from wsgate.ops import status
-from wsgate.ops.process_metrics import gate_processes, process_text
+from wsgate.ops.process_metrics import process_text
+from wsgate.ops.view import GateView
 
 __all__ = ["STATIC_DIR", "AdminSite", "admin_resource", "admin_service", "not_ready"]
 
@@ -40,13 +41,13 @@ def _no_store(request: Request) -> None:
 
 
 class _GatewayResource(resource.Resource):
-    """A leaf page rendered from the gateway and the sampler's history."""
+    """A leaf page rendered from the gate's view and the sampler's history."""
 
     isLeaf = True
 
-    def __init__(self, gateway: Gateway, sampler: status.Sampler | None) -> None:
+    def __init__(self, view: GateView, sampler: status.Sampler | None) -> None:
         super().__init__()
-        self.gateway = gateway
+        self.view = view
         self.sampler = sampler
 
 
@@ -54,18 +55,18 @@ class _Metrics(_GatewayResource):
     def render_GET(self, request: Request) -> bytes:
         _no_store(request)
         request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
-        gateway = self.gateway
+        view = self.view
         text = metrics.render(
-            status.snapshot(gateway, self.sampler, limit=0, history=False),
-            gateway.closed.items(),
-            gateway.connect_time,
-            gateway.session_duration,
+            status.snapshot(view, self.sampler, limit=0, history=False),
+            view.closed.items(),
+            view.connect_time,
+            view.session_duration,
             wsgate.__version__,
         )
         text += metrics.render_operations(
-            gateway.reloads, gateway.backend_failures.items(), gateway.certificates()
+            view.reloads, view.backend_failures.items(), view.certificates()
         )
-        text += process_text(gate_processes(getattr(gateway, "workers", None)))
+        text += process_text(view.processes())
         return text.encode("utf-8")
 
 
@@ -79,9 +80,9 @@ class _Status(_GatewayResource):
         except ValueError:
             limit = DEFAULT_LIMIT
         history = args.get(b"history", [b"1"])[0] != b"0"
-        data = status.snapshot(self.gateway, self.sampler, limit=max(0, limit), history=history)
-        data["sessions_total"] = len(self.gateway.sessions)
-        data["gate"] = {"version": wsgate.__version__, "source": self.gateway.config.source}
+        data = status.snapshot(self.view, self.sampler, limit=max(0, limit), history=history)
+        data["sessions_total"] = self.view.session_count()
+        data["gate"] = {"version": wsgate.__version__, "source": self.view.config.source}
         return json.dumps(data, separators=(",", ":")).encode("utf-8")
 
 
@@ -91,7 +92,7 @@ class _Listening(Protocol):
     state: str
 
 
-def not_ready(gateway: Gateway, listening: _Listening | None) -> list[str]:
+def not_ready(view: GateView, listening: _Listening | None) -> list[str]:
     """
     Why the gate should get no new sessions now (empty: ready): its listeners are not listening
     yet or it is stopping, or a route's upstream has no server up.
@@ -100,10 +101,10 @@ def not_ready(gateway: Gateway, listening: _Listening | None) -> list[str]:
     state = "listening" if listening is None else listening.state
     if state != "listening":
         problems.append(f"gate {state}")
-    elif getattr(gateway, "closing", False):
+    elif view.closing:
         problems.append("gate stopping")
-    up = {row["upstream"] for row in status.upstreams(gateway, 0.0) if row["state"] == "up"}
-    names = dict.fromkeys(route.upstream for route in gateway.config.routes)
+    up = {row["upstream"] for row in status.upstreams(view, 0.0) if row["state"] == "up"}
+    names = dict.fromkeys(route.upstream for route in view.config.routes)
     problems += [f"upstream {name}: no server up" for name in names if name not in up]
     return problems
 
@@ -113,15 +114,15 @@ class _Ready(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, gateway: Gateway, listening: _Listening | None) -> None:
+    def __init__(self, view: GateView, listening: _Listening | None) -> None:
         super().__init__()
-        self.gateway = gateway
+        self.view = view
         self.listening = listening
 
     def render_GET(self, request: Request) -> bytes:
         _no_store(request)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        problems = not_ready(self.gateway, self.listening)
+        problems = not_ready(self.view, self.listening)
         if problems:
             request.setResponseCode(503)
             return f"not ready: {'; '.join(problems)}\n".encode()
@@ -156,16 +157,16 @@ class _Root(resource.Resource):
 
 
 def admin_resource(
-    gateway: Gateway, sampler: status.Sampler | None, listening: _Listening | None = None
+    view: GateView, sampler: status.Sampler | None, listening: _Listening | None = None
 ) -> resource.Resource:
     """
     The resource tree: ``/``, ``/metrics``, ``/status.json``, ``/ready`` and ``/static/``.
     ``listening`` (None: always listening) says whether the gate has started and not begun to stop.
     """
     root: Any = _Root(_Page())
-    root.putChild(b"metrics", _Metrics(gateway, sampler))
-    root.putChild(b"status.json", _Status(gateway, sampler))
-    root.putChild(b"ready", _Ready(gateway, listening))
+    root.putChild(b"metrics", _Metrics(view, sampler))
+    root.putChild(b"status.json", _Status(view, sampler))
+    root.putChild(b"ready", _Ready(view, listening))
     files: Any = static.File(STATIC_DIR)
     files.contentTypes = {**files.contentTypes, ".js": "text/javascript", ".css": "text/css"}
     files.indexNames = []
@@ -182,10 +183,10 @@ class AdminSite(Site):
 
 def admin_service(
     spec: AdminSpec,
-    gateway: Gateway,
+    view: GateView,
     sampler: status.Sampler | None,
     listening: _Listening | None = None,
 ) -> service.Service:
     """The admin listener as a ``strports`` service (binds in ``privilegedStartService``)."""
-    site: Any = AdminSite(admin_resource(gateway, sampler, listening))
+    site: Any = AdminSite(admin_resource(view, sampler, listening))
     return strports.service(spec.endpoint, site)

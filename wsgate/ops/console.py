@@ -12,8 +12,9 @@ The prompt itself (one-line errors, completion, editing keys, lines without a te
 an exec request or a shell without a pty runs the lines it is given and exits 0 or 1.  Logins,
 logouts and refused logins are logged with the source address (refusals rate limited).
 
-Must not hold business logic: verbs call the Gateway (or the reload callable ``service.py``
-passes) and format what they get back; the figures come from :mod:`wsgate.ops.status`.
+Must not hold business logic: commands read and act through the gate's operations view
+(:mod:`wsgate.ops.view`, the same for one process and for workers, and the same the control API
+uses) and format what they get back; the figures come from :mod:`wsgate.ops.status`.
 
 Live views never slow the gate down: a tap records at most :data:`TAP_QUEUE` messages between two
 screen refreshes and counts the rest as dropped; the relay pays one call per message while tapped.
@@ -49,13 +50,13 @@ from zope.interface import implementer
 
 from wsgate.config import ConfigError, ConsoleSpec, parse_duration
 from wsgate.core.limits import WarningLimiter
+from wsgate.dataplane.tap import TAP_QUEUE, TAP_REFRESH, Tapped
 from wsgate.ops import status
 from wsgate.ops.prompt import EditingManhole, LineRunner
-from wsgate.ops.status import split_id
+from wsgate.ops.view import check_kick, find_server
 
 if TYPE_CHECKING:
-    from wsgate.dataplane.bridge import Session
-    from wsgate.dataplane.gateway import Gateway
+    from wsgate.ops.view import GateView
 
 __all__ = [
     "Console",
@@ -71,14 +72,9 @@ __all__ = [
     "table",
 ]
 
-# How many tapped messages wait for the screen; more are dropped and counted.
-TAP_QUEUE = 1000
-# How often live views write to the screen, and how many tap lines per refresh at most.
-TAP_REFRESH = 0.1
+# How many tap lines per refresh at most (TAP_REFRESH: how often a tap's screen is written).
 TAP_LINES_PER_REFRESH = 200
 TOP_REFRESH = 1.0
-# Close codes an operator may send (valid on the wire; 1005/1006/1015 are never sent).
-_KICK_CODES = {1000, 1001, 1002, 1003, *range(1007, 1015), *range(3000, 5000)}
 _BCRYPT_PREFIXES = (b"$2a$", b"$2b$", b"$2y$")
 # Compared against when the user name is unknown, so a wrong name costs as much time as a wrong
 # password (made with bcrypt.hashpw(b"-", bcrypt.gensalt(12))).
@@ -169,51 +165,19 @@ def _preview(is_binary: bool, size: int, first: bytes, width: int) -> str:
 
 class Console:
     """
-    What every console connection shares: the gateway, the sampler for rates, the reload
-    callable, the clock.  One per ``[console]``; built by ``service.py``.
+    What every console connection shares: the gate's operations view (one process or workers),
+    the sampler for rates, the clock.  One per ``[console]``; built by ``service.py``.
     """
 
     log = Logger()
 
-    def __init__(
-        self,
-        gateway: Gateway,
-        clock: Any,
-        sampler: status.Sampler | None = None,
-        reload: Callable[[], Any] | None = None,
-    ) -> None:
-        self.gateway = gateway
+    def __init__(self, view: GateView, clock: Any, sampler: status.Sampler | None = None) -> None:
+        self.view = view
         self.clock = clock
         self.sampler = sampler
-        self.reload = reload
         # Refused logins are logged at most 10 a minute (the rest counted), so that a password
         # guesser cannot flood the log.
         self.refusals = WarningLimiter(clock.seconds)
-
-
-class _TapFanout:
-    """Set as a relay's ``tap``: hands each message to every console tapping that relay."""
-
-    def __init__(self) -> None:
-        self.listeners: list[Callable[[bool, int, bytes], None]] = []
-
-    def __call__(self, is_binary: bool, size: int, first: bytes) -> None:
-        for listener in list(self.listeners):
-            listener(is_binary, size, first)
-
-    @classmethod
-    def add(cls, relay: Any, listener: Callable[[bool, int, bytes], None]) -> None:
-        if not isinstance(relay.tap, cls):
-            relay.tap = cls()
-        relay.tap.listeners.append(listener)
-
-    @classmethod
-    def remove(cls, relay: Any, listener: Callable[[bool, int, bytes], None]) -> None:
-        fanout = relay.tap
-        if isinstance(fanout, cls) and listener in fanout.listeners:
-            fanout.listeners.remove(listener)
-            if not fanout.listeners:
-                relay.tap = None
 
 
 class _LiveView:
@@ -252,38 +216,43 @@ class _LiveView:
 
 
 class _Tap(_LiveView):
-    """Streams one session's messages: time, direction, type, size and a preview."""
+    """
+    Streams one session's messages: time, direction, type, size and a preview.  The view's tap
+    hands them over in batches (at most TAP_QUEUE per refresh; the rest are counted as dropped),
+    and says once why it ended (the session closed, its worker is gone).
+    """
 
-    def __init__(self, gate: Gate, session: Session) -> None:
+    def __init__(self, gate: Gate, id: object) -> None:
         super().__init__(gate, TAP_REFRESH)
-        self.session = session
-        self.queue: deque[tuple[float, str, bool, int, bytes]] = deque()
+        self.id = id
+        self.queue: deque[Tapped] = deque()
         self.shown = 0
         self.dropped = 0
         self._reported_drops = 0
-        self._listeners: list[tuple[Any, Callable[[bool, int, bytes], None]]] = []
-
-    @property
-    def label(self) -> object:
-        return self.session.id
+        self.number: int | None = None
+        self._ended: str | None = None
 
     def start(self) -> None:
-        for direction, relay in (("up", self.session.up), ("down", self.session.down)):
-            if relay is None:
-                continue
-
-            def listener(is_binary: bool, size: int, first: bytes, direction: str = direction):
-                self._record(direction, is_binary, size, first)
-
-            _TapFanout.add(relay, listener)
-            self._listeners.append((relay, listener))
+        """Tap the session (a LookupError when there is none), then own the screen."""
+        self.number, answer = self.gate.view.tap(self.id, self)
+        answer.addErrback(self._failed)
         super().start()
 
-    def _record(self, direction: str, is_binary: bool, size: int, first: bytes) -> None:
-        if len(self.queue) >= TAP_QUEUE:
-            self.dropped += 1
-        else:
-            self.queue.append((time.time(), direction, is_binary, size, first))
+    def _failed(self, failure: Any) -> None:
+        self.tap_ended(f"failed: {failure.getErrorMessage()}")
+
+    def tapped(self, messages: list[Tapped], dropped: int) -> None:
+        for message in messages:
+            if len(self.queue) >= TAP_QUEUE:
+                self.dropped += 1
+            else:
+                self.queue.append(message)
+        self.dropped += dropped
+
+    def tap_ended(self, why: str) -> None:
+        self.number = None
+        if self._ended is None:
+            self._ended = f"session {self.id} {why}"
 
     def refresh(self) -> bool:
         width = max(20, self.gate._terminal.width - 40)
@@ -304,77 +273,18 @@ class _Tap(_LiveView):
             self._reported_drops = self.dropped
         if out:
             self.gate._terminal.write_lines(out)
-        ended = self.ended()
-        if ended is not None and not self.queue:
-            self.stop(ended)
+        if self._ended is not None and not self.queue:
+            self.stop(self._ended)
             return False
         return True
-
-    def ended(self) -> str | None:
-        """Why the tap ends by itself (shown once the queue is empty); None while it runs."""
-        if self.session.state == "CLOSED":
-            return (
-                f"session {self.session.id} closed: client {self.session.client_close}, "
-                f"backend {self.session.backend_close}"
-            )
-        return None
-
-    def finish(self) -> None:
-        for relay, listener in self._listeners:
-            _TapFanout.remove(relay, listener)
-        self._listeners = []
-
-    def summary(self, why: str) -> str:
-        return f"tap of session {self.label} {why}: {self.shown} shown, {self.dropped} dropped"
-
-
-class _WorkerTap(_Tap):
-    """
-    The tap of a session in a worker process (``workers > 1``): the worker sends the messages
-    (at most TAP_QUEUE per refresh; it counts the rest, added to ``dropped`` here) and the same
-    screen shows them.  Ends when the view stops (the worker is told to untap), the session
-    closes, or the worker is gone.
-    """
-
-    def __init__(self, gate: Gate, figures: Any, id: str) -> None:
-        super().__init__(gate, None)  # type: ignore[arg-type]
-        self.figures = figures
-        self.id = id
-        self.number: int | None = None
-        self._ended: str | None = None
-
-    @property
-    def label(self) -> object:
-        return self.id
-
-    def start(self) -> None:
-        self.number, answer = self.figures.tap(self.id, self)
-        answer.addErrback(self._failed)
-        _LiveView.start(self)
-
-    def _failed(self, failure: Any) -> None:
-        self.tap_ended(f"failed: {failure.getErrorMessage()}")
-
-    def tapped(self, messages: list[tuple[float, str, bool, int, bytes]], dropped: int) -> None:
-        for when, direction, is_binary, size, first in messages:
-            if len(self.queue) >= TAP_QUEUE:
-                self.dropped += 1
-            else:
-                self.queue.append((when, direction, is_binary, size, first))
-        self.dropped += dropped
-
-    def tap_ended(self, why: str) -> None:
-        self.number = None
-        if self._ended is None:
-            self._ended = f"session {self.id} {why}"
-
-    def ended(self) -> str | None:
-        return self._ended
 
     def finish(self) -> None:
         number, self.number = self.number, None
         if number is not None:
-            self.figures.untap(number)
+            self.gate.view.untap(number)
+
+    def summary(self, why: str) -> str:
+        return f"tap of session {self.id} {why}: {self.shown} shown, {self.dropped} dropped"
 
 
 class _Top(_LiveView):
@@ -382,7 +292,7 @@ class _Top(_LiveView):
 
     def __init__(self, gate: Gate) -> None:
         super().__init__(gate, TOP_REFRESH)
-        self._previous: dict[int, tuple[float, int]] = {}
+        self._previous: dict[object, tuple[float, int]] = {}
         self.frames = 0
 
     def start(self) -> None:
@@ -391,22 +301,22 @@ class _Top(_LiveView):
 
     def refresh(self) -> bool:
         console = self.gate._console
-        gateway = console.gateway
+        view = console.view
         now = console.clock.seconds()
         rows = []
         previous = self._previous
         self._previous = {}
-        for row in status.sessions(gateway):
+        for row in status.sessions(view):
             messages = row["messages_up"] + row["messages_down"]
             then = previous.get(row["id"])
             rate = (messages - then[1]) / (now - then[0]) if then and now > then[0] else 0.0
             self._previous[row["id"]] = (now, messages)
             rows.append((rate, row))
         rows.sort(key=lambda r: (r[0], r[1]["messages_up"] + r[1]["messages_down"]), reverse=True)
-        stats = status.stats(gateway, console.sampler)
+        stats = status.stats(view, console.sampler)
         rates = stats["rates"]
         term = self.gate._terminal
-        servers = status.upstreams(gateway, now)
+        servers = status.upstreams(view, now)
         room = max(3, term.height - len(servers) - 9)
         lines = [
             f"wsgate top  {time.strftime('%H:%M:%S')}  sessions {stats['sessions_active']} active, "
@@ -463,6 +373,27 @@ def _upstream_table(rows: list[dict[str, Any]]) -> str:
     )
 
 
+def _settled(d: defer.Deferred, show: Callable[[Any], Any]) -> Any:
+    """
+    What the console prints for a verb's Deferred: ``show(result)`` at once when it has fired (a
+    failure raises, so the console shows the error), else the Deferred of it (the manhole prints
+    it when it fires: with workers, the answer comes from another process).
+    """
+    box: list[Any] = []
+
+    def take(result: Any) -> Any:
+        box.append(result)
+        return result
+
+    d.addBoth(take)
+    if not box:
+        return d.addCallback(show)
+    d.addErrback(lambda _: None)
+    if isinstance(box[0], Failure):
+        box[0].raiseException()
+    return show(box[0])
+
+
 class Gate:
     """
     The wsgate console.  Commands (tables print as text; verbs are logged with your name):
@@ -471,23 +402,27 @@ class Gate:
       gate.session(id)               everything about one session (headers, ping RTT, ...)
       gate.kick(id, code=1001, reason="")   close a session: code to the client, 1001 to the backend
       gate.upstreams()               servers: state, weight, active sessions, fails, last check
-      gate.drain(server, deadline=None)     no new sessions to a server; close its sessions by deadline
-      gate.undrain(server)           take new sessions again
-      gate.weight(server, w)         change a server's balancing weight
+      gate.drain(server, deadline=None, upstream=None)   no new sessions to a server; close its
+                                     sessions by deadline
+      gate.undrain(server, upstream=None)   take new sessions again
+      gate.weight(server, w, upstream=None) change a server's balancing weight
       gate.reload()                  re-read the config file (like SIGHUP); shows what changed
       gate.stats()                   totals and rates: sessions, handshakes, messages and bytes
       gate.tap(id)                   stream one session's messages until Ctrl-C
       gate.top()                     live view of the busiest sessions and the servers until Ctrl-C
       gate.help()                    this text
 
-    A server is its URL or any unique part of it ("8011").  ``gate.gateway`` is the Gateway itself.
+    A server is its URL or any unique part of it ("8011"); a URL in several upstreams needs
+    ``upstream="name"``.  ``gate.view`` is the operations view; ``gate.gateway`` the Gateway
+    itself (one process only).
     """
 
     def __init__(self, console: Console, user: str, terminal: _Screen) -> None:
         self._console = console
         self._user = user
         self._terminal = terminal
-        self.gateway = console.gateway
+        self.view = console.view
+        self.gateway = getattr(console.view, "gateway", None)
 
     def __repr__(self) -> str:
         return "<gate: wsgate console; gate.help() lists the commands>"
@@ -500,7 +435,7 @@ class Gate:
 
     def sessions(self, filter: str | None = None) -> Text:
         """Live sessions, oldest first; ``filter`` keeps those whose route, server or client contains it."""
-        rows = status.sessions(self.gateway, filter)
+        rows = status.sessions(self.view, filter)
         text = table(
             [
                 "ID",
@@ -535,16 +470,13 @@ class Gate:
             ],
             right="0456789",
         )
-        total = len(self.gateway.sessions)
+        total = self.view.session_count()
         shown = f"{len(rows)} of {total}" if filter else str(total)
         return Text(f"{text}\n({shown} session{'' if total == 1 else 's'})")
 
-    def session(self, id: int | str) -> Text | defer.Deferred:
+    def session(self, id: int | str) -> Any:
         """Everything known about one live session."""
-        if isinstance(self.gateway, status.GateFigures):
-            # With workers the detail comes from the session's worker: a Deferred of the text.
-            return self.gateway.session_detail(id).addCallback(self._session_text)  # type: ignore[attr-defined]
-        return self._session_text(status.session_detail(self._find(id)))  # type: ignore[arg-type]
+        return _settled(self.view.session(id), self._session_text)
 
     def _session_text(self, d: dict[str, Any]) -> Text:
         rtt = (
@@ -583,11 +515,11 @@ class Gate:
     def upstreams(self) -> Text:
         """Every server of every upstream: state, weight, active sessions, fails, last check."""
         now = self._console.clock.seconds()
-        return Text(_upstream_table(status.upstreams(self.gateway, now)))
+        return Text(_upstream_table(status.upstreams(self.view, now)))
 
     def stats(self) -> Text:
         """Totals since start and current rates."""
-        s = status.stats(self.gateway, self._console.sampler)
+        s = status.stats(self.view, self._console.sampler)
         rates = s["rates"]
         handshakes = ", ".join(f"{k} {v}" for k, v in sorted(s["handshakes"].items())) or "none"
         rows = [
@@ -620,90 +552,71 @@ class Gate:
 
     # -- acting --------------------------------------------------------------------------------
 
-    def kick(self, id: int | str, code: int = 1001, reason: str = "") -> Text:
+    def kick(self, id: int | str, code: int = 1001, reason: str = "") -> Any:
         """Close one session: ``code`` and ``reason`` to the client, 1001 to the backend."""
-        if code not in _KICK_CODES:
-            raise ValueError(f"{code} cannot be sent: use 1000-1003, 1007-1014 or 3000-4999")
-        if isinstance(self.gateway, status.GateFigures):
-            # With workers: the session's worker closes it (ids are "WORKER:ID").
-            figures: Any = self.gateway
-            figures.kick(id, code, reason, f"console ({self._user})")
-            client = figures.sessions[id]["client"]
-            self._logged("kick", f"session={id} client={client} code={code}")
-            return Text(f"closing session {id} with {code}" + (f" {reason!r}" if reason else ""))
-        session = self._find(id)  # type: ignore[arg-type]
-        self._logged("kick", f"session={id} client={session.client_address} code={code}")
-        session.close(code, reason, by=f"console ({self._user})")
-        return Text(f"closing session {id} with {code}" + (f" {reason!r}" if reason else ""))
+        check_kick(code, reason)
 
-    def drain(self, server: str, deadline: float | str | None = None) -> Text:
+        def kicked(row: dict[str, Any]) -> Text:
+            self._logged("kick", f"session={id} client={row['client']} code={code}")
+            return Text(f"closing session {id} with {code}" + (f" {reason!r}" if reason else ""))
+
+        return _settled(self.view.kick(id, code, reason, f"console ({self._user})"), kicked)
+
+    def drain(
+        self, server: str, deadline: float | str | None = None, upstream: str | None = None
+    ) -> Any:
         """Send no new sessions to ``server``; with ``deadline`` (seconds or "30s"), close its
         sessions within that time."""
-        url = self._server(server)
+        name, url = find_server(self.view, str(server), upstream)
         seconds = None if deadline is None else parse_duration(deadline)
-        result = self._call("drain", url, deadline=seconds)
-        self._logged("drain", f"server={url} deadline={seconds}")
-        text = f"draining {url}: no new sessions"
-        if isinstance(result, int) and not isinstance(result, bool):
-            text += f"; {result} live session{'' if result == 1 else 's'} on it"
-            text += " stay" if seconds is None else f" close within {_age(seconds)}"
-        return Text(text)
+        self._logged("drain", f"server={url} upstream={name} deadline={seconds}")
 
-    def undrain(self, server: str) -> Text:
+        def drained(count: int) -> Text:
+            text = f"draining {url} of {name}: no new sessions"
+            text += f"; {count} live session{'' if count == 1 else 's'} on it"
+            return Text(text + (" stay" if seconds is None else f" close within {_age(seconds)}"))
+
+        return _settled(self.view.drain(name, url, deadline=seconds), drained)
+
+    def undrain(self, server: str, upstream: str | None = None) -> Any:
         """Let ``server`` take new sessions again."""
-        url = self._server(server)
-        result = self._call("undrain", url)
-        self._logged("undrain", f"server={url}")
-        return self._acted(f"{url} takes new sessions again", result)
+        name, url = find_server(self.view, str(server), upstream)
+        self._logged("undrain", f"server={url} upstream={name}")
+        done = self.view.undrain(name, url)
+        return _settled(done, lambda _: Text(f"{url} of {name} takes new sessions again"))
 
-    def weight(self, server: str, w: int) -> Text:
+    def weight(self, server: str, w: int, upstream: str | None = None) -> Any:
         """Set the balancing weight of ``server``."""
-        url = self._server(server)
+        name, url = find_server(self.view, str(server), upstream)
         if not isinstance(w, int) or isinstance(w, bool) or w < 1:
             raise ValueError("a weight is a whole number of at least 1")
-        result = self._call("set_weight", url, w)
-        self._logged("weight", f"server={url} weight={w}")
-        return self._acted(f"{url} weight {w}", result)
+        self._logged("weight", f"server={url} upstream={name} weight={w}")
+        return _settled(self.view.set_weight(name, url, w), lambda _: Text(f"{url} weight {w}"))
 
-    def reload(self) -> Text:
+    def reload(self) -> Any:
         """Re-read the config file, as SIGHUP does; show what changed or why it was refused."""
-        if self._console.reload is None:
-            return Text("reload is not available (the gate was not started with --config)")
         self._logged("reload", "")
-        try:
-            changes = self._console.reload()
-        except ConfigError as e:
-            return Text("new config refused; the current one stays:\n" + "\n".join(e.problems))
-        if changes is None or changes is True:
-            return Text("reloaded")
-        if changes is False:
-            return Text("reload failed; see the log")
-        lines = list(changes)
-        return Text("reloaded: " + ("\n".join(lines) if lines else "no changes"))
+        d = self.view.reload()
 
-    def tap(self, id: int) -> Text | None:
+        def refused(failure: Failure) -> Text:
+            failure.trap(ConfigError)
+            problems = failure.value.problems  # type: ignore[union-attr]
+            return Text("new config refused; the current one stays:\n" + "\n".join(problems))
+
+        d.addCallbacks(lambda lines: Text("reloaded: " + "\n".join(lines)), refused)
+        return _settled(d, lambda text: text)
+
+    def tap(self, id: int | str) -> Text | None:
         """Stream one session's messages (direction, type, size, preview) until Ctrl-C."""
         if self._terminal.live is not None:
             return Text("a live view is already running")
-        if isinstance(self.gateway, status.GateFigures):
-            # With workers: the session's worker streams its messages here (ids are "WORKER:ID").
-            figures: Any = self.gateway
-            split_id(id)
-            if id not in figures.sessions:
-                raise LookupError(f"no live session {id}")
-            row = figures.sessions[id]
-            self._logged("tap", f"session={id} client={row['client']}")
-            self._terminal.write_lines(
-                [f"tapping session {id} ({row['client']} <-> {row['server']}); Ctrl-C to stop"]
-            )
-            _WorkerTap(self, figures, str(id)).start()
-            return None
-        session = self._find(id)
-        self._logged("tap", f"session={id} client={session.client_address}")
+        tap = _Tap(self, id)
+        tap.start()
+        row = next((r for r in self.view.session_rows() if str(r["id"]) == str(id)), {})
+        self._logged("tap", f"session={id} client={row.get('client')}")
         self._terminal.write_lines(
-            [f"tapping session {id} ({session.client_address} <-> {_url(session)}); Ctrl-C to stop"]
+            [f"tapping session {id} ({row.get('client')} <-> {row.get('server')}); Ctrl-C to stop"]
         )
-        _Tap(self, session).start()
         return None
 
     def top(self) -> None:
@@ -714,41 +627,10 @@ class Gate:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _find(self, id: int) -> Session:
-        session = self.gateway.sessions.get(id)
-        if session is None:
-            raise LookupError(f"no live session {id}")
-        return session
-
-    def _server(self, text: str) -> str:
-        matches = status.find_servers(self.gateway, str(text))
-        if len(matches) != 1:
-            raise LookupError(
-                f"{text!r} names no server"
-                if not matches
-                else f"{text!r} names {len(matches)} servers: {', '.join(matches)}"
-            )
-        return matches[0]
-
-    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        method = getattr(self.gateway, name, None)
-        if method is None:
-            raise NotImplementedError(f"{name} is not available in this version of the gateway")
-        return method(*args, **kwargs)
-
-    def _acted(self, text: str, result: Any) -> Text:
-        if isinstance(result, str) and result:
-            return Text(result)
-        return Text(text)
-
     def _logged(self, verb: str, detail: str) -> None:
         self._console.log.info(
             "console_{verb} user={user} {detail}", verb=verb, user=self._user, detail=detail
         )
-
-
-def _url(session: Session) -> str:
-    return session.server.url if session.server is not None else "-"
 
 
 def _ms(value: float | None) -> str:

@@ -8,7 +8,8 @@ endpoints that would collide (the same endpoint twice, or one TCP port on overla
 interfaces: a wildcard and any address, IPv4 inside a dual-stack ``::``), the console's files
 judged by the very function the console's start uses (``console_problems``: an empty keys or
 users file lets no one in, a host key that is not a usable private key), its host key's directory
-writable when the key is still to be made; and one warning: an admin listener bound beyond
+writable when the key is still to be made, a control API on TCP beyond loopback
+(refused: it acts on the gate); and one warning: an admin listener bound beyond
 loopback (it has no authentication).
 
 It must not listen, connect or change anything on disk (the host key is not made here).  Problems
@@ -26,7 +27,7 @@ from twisted.internet.endpoints import serverFromString
 
 from wsgate.config import Config
 
-__all__ = ["problems", "warnings"]
+__all__ = ["binds_at", "problems", "warnings"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,17 @@ def _bound(key: str, endpoint: str) -> _Bound | None:
     return None
 
 
+def binds_at(endpoint: str) -> tuple[str, str, int] | None:
+    """Where a server ``endpoint`` binds: ``("unix", path, 0)`` or ``("tcp", address, port)``;
+    None when that is not known before start or the string does not parse."""
+    here = _bound("", endpoint)
+    if here is None:
+        return None
+    if here.kind == "unix":
+        return "unix", here.path, 0
+    return "tcp", str(here.address), here.port
+
+
 def _overlap(a: _Bound, b: _Bound) -> bool:
     """Whether two listening sockets cannot both bind."""
     if a.kind != b.kind:
@@ -116,6 +128,8 @@ def _listening(config: Config) -> list[tuple[str, str]]:
         found.append(("console.endpoint", config.console.endpoint))
     if config.admin is not None:
         found.append(("admin.endpoint", config.admin.endpoint))
+    if config.control is not None:
+        found.append(("control.endpoint", config.control.endpoint))
     return found
 
 
@@ -174,7 +188,37 @@ def _console_problems(config: Config) -> list[str]:
 
 def problems(config: Config) -> list[str]:
     """Why ``config`` (already valid by ``config.parse``) would not start; empty when it would."""
-    return _endpoint_problems(config) + _console_problems(config)
+    return _endpoint_problems(config) + _console_problems(config) + _control_problems(config)
+
+
+def _beyond_loopback(key: str, endpoint: str) -> str | None:
+    """Where a TCP ``endpoint`` listens when that is beyond loopback ("every address" or the
+    address); None for loopback, Unix sockets and what cannot be parsed."""
+    here = _bound(key, endpoint)
+    if here is None or here.kind != "tcp":
+        return None
+    address = here.address
+    if isinstance(address, str) and address == "localhost":
+        return None
+    if not isinstance(address, str) and address.is_loopback:
+        return None
+    if not isinstance(address, str) and address.is_unspecified:
+        return "every address"
+    return str(address)
+
+
+def _control_problems(config: Config) -> list[str]:
+    """The control API acts on the gate: on TCP, loopback only (config.py asks for a token)."""
+    if config.control is None:
+        return []
+    endpoint = config.control.endpoint
+    where = _beyond_loopback("control.endpoint", endpoint)
+    if where is None:
+        return []
+    return [
+        f"{config.source}: control.endpoint: {endpoint!r} listens on {where}: the control API "
+        "acts on the gate, so it listens on a Unix socket or on loopback only (interface=127.0.0.1)"
+    ]
 
 
 def warnings(config: Config) -> list[str]:
@@ -182,15 +226,9 @@ def warnings(config: Config) -> list[str]:
     if config.admin is None:
         return []
     endpoint = config.admin.endpoint
-    here = _bound("admin.endpoint", endpoint)
-    if here is None or here.kind != "tcp":
+    where = _beyond_loopback("admin.endpoint", endpoint)
+    if where is None:
         return []
-    address = here.address
-    if isinstance(address, str) and address == "localhost":
-        return []
-    if not isinstance(address, str) and address.is_loopback:
-        return []
-    where = "every address" if not isinstance(address, str) and address.is_unspecified else address
     return [
         f"{config.source}: admin.endpoint: {endpoint!r} listens on {where}, beyond loopback, and "
         "the admin listener has no authentication (no bearer token): bind it to 127.0.0.1 or a "

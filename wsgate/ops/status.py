@@ -1,18 +1,19 @@
 """
-What the console and the admin listener show: plain-data snapshots of the Gateway, and a sampler
+What the console, the admin listener and the control API show: plain-data rows and snapshots of
+the gate (read through its :class:`wsgate.ops.view.GateView`), and a sampler
 that keeps the last 15 minutes of totals for rates and charts.
 
 Owns the shape of a session row, a server row and the stats, shared by ``gate.sessions()``,
 ``/status.json`` and ``/metrics`` so that all three always agree.  Rows show what
 :mod:`wsgate.core.redact` lets through (redacted query strings and secret headers), never the raw
-request.  Must not change the Gateway: it only reads it.
+request.  Must not change the gate: it only reads it.
 """
 
 from __future__ import annotations
 
 import platform
 from collections import deque
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import autobahn
 from twisted.application import service
@@ -26,13 +27,13 @@ from wsgate.dataplane.auth import auth_detail
 
 if TYPE_CHECKING:
     from wsgate.dataplane.bridge import Session
-    from wsgate.dataplane.gateway import Clock, Gateway
+    from wsgate.dataplane.gateway import Clock
+    from wsgate.ops.view import GateView
 
 __all__ = [
     "HISTORY_SECONDS",
-    "GateFigures",
     "Sampler",
-    "find_servers",
+    "server_row",
     "qualified_id",
     "session_detail",
     "session_row",
@@ -44,6 +45,8 @@ __all__ = [
 ]
 
 HISTORY_SECONDS = 15 * 60
+# The live totals of a gate: messages and bytes each way.
+TOTALS = ("messages_up", "bytes_up", "messages_down", "bytes_down")
 SAMPLE_INTERVAL = 1.0
 # Rates are averaged over this many seconds of samples (steadier than one interval).
 RATE_WINDOW = 5.0
@@ -54,22 +57,6 @@ _VERSIONS = {
     "twisted": twisted.__version__,
     "autobahn": autobahn.__version__,
 }
-
-
-@runtime_checkable
-class GateFigures(Protocol):
-    """
-    A gate of several processes (``workers = N``; :class:`wsgate.process.workers.Aggregate`).  It has no
-    Session or Upstream objects to read: its workers made the rows with the functions below and it
-    hands them over.  Like a Gateway it also has ``clock``, ``config``, ``sessions`` (a mapping, by
-    worker-qualified id, of session rows), ``counters``, ``closed`` and the two histograms.
-    """
-
-    def session_rows(self) -> list[dict[str, Any]]: ...
-
-    def server_rows(self, now: float) -> list[dict[str, Any]]: ...
-
-    def live_totals(self) -> dict[str, int]: ...
 
 
 def session_row(session: Session) -> dict[str, Any]:
@@ -123,12 +110,25 @@ def session_detail(session: Session) -> dict[str, Any]:
     return detail
 
 
-def sessions(gateway: Gateway, filter: str | None = None) -> list[dict[str, Any]]:
+def server_row(upstream: str, server: Any, now: float) -> dict[str, Any]:
+    """One server of one upstream: state, weight, load, health."""
+    last = getattr(server, "last_check", None)
+    return {
+        "upstream": upstream,
+        "server": server.url,
+        "state": getattr(server, "state", "up"),
+        "backup": bool(getattr(server, "backup", False)),
+        "weight": server.weight,
+        "active": server.active,
+        "sessions_total": server.sessions_total,
+        "fails": server.fails,
+        "last_check": None if last is None else now - last,
+    }
+
+
+def sessions(view: GateView, filter: str | None = None) -> list[dict[str, Any]]:
     """Live sessions, oldest first; ``filter`` keeps those whose route, server or client contains it."""
-    if isinstance(gateway, GateFigures):
-        rows = gateway.session_rows()
-    else:
-        rows = [session_row(s) for s in list(gateway.sessions.values())]
+    rows = view.session_rows()
     if filter:
         rows = [
             r
@@ -138,65 +138,31 @@ def sessions(gateway: Gateway, filter: str | None = None) -> list[dict[str, Any]
     return rows
 
 
-def upstreams(gateway: Gateway, now: float) -> list[dict[str, Any]]:
+def upstreams(view: GateView, now: float) -> list[dict[str, Any]]:
     """Every backend server of every upstream with its state and load."""
-    if isinstance(gateway, GateFigures):
-        return gateway.server_rows(now)
-    rows = []
-    for name, upstream in gateway.upstreams.items():
-        for server in upstream.servers:
-            last = getattr(server, "last_check", None)
-            rows.append(
-                {
-                    "upstream": name,
-                    "server": server.url,
-                    "state": getattr(server, "state", "up"),
-                    "backup": bool(getattr(server, "backup", False)),
-                    "weight": server.weight,
-                    "active": server.active,
-                    "sessions_total": server.sessions_total,
-                    "fails": server.fails,
-                    "last_check": None if last is None else now - last,
-                }
-            )
-    return rows
+    return view.server_rows(now)
 
 
-def _totals(gateway: Gateway) -> dict[str, int]:
-    """Messages and bytes each way: finished sessions (counters) plus the live ones."""
-    if isinstance(gateway, GateFigures):
-        return gateway.live_totals()
-    totals = {
-        key: gateway.counters[key.replace("_", ".")]
-        for key in ("messages_up", "bytes_up", "messages_down", "bytes_down")
-    }
-    for session in list(gateway.sessions.values()):
-        for direction, relay in (("up", session.up), ("down", session.down)):
-            if relay is not None:
-                totals[f"messages_{direction}"] += relay.messages
-                totals[f"bytes_{direction}"] += relay.bytes
-    return totals
-
-
-def stats(gateway: Gateway, sampler: Sampler | None = None) -> dict[str, Any]:
+def stats(view: GateView, sampler: Sampler | None = None) -> dict[str, Any]:
     """Totals since start and current rates (per second, over the last few seconds)."""
-    counters = gateway.counters
+    counters = view.counters
     handshakes = {
         key.split(".", 1)[1]: count
         for key, count in counters.items()
         if key.startswith("handshakes.")
     }
     result: dict[str, Any] = {
-        "sessions_active": len(gateway.sessions),
-        "sessions_opened": counters["sessions.opened"],
-        "sessions_closed": counters["sessions.closed"],
+        "sessions_active": view.session_count(),
+        "sessions_opened": counters.get("sessions.opened", 0),
+        "sessions_closed": counters.get("sessions.closed", 0),
+        "messages_pushed": counters.get("messages.pushed", 0),
         "handshakes": handshakes,
         "webhooks": {
             key.split(".", 1)[1]: count
             for key, count in counters.items()
             if key.startswith("webhooks.")
         },
-        **_totals(gateway),
+        **view.totals(),
         "versions": dict(_VERSIONS),
     }
     result["rates"] = sampler.rates() if sampler is not None else {}
@@ -205,7 +171,7 @@ def stats(gateway: Gateway, sampler: Sampler | None = None) -> dict[str, Any]:
 
 
 def snapshot(
-    gateway: Gateway,
+    view: GateView,
     sampler: Sampler | None,
     limit: int | None = None,
     history: bool = True,
@@ -214,27 +180,20 @@ def snapshot(
     The whole picture, as ``/status.json`` serves it: time, stats, upstreams, sessions (the
     ``limit`` busiest when given; ``sessions_shown`` says how many) and the sampled history.
     """
-    now = gateway.clock.seconds()
-    rows = sessions(gateway)
+    now = view.clock.seconds()
+    rows = sessions(view)
     if limit is not None and len(rows) > limit:
         rows.sort(key=lambda r: r["messages_up"] + r["messages_down"], reverse=True)
         rows = rows[:limit]
     result: dict[str, Any] = {
         "time": now,
-        "stats": stats(gateway, sampler),
-        "upstreams": upstreams(gateway, now),
+        "stats": stats(view, sampler),
+        "upstreams": upstreams(view, now),
         "sessions": rows,
     }
     if history:
         result["history"] = sampler.history() if sampler is not None else []
     return result
-
-
-def find_servers(gateway: Gateway, text: str) -> list[str]:
-    """Server URLs equal to ``text``, or else containing it (``"8011"`` finds ``ws://h:8011``)."""
-    urls = [row["server"] for row in upstreams(gateway, 0.0)]
-    exact = [u for u in urls if u == text]
-    return exact or sorted({u for u in urls if text in u})
 
 
 class Sampler(service.Service):
@@ -246,8 +205,8 @@ class Sampler(service.Service):
 
     log = Logger()
 
-    def __init__(self, gateway: Gateway, clock: Clock, interval: float = SAMPLE_INTERVAL) -> None:
-        self.gateway = gateway
+    def __init__(self, view: GateView, clock: Clock, interval: float = SAMPLE_INTERVAL) -> None:
+        self.view = view
         self.clock = clock
         self.interval = interval
         self.samples: deque[tuple[float, int, int, int, int, int]] = deque(
@@ -272,11 +231,11 @@ class Sampler(service.Service):
         return super().stopService()
 
     def sample(self) -> None:
-        totals = _totals(self.gateway)
+        totals = self.view.totals()
         self.samples.append(
             (
                 self.clock.seconds(),
-                len(self.gateway.sessions),
+                self.view.session_count(),
                 totals["messages_up"],
                 totals["messages_down"],
                 totals["bytes_up"],

@@ -20,15 +20,16 @@ and unsolicited log events from the worker, ``{"format", "fields"}`` or ``{"log"
 goes to the parent's log, each line prefixed with the worker's number).  Not AMP: a busy worker's session table is far larger
 than AMP's 64 KiB value limit.
 
-Aggregation.  :class:`Aggregate` is what the console, ``/metrics`` and the status page read in the
-parent instead of a Gateway (see :class:`wsgate.ops.status.GateFigures`): the latest snapshot of every
-worker (polled each second), summed, with session ids qualified by the worker (``"2:17"`` is
-session 17 of worker 2).  Verbs go to the workers: ``kick`` to the worker that owns the session,
-``drain``/``undrain``/``set_weight`` to all of them.  Figures are up to one poll interval old.
+Aggregation.  :class:`Aggregate` is the parent's operations view (:class:`wsgate.ops.view.GateView`,
+what the console, ``/metrics``, the status page and the control API use): the latest snapshot of
+every worker (polled each second), summed, with session ids qualified by the worker (``"2:17"`` is
+session 17 of worker 2).  Verbs go to the workers: ``kick`` and ``push`` to the worker that owns
+the session, server verbs (drain, undrain, weight, add, remove) to all of them, each worker acting
+through its own :class:`wsgate.ops.view.LocalView`.  Figures are up to one poll interval old.
 
 Tap.  The console's ``gate.tap("2:17")`` asks worker 2 to ``tap`` session 17 under a number the
-parent chose; the worker hangs a listener on the session's relays (as the single-process console
-does) and every ``TAP_REFRESH`` sends the messages it saw as one ``{"tapped": N, "messages":
+parent chose; the worker taps it through its view (:class:`wsgate.dataplane.tap.SessionTap`, as a
+single process does) and every ``TAP_REFRESH`` sends the messages it saw as one ``{"tapped": N, "messages":
 [[time, direction, binary, size, preview-base64], ...], "dropped": D}`` event: at most
 ``TAP_QUEUE`` messages per interval, the rest only counted, so a tap never slows the gate.  When
 the session closes the worker drops the tap and sends ``{"tap_ended": N, "why": ...}``; the parent
@@ -48,7 +49,6 @@ import signal
 import socket
 import string
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -66,9 +66,11 @@ from wsgate import config as configmod
 from wsgate.control.sighup import reload_on_sighup
 from wsgate.core.metrics import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram, Reloads
 from wsgate.dataplane.gateway import Clock, config_changes
-from wsgate.ops import status
+from wsgate.dataplane.tap import Tapped
 from wsgate.ops.logs import LEVELS
-from wsgate.ops.status import qualified_id, split_id
+from wsgate.ops.process_metrics import Process, gate_processes
+from wsgate.ops.status import TOTALS, qualified_id, split_id
+from wsgate.ops.view import LocalView, check_kick, check_push
 
 __all__ = [
     "Aggregate",
@@ -157,7 +159,8 @@ class Channel:
             if d is None:
                 return
             if "error" in message:
-                d.errback(RemoteError(message["error"]))
+                kind = _ERROR_KINDS.get(message.get("kind"), RemoteError)
+                d.errback(kind(message["error"]))
             else:
                 d.callback(message.get("result"))
         elif self._on_event is not None:
@@ -171,7 +174,9 @@ class Channel:
         d = defer.maybeDeferred(self._on_request, message["call"], message.get("args") or {})
         d.addCallbacks(
             lambda result: self.send({"id": request_id, "result": result}),
-            lambda failure: self.send({"id": request_id, "error": _problem(failure)}),
+            lambda failure: self.send(
+                {"id": request_id, "error": _problem(failure), "kind": _kind(failure)}
+            ),
         )
 
     def lost(self) -> None:
@@ -184,6 +189,21 @@ class Channel:
 
 class RemoteError(Exception):
     """The other side of a :class:`Channel` answered with an error (or went away)."""
+
+
+# Errors that cross the channel as what they are (the control API answers 404 or 400 for them).
+_ERROR_KINDS: dict[Any, type[Exception]] = {
+    "lookup": LookupError,
+    "value": ValueError,
+    "overflow": OverflowError,
+}
+
+
+def _kind(failure: Failure) -> str | None:
+    for kind, kind_of in _ERROR_KINDS.items():
+        if failure.check(kind_of):
+            return kind
+    return None
 
 
 def _problem(failure: Failure) -> str:
@@ -242,8 +262,9 @@ class SharedSocketEndpoint:
 
 class WorkerControl:
     """
-    What a worker answers on its control channel: snapshots of its Gateway for the parent's
-    :class:`Aggregate`, and the verbs (kick, drain, undrain, weight, reload, stop).
+    What a worker answers on its control channel: snapshots of its gate for the parent's
+    :class:`Aggregate`, and the verbs, each through the worker's own
+    :class:`wsgate.ops.view.LocalView` (the one a single process uses).
     """
 
     log = Logger()
@@ -256,10 +277,11 @@ class WorkerControl:
     ) -> None:
         self.top = top
         self.gateway = top.gateway
+        self.view = LocalView(top.gateway, lambda: list(top.reload()))
         self.stop = stop
         # Unsolicited events to the parent (tapped messages); None: nobody listens.
         self.send = send
-        self.taps: dict[int, _WorkerTap] = {}
+        self.taps: dict[int, int] = {}  # the parent's tap number -> the view's
 
     def __call__(self, call: str, args: dict[str, Any]) -> Any:
         method = getattr(self, f"call_{call}", None)
@@ -269,8 +291,8 @@ class WorkerControl:
 
     def call_snapshot(self, rows: bool = True) -> dict[str, Any]:
         gateway = self.gateway
+        view = self.view
         now = gateway.clock.seconds()
-        stats = status.stats(gateway)
         return {
             "pid": os.getpid(),
             "time": now,
@@ -280,134 +302,83 @@ class WorkerControl:
             "session_duration": _histogram_data(gateway.session_duration),
             "backend_failures": [[list(k), n] for k, n in gateway.backend_failures.items()],
             "certificates": gateway.certificates(),
-            "totals": {k: stats[k] for k in _TOTALS},
-            "servers": status.upstreams(gateway, now),
-            "session_count": len(gateway.sessions),
-            "sessions": status.sessions(gateway) if rows else None,
+            "totals": view.totals(),
+            "servers": view.server_rows(now),
+            "session_count": view.session_count(),
+            "sessions": view.session_rows() if rows else None,
         }
 
-    def call_session(self, id: int) -> dict[str, Any]:
-        return status.session_detail(self._find(id))
+    def call_session(self, id: int) -> defer.Deferred:
+        return self.view.session(id)
 
-    def call_kick(self, id: int, code: int, reason: str, by: str) -> None:
-        self._find(id).close(code, reason, by=by)
+    def call_kick(self, id: int, code: int, reason: str, by: str) -> defer.Deferred:
+        return self.view.kick(id, code, reason, by)
 
-    def call_drain(self, url: str, deadline: float | None, window: float) -> int:
-        return self.gateway.drain(url, deadline=deadline, window=window)
+    def call_push(self, id: int, data: str, binary: bool) -> defer.Deferred:
+        return self.view.push(id, base64.b64decode(data), binary)
 
-    def call_undrain(self, url: str) -> None:
-        self.gateway.undrain(url)
+    def call_drain(
+        self, upstream: str, url: str, deadline: float | None, window: float
+    ) -> defer.Deferred:
+        return self.view.drain(upstream, url, deadline, window)
 
-    def call_set_weight(self, url: str, weight: int) -> None:
-        self.gateway.set_weight(url, weight)
+    def call_undrain(self, upstream: str, url: str) -> defer.Deferred:
+        return self.view.undrain(upstream, url)
 
-    def call_reload(self) -> list[str]:
-        return list(self.top.reload())
+    def call_set_weight(self, upstream: str, url: str, weight: int) -> defer.Deferred:
+        return self.view.set_weight(upstream, url, weight)
+
+    def call_add_server(self, upstream: str, url: str, weight: int, backup: bool) -> defer.Deferred:
+        return self.view.add_server(upstream, url, weight, backup)
+
+    def call_remove_server(self, upstream: str, url: str) -> defer.Deferred:
+        return self.view.remove_server(upstream, url)
+
+    def call_reload(self) -> defer.Deferred:
+        return self.view.reload()
 
     def call_stop(self) -> None:
         self.stop()
 
-    def call_tap(self, id: int, tap: int) -> dict[str, Any]:
+    def call_tap(self, id: int, tap: int) -> defer.Deferred:
         """Stream session ``id``'s messages to the parent as ``tapped`` events numbered ``tap``."""
-        session = self._find(id)
         if self.send is None:
             raise RemoteError("this worker cannot send events")
         self.call_untap(tap)
-        self.taps[tap] = _WorkerTap(self, tap, session)
-        return {"client": session.client_address}
+        number, answer = self.view.tap(id, _TapEvents(self, tap))
+        self.taps[tap] = number
+        return answer
 
     def call_untap(self, tap: int) -> bool:
         """Stop tap ``tap``; False when there was none (it had ended already)."""
-        worker_tap = self.taps.pop(tap, None)
-        if worker_tap is None:
+        number = self.taps.pop(tap, None)
+        if number is None:
             return False
-        worker_tap.stop()
+        self.view.untap(number)
         return True
 
-    def _find(self, id: int) -> Any:
-        session = self.gateway.sessions.get(id)
-        if session is None:
-            raise LookupError(f"no live session {id}")
-        return session
+    def _send(self, event: dict[str, Any]) -> None:
+        if self.send is not None:
+            self.send(event)
 
 
-_TOTALS = ("messages_up", "bytes_up", "messages_down", "bytes_down")
+class _TapEvents:
+    """A worker's tap listener: what the view's tap hands it goes to the parent as events."""
 
-
-class _WorkerTap:
-    """
-    One console's tap of one session, inside the worker: listeners on the session's relays
-    collect at most ``TAP_QUEUE`` messages per ``TAP_REFRESH`` (the rest are counted as dropped)
-    and a timer sends them to the parent.  Ends by itself when the session closes.
-    """
-
-    def __init__(self, control: WorkerControl, number: int, session: Any) -> None:
-        from wsgate.ops.console import TAP_QUEUE, TAP_REFRESH, _TapFanout
-
+    def __init__(self, control: WorkerControl, number: int) -> None:
         self.control = control
         self.number = number
-        self.session = session
-        self.limit = TAP_QUEUE
-        self.interval = TAP_REFRESH
-        self.fanout = _TapFanout
-        self.pending: list[list[Any]] = []
-        self.dropped = 0
-        self.listeners: list[tuple[Any, Callable[[bool, int, bytes], None]]] = []
-        for direction, relay in (("up", session.up), ("down", session.down)):
-            if relay is None:
-                continue
 
-            def listener(is_binary: bool, size: int, first: bytes, direction: str = direction):
-                self._record(direction, is_binary, size, first)
+    def tapped(self, messages: list[Tapped], dropped: int) -> None:
+        sent = [
+            [when, direction, binary, size, base64.b64encode(first).decode("ascii")]
+            for when, direction, binary, size, first in messages
+        ]
+        self.control._send({"tapped": self.number, "messages": sent, "dropped": dropped})
 
-            _TapFanout.add(relay, listener)
-            self.listeners.append((relay, listener))
-        self._call: Any = control.gateway.clock.callLater(self.interval, self._tick)
-
-    def _record(self, direction: str, is_binary: bool, size: int, first: bytes) -> None:
-        if len(self.pending) >= self.limit:
-            self.dropped += 1
-        else:
-            self.pending.append([time.time(), direction, is_binary, size, first])
-
-    def _tick(self) -> None:
-        self._call = None
-        self.flush()
-        if self.session.state == "CLOSED":
-            session = self.session
-            self.control.taps.pop(self.number, None)
-            self.stop()
-            self._send(
-                {
-                    "tap_ended": self.number,
-                    "why": f"closed: client {session.client_close}, "
-                    f"backend {session.backend_close}",
-                }
-            )
-            return
-        self._call = self.control.gateway.clock.callLater(self.interval, self._tick)
-
-    def flush(self) -> None:
-        if not self.pending and not self.dropped:
-            return
-        messages, self.pending = self.pending, []
-        dropped, self.dropped = self.dropped, 0
-        for message in messages:
-            message[4] = base64.b64encode(message[4]).decode("ascii")
-        self._send({"tapped": self.number, "messages": messages, "dropped": dropped})
-
-    def _send(self, event: dict[str, Any]) -> None:
-        send = self.control.send
-        if send is not None:
-            send(event)
-
-    def stop(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-        for relay, listener in self.listeners:
-            self.fanout.remove(relay, listener)
-        self.listeners = []
+    def tap_ended(self, why: str) -> None:
+        self.control.taps.pop(self.number, None)
+        self.control._send({"tap_ended": self.number, "why": why})
 
 
 def _histogram_data(histogram: Histogram) -> dict[str, Any]:
@@ -598,15 +569,18 @@ def run_worker(argv: list[str], build: Callable[..., Any]) -> int:
 
 class Aggregate:
     """
-    The gateway as the console, ``/metrics`` and the status page see it with workers: one object
-    over every worker's latest snapshot (a :class:`wsgate.ops.status.GateFigures`).  Counters,
+    The operations view of a gate with workers (a :class:`wsgate.ops.view.GateView`, as the
+    console, ``/metrics``, the status page and the control API use it): one object over every
+    worker's latest snapshot, and verbs forwarded to the workers.  Counters,
     close counts and histograms are summed; servers are merged by URL (active sessions summed,
     ``draining`` if any worker drains it, ``up`` if any worker sees it up); sessions carry a
     ``worker`` field and worker-qualified ids.  ``send(worker, call, **args)`` reaches one worker
-    and ``broadcast(call, **args)`` all of them; both return Deferreds.
+    and ``broadcast(call, **args)`` all of them; both return Deferreds.  ``reload()`` is the
+    pool's (a Deferred of what changed).
     """
 
     log = Logger()
+    closing = False
 
     def __init__(
         self,
@@ -614,9 +588,11 @@ class Aggregate:
         clock: Clock,
         send: Callable[..., defer.Deferred],
         broadcast: Callable[..., defer.Deferred],
+        reload: Callable[[], defer.Deferred] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
+        self._reload = reload
         self._send = send
         self._broadcast = broadcast
         self.snapshots: dict[int, dict[str, Any]] = {}
@@ -682,10 +658,10 @@ class Aggregate:
     def session_rows(self) -> list[dict[str, Any]]:
         return list(self.sessions.values())
 
-    def live_totals(self) -> dict[str, int]:
-        totals = dict.fromkeys(_TOTALS, 0)
+    def totals(self) -> dict[str, int]:
+        totals = dict.fromkeys(TOTALS, 0)
         for snap in self.snapshots.values():
-            for key in _TOTALS:
+            for key in TOTALS:
                 totals[key] += snap["totals"][key]
         return totals
 
@@ -717,29 +693,108 @@ class Aggregate:
             for w, s in sorted(self.snapshots.items())
         ]
 
-    # -- verbs (the console calls these) --------------------------------------------------------
+    def processes(self) -> list[Process]:
+        return gate_processes(self.workers)
 
-    def session_detail(self, id: str) -> defer.Deferred:
-        worker, number = split_id(id)
-        d = self._send(worker, "session", id=number)
-        return d.addCallback(lambda detail: dict(detail, id=id, worker=worker))
+    # -- verbs: to the worker that holds the session, or to every worker ------------------------
 
-    def kick(self, id: str, code: int, reason: str, by: str) -> defer.Deferred:
+    def _holder(self, id: object) -> tuple[int, int]:
         worker, number = split_id(id)
-        if id not in self.sessions:
+        if str(id) not in self.sessions:
             raise LookupError(f"no live session {id}")
-        return self._send(worker, "kick", id=number, code=code, reason=reason, by=by)
+        return worker, number
 
-    def tap(self, id: str, listener: Any) -> tuple[int, defer.Deferred]:
+    def session(self, id: object) -> defer.Deferred:
+        def ask() -> defer.Deferred:
+            worker, number = split_id(id)
+            return self._send(worker, "session", id=number)
+
+        d = defer.maybeDeferred(ask)
+        return d.addCallback(lambda detail: dict(detail, id=str(id), worker=split_id(id)[0]))
+
+    def kick(self, id: object, code: int, reason: str, by: str) -> defer.Deferred:
+        def kick() -> defer.Deferred:
+            check_kick(code, reason)
+            worker, number = self._holder(id)
+            d = self._send(worker, "kick", id=number, code=code, reason=reason, by=by)
+            return d.addCallback(lambda row: dict(row, id=str(id)))
+
+        return defer.maybeDeferred(kick)
+
+    def push(self, id: object, payload: bytes, binary: bool) -> defer.Deferred:
+        def push() -> defer.Deferred:
+            check_push(payload, binary)
+            worker, number = self._holder(id)
+            data = base64.b64encode(payload).decode("ascii")
+            d = self._send(worker, "push", id=number, data=data, binary=binary)
+            return d.addCallback(lambda row: dict(row, id=str(id)))
+
+        return defer.maybeDeferred(push)
+
+    def _server_call(self, call: str, upstream: str, url: str, **args: Any) -> defer.Deferred:
+        """A server verb in every worker (each holds the same servers); fires with the first
+        worker's answer, or fails with the first failure."""
+
+        def send() -> defer.Deferred:
+            if (
+                not any(
+                    r["upstream"] == upstream and r["server"] == url for r in self.server_rows(0.0)
+                )
+                and call != "add_server"
+            ):
+                raise LookupError(f"no server {url} in upstream {upstream}")
+            d = self._broadcast(call, upstream=upstream, url=url, **args)
+            return d.addCallback(lambda results: results[0] if results else None)
+
+        return defer.maybeDeferred(send).addErrback(_first_error)
+
+    def drain(
+        self, upstream: str, url: str, deadline: float | None = None, window: float = 10.0
+    ) -> defer.Deferred:
+        d = self._server_call("drain", upstream, url, deadline=deadline, window=window)
+        return d.addCallback(
+            lambda _: sum(
+                r["active"]
+                for r in self.server_rows(0.0)
+                if r["upstream"] == upstream and r["server"] == url
+            )
+        )
+
+    def undrain(self, upstream: str, url: str) -> defer.Deferred:
+        return self._server_call("undrain", upstream, url)
+
+    def set_weight(self, upstream: str, url: str, weight: int) -> defer.Deferred:
+        return self._server_call("set_weight", upstream, url, weight=weight)
+
+    def add_server(
+        self, upstream: str, url: str, weight: int = 1, backup: bool = False
+    ) -> defer.Deferred:
+        def check() -> None:
+            if upstream not in self.config.upstreams:
+                raise LookupError(f"no upstream {upstream}")
+            configmod.server_spec(url, weight, backup)
+
+        d = defer.maybeDeferred(check)
+        return d.addCallback(
+            lambda _: self._server_call("add_server", upstream, url, weight=weight, backup=backup)
+        )
+
+    def remove_server(self, upstream: str, url: str) -> defer.Deferred:
+        return self._server_call("remove_server", upstream, url)
+
+    def reload(self) -> defer.Deferred:
+        if self._reload is None:
+            return defer.fail(configmod.ConfigError(["reload is not available here"]))
+        return defer.maybeDeferred(self._reload)
+
+    def tap(self, id: object, listener: Any) -> tuple[int, defer.Deferred]:
         """
         Have the session's worker stream its messages to ``listener``: ``listener.tapped(messages,
         dropped)`` with ``(time, direction, is_binary, size, first_bytes)`` tuples, then once
         ``listener.tap_ended(why)`` (session closed, worker gone).  Returns the tap's number (for
         :meth:`untap`) and the Deferred of the worker's answer.
         """
-        worker, number = split_id(id)
-        if id not in self.sessions:
-            raise LookupError(f"no live session {id}")
+        worker, number = self._holder(id)
         tap = self._next_tap
         self._next_tap += 1
         self.taps[tap] = (worker, listener)
@@ -781,24 +836,12 @@ class Aggregate:
         ]
         listener.tapped(messages, int(message.get("dropped") or 0))
 
-    def drain(self, url: str, deadline: float | None = None, window: float = 10.0) -> int:
-        self._command("drain", url=url, deadline=deadline, window=window)
-        return sum(1 for r in self.sessions.values() if r["server"] == url and r["state"] == "OPEN")
 
-    def undrain(self, url: str) -> None:
-        self._command("undrain", url=url)
-
-    def set_weight(self, url: str, weight: int) -> None:
-        if not isinstance(weight, int) or isinstance(weight, bool) or weight < 1:
-            raise ValueError("weight must be a whole number of at least 1")
-        self._command("set_weight", url=url, weight=weight)
-
-    def _command(self, call: str, **args: Any) -> None:
-        self._broadcast(call, **args).addErrback(
-            lambda failure: self.log.error(
-                "workers_{call}_failed {problem}", call=call, problem=failure.getErrorMessage()
-            )
-        )
+def _first_error(failure: Failure) -> Failure:
+    """gatherResults(consumeErrors=True) wraps the first failure; unwrap it."""
+    if failure.check(defer.FirstError):
+        return failure.value.subFailure  # type: ignore[union-attr]
+    return failure
 
 
 def _add_histogram(histogram: Histogram, data: dict[str, Any]) -> None:
@@ -895,7 +938,7 @@ class WorkerPool(service.Service):
         self.rows = rows
         self.env = env
         self.count = config.workers
-        self.aggregate = Aggregate(config, reactor, self.send, self.broadcast)
+        self.aggregate = Aggregate(config, reactor, self.send, self.broadcast, self.reload_all)
         self.ports: list[Any] = []
         self.listeners: list[dict[str, Any]] = []
         self.processes: dict[int, _WorkerProcess] = {}
@@ -1038,7 +1081,29 @@ class WorkerPool(service.Service):
         return defer.gatherResults(calls, consumeErrors=True)
 
     def reload(self) -> list[str]:
-        """Validate the file here, then have every worker reload it; returns what changed."""
+        """SIGHUP: validate the file here, then have every worker reload it; returns what
+        changed here (each worker logs its own outcome)."""
+        return self._reload()[0]
+
+    def reload_all(self) -> defer.Deferred:
+        """
+        The control API's reload: as :meth:`reload`, firing once every worker has answered with
+        what changed, the lines of the workers (run-time changes the file reset) included.  A
+        refused file raises ConfigError at once.
+        """
+        changes, answers = self._reload()
+
+        def merged(results: list[list[str]]) -> list[str]:
+            lines = list(changes)
+            for result in results:
+                lines += [line for line in result if line not in lines]
+            if len(lines) > 1 and "nothing changed" in lines:
+                lines.remove("nothing changed")
+            return lines
+
+        return answers.addCallback(merged)
+
+    def _reload(self) -> tuple[list[str], defer.Deferred]:
         try:
             new = configmod.load(self.path)
         except configmod.ConfigError:
@@ -1049,16 +1114,24 @@ class WorkerPool(service.Service):
         if new.workers != self.config.workers:
             changes.append("workers changed: restart wsgate to apply it (kept as it is)")
         self.config = self.aggregate.config = new
+        answers = []
         for index, process in list(self.processes.items()):
-            process.channel.request("reload").addCallbacks(
-                lambda result, index=index: self.log.info("worker_reloaded {worker}", worker=index),
-                lambda failure, index=index: self.log.error(
-                    "worker_reload_failed {worker}: {problem}",
-                    worker=index,
-                    problem=failure.getErrorMessage(),
-                ),
+            answers.append(
+                process.channel.request("reload").addCallbacks(
+                    lambda result, index=index: self._reloaded(index, result),
+                    lambda failure, index=index: self._reload_failed(index, failure),
+                )
             )
-        return changes
+        return changes, defer.gatherResults(answers)
+
+    def _reloaded(self, index: int, result: list[str]) -> list[str]:
+        self.log.info("worker_reloaded {worker}", worker=index)
+        return list(result or [])
+
+    def _reload_failed(self, index: int, failure: Failure) -> list[str]:
+        problem = failure.getErrorMessage()
+        self.log.error("worker_reload_failed {worker}: {problem}", worker=index, problem=problem)
+        return [f"worker {index}: reload failed: {problem}"]
 
     # -- stop ----------------------------------------------------------------------------------
 
