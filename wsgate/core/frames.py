@@ -106,6 +106,7 @@ __all__ = [
     "Utf8Check",
     "close_frame",
     "control_frame",
+    "data_frame",
     "valid_close_code",
     "xor_mask",
 ]
@@ -144,6 +145,11 @@ def control_frame(opcode: int, payload: bytes, masked: bool) -> bytes:
         return bytes((0x80 | opcode, len(payload))) + payload
     key = os.urandom(4)
     return bytes((0x80 | opcode, 0x80 | len(payload))) + key + xor_mask(payload, key)
+
+
+def data_frame(payload: bytes, binary: bool) -> bytes:
+    """A whole unmasked text or binary message in one frame (the gate's own, toward a client)."""
+    return _header(0x82 if binary else 0x81, len(payload), None) + payload
 
 
 def close_frame(code: int | None, reason: str, masked: bool) -> bytes:
@@ -325,6 +331,12 @@ class FrameEngine:
         self._preview = b""
 
     # -- bytes in, bytes out ----------------------------------------------------------------------
+
+    @property
+    def in_message(self) -> bool:
+        """Whether a message is under way (its final frame not all passed): the gate may inject a
+        message of its own toward the sink only when not."""
+        return self._in_message
 
     def receive(self, data: bytes) -> bytes:
         """Take the source's next bytes; return what goes to the sink (possibly ``data`` itself)."""

@@ -120,7 +120,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from wsgate.config import ServerSpec
-from wsgate.core.frames import PING, FrameEngine, close_frame, control_frame
+from wsgate.core.frames import PING, FrameEngine, close_frame, control_frame, data_frame
 from wsgate.core.limits import MessageRate, client_address
 from wsgate.core.redact import new_request_id, redact_target, redact_text, sanitize_request_id
 from wsgate.core.upstream import Server
@@ -771,6 +771,21 @@ class Session:
         self.up.send_close(1001, reason)
         self._arm_close_timeout()
         self._close_handshake_progress()
+
+    def push(self, payload: bytes, binary: bool) -> bool:
+        """
+        Send the client a message of the gate's own (text must be UTF-8), between two of the
+        backend's messages.  False when it cannot go now: the session is not open, or the
+        backend is in the middle of a message (the caller may try again).  Not counted in the
+        session's message figures, which are the backend's.
+        """
+        down = self.down
+        if self.state != "OPEN" or down is None or not down.engine.sink_open:
+            return False
+        if down.engine.in_message:
+            return False
+        down.sink.write(data_frame(payload, binary))
+        return True
 
     def _check_idle(self) -> None:
         assert self.up is not None and self.down is not None

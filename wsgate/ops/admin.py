@@ -60,6 +60,9 @@ class _Metrics(_GatewayResource):
             gateway.session_duration,
             wsgate.__version__,
         )
+        fleet = getattr(gateway, "fleet", None)  # [cluster]; a workers' parent has none
+        if fleet is not None:
+            text += metrics.render_cluster(fleet.figures())
         return text.encode("utf-8")
 
 
