@@ -222,6 +222,10 @@ class Cluster(service.Service):
             self._published_ips = dict(self.gateway.admission.per_ip)
             commands += _hset(ips, [(ip, str(n)) for ip, n in self._published_ips.items()])
             commands.append(("PEXPIRE", ips, ttl))
+            # Gates already listening learn this gate's counts anew (a restarted Redis told them
+            # nothing); gates that join later read the hash.
+            for message in fleet.ip_messages(self.gate, self._published_ips, {}, reset=True):
+                commands.append(("PUBLISH", self.keys.ips_channel(), message))
         commands.append(("SET", self.keys.gate(name), self._gate_record(), "PX", ttl))
         self._dirty.clear()
         d = gatherResults([connection.execute(*c) for c in commands], consumeErrors=True)
@@ -379,12 +383,14 @@ class Cluster(service.Service):
 
     def _ips_message(self, data: bytes) -> None:
         try:
-            gate, sessions, handshakes = fleet.decode_ips(data)
+            gate, sessions, handshakes, reset = fleet.decode_ips(data)
         except ValueError as e:
             self._warnings.warn("cluster_bad_message", "ips channel: {error}", error=str(e))
             return
         if gate == self.gate:
             return
+        if reset:
+            self.remote.forget(gate)
         self.remote.update(gate, sessions)
         for ip, n in handshakes.items():
             self.gateway.admission.charge(ip, n)

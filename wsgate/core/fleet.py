@@ -274,33 +274,37 @@ def ip_changes(current: Mapping[str, int], published: Mapping[str, int]) -> dict
 
 
 def ip_messages(
-    gate: str, sessions: Mapping[str, int], handshakes: Mapping[str, int]
+    gate: str, sessions: Mapping[str, int], handshakes: Mapping[str, int], reset: bool = False
 ) -> list[bytes]:
-    """What a gate says on the ips channel: its changed counts, at most 1000 addresses a message."""
+    """
+    What a gate says on the ips channel: its changed counts, at most 1000 addresses a message.
+    With ``reset`` the counts are all it has (a rejoin): the first message says so, and the
+    other gates forget what they knew of it before applying them.
+    """
     items = [(ip, "s", n) for ip, n in sessions.items()]
     items += [(ip, "h", n) for ip, n in handshakes.items()]
     messages = []
-    for start in range(0, len(items), _IPS_PER_MESSAGE):
+    for start in range(0, max(len(items), 1 if reset else 0), _IPS_PER_MESSAGE):
         chunk = items[start : start + _IPS_PER_MESSAGE]
-        messages.append(
-            _dump(
-                {
-                    "gate": gate,
-                    "s": {ip: n for ip, kind, n in chunk if kind == "s"},
-                    "h": {ip: n for ip, kind, n in chunk if kind == "h"},
-                }
-            )
-        )
+        message: dict[str, Any] = {
+            "gate": gate,
+            "s": {ip: n for ip, kind, n in chunk if kind == "s"},
+            "h": {ip: n for ip, kind, n in chunk if kind == "h"},
+        }
+        if reset and start == 0:
+            message["reset"] = True
+        messages.append(_dump(message))
     return messages
 
 
-def decode_ips(data: bytes) -> tuple[str, dict[str, int], dict[str, int]]:
-    """(gate, sessions per address, handshakes per address) of an ips message; ValueError if bad."""
+def decode_ips(data: bytes) -> tuple[str, dict[str, int], dict[str, int], bool]:
+    """(gate, sessions per address, handshakes per address, reset) of an ips message."""
     value = decode_json_record(data)
     gate = value.get("gate")
     if not isinstance(gate, str) or not gate:
         raise ValueError("no gate")
-    return gate, _counts(value.get("s", {})), _counts(value.get("h", {}))
+    reset = value.get("reset", False) is True
+    return gate, _counts(value.get("s", {})), _counts(value.get("h", {})), reset
 
 
 def _counts(value: object) -> dict[str, int]:

@@ -21,7 +21,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import bcrypt
 from twisted.application import service, strports
@@ -657,18 +657,18 @@ class Gate:
 
     # -- the fleet ([cluster]): thin commands over wsgate.control.cluster.Cluster -----------------
 
-    def fleet(self) -> defer.Deferred:
+    def fleet(self) -> Text | defer.Deferred:
         """The gates of the fleet (a Deferred of the table)."""
-        return self._fleet().gates().addCallback(self._fleet_table)
+        return _answer(self._fleet().gates(), self._fleet_table)
 
     def _fleet_table(self, gates: list[dict[str, Any]]) -> Text:
         rows = [(g["name"], g["host"], g["pid"], g["sessions"], g["version"]) for g in gates]
         text = table(["GATE", "HOST", "PID", "SESSIONS", "VERSION"], rows, right="23")
         return Text(text + self._fleet_note())
 
-    def fleet_sessions(self) -> defer.Deferred:
+    def fleet_sessions(self) -> Text | defer.Deferred:
         """Every live session of every gate of the fleet (a Deferred of the table)."""
-        return self._fleet().sessions().addCallback(self._fleet_sessions_table)
+        return _answer(self._fleet().sessions(), self._fleet_sessions_table)
 
     def _fleet_sessions_table(self, rows: list[dict[str, Any]]) -> Text:
         now = self._console.clock.seconds()
@@ -687,32 +687,33 @@ class Gate:
         )
         return Text(f"{text}\n({len(rows)} sessions){self._fleet_note()}")
 
-    def fleet_kick(self, target: str, code: int = 1001, reason: str = "") -> defer.Deferred:
+    def fleet_kick(self, target: str, code: int = 1001, reason: str = "") -> Text | defer.Deferred:
         """Close session ``"GATE:ID"`` on whichever gate of the fleet holds it."""
         if code not in _KICK_CODES:
             raise ValueError(f"{code} cannot be sent: use 1000-1003, 1007-1014 or 3000-4999")
         self._logged("fleet_kick", f"session={target} code={code}")
         d = self._fleet().kick(target, code, reason)
-        return d.addCallback(lambda _: Text(f"closing session {target} with {code}"))
+        return _answer(d, lambda _: Text(f"closing session {target} with {code}"))
 
-    def push(self, target: str, message: str | bytes) -> defer.Deferred:
+    def push(self, target: str, message: str | bytes) -> Text | defer.Deferred:
         """Send session ``"GATE:ID"``'s client a message: text for a str, binary for bytes."""
         self._logged("push", f"session={target} size={len(message)}")
         d = self._fleet().push(target, message)
-        return d.addCallback(lambda r: Text(f"pushed {r['bytes']} bytes to session {target}"))
+        return _answer(d, lambda r: Text(f"pushed {r['bytes']} bytes to session {target}"))
 
     def fleet_drain(
         self, server: str, deadline: float | str | None = None, gate: str | None = None
-    ) -> defer.Deferred:
+    ) -> Text | defer.Deferred:
         """Drain ``server`` on ``gate``, or on every gate of the fleet that has it."""
         seconds = None if deadline is None else parse_duration(deadline)
         self._logged("fleet_drain", f"server={server} deadline={seconds} gate={gate}")
         d = self._fleet().drain(server, seconds, gate=gate)
-        return d.addCallback(
+        return _answer(
+            d,
             lambda by_gate: Text(
                 "\n".join(f"{name}: {result}" for name, result in sorted(by_gate.items()))
                 or f"no gate of the fleet has {server}"
-            )
+            ),
         )
 
     def _fleet(self) -> Any:
@@ -789,6 +790,15 @@ class Gate:
         self._console.log.info(
             "console_{verb} user={user} {detail}", verb=verb, user=self._user, detail=detail
         )
+
+
+def _answer(d: defer.Deferred, show: Callable[[Any], Text]) -> Text | defer.Deferred:
+    """
+    A fleet request, shown as text: its result, or why it failed; the text itself when it is
+    known at once (a request to this gate, or Redis down), else a Deferred of it.
+    """
+    d.addCallbacks(show, lambda failure: Text(f"failed: {failure.getErrorMessage()}"))
+    return cast(Text, d.result) if d.called else d
 
 
 def _url(session: Session) -> str:
