@@ -10,7 +10,7 @@ import json
 from collections import Counter
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -365,3 +365,321 @@ class ClusterConfigTests(SynchronousTestCase):
         with self.assertRaises(config.ConfigError) as caught:
             config.parse({**BASE, "workers": 2, "cluster": {"redis": "redis://h"}}, "x")
         self.assertIn("x: cluster: not available with workers > 1", caught.exception.problems[0])
+
+
+# -- the cluster in memory, over a fake Redis -------------------------------------------------------
+
+
+class _Pipe:
+    """One direction of an in-memory connection: writes are delivered by FakeRedis.pump()."""
+
+    def __init__(self, redis: FakeRedis, peer: Any) -> None:
+        self.redis, self.peer = redis, peer
+        self.disconnecting = False
+
+    def write(self, data: bytes) -> None:
+        if not self.disconnecting:
+            self.redis.queue.append((self.peer, data))
+
+    def loseConnection(self) -> None:
+        self.redis.drop(self)
+
+    abortConnection = loseConnection
+
+
+class _RedisServer:
+    """The server side of one fake connection: commands parsed with the client's own parser."""
+
+    def __init__(self, redis: FakeRedis) -> None:
+        self.redis = redis
+        self.parser = RespParser()
+        self.transport: _Pipe | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        for command in self.parser.feed(data):
+            reply = self.redis.run(self, [a.decode() for a in command])
+            if reply is not None and self.transport is not None:
+                self.transport.write(reply)
+
+
+class FakeRedis:
+    """The few commands the cluster uses, with pub/sub; ``up = False`` refuses connections."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+        self.subscribers: dict[str, list[_RedisServer]] = {}
+        self.queue: list[tuple[Any, bytes]] = []
+        self.links: list[tuple[_Pipe, _Pipe, Any, _RedisServer]] = []
+        self.up = True
+        self.stalled = False
+
+    def connect(self, factory: Any) -> Deferred:
+        if not self.up:
+            return fail(ConnectionRefusedError("connection refused"))
+        client = factory.buildProtocol(None)
+        server = _RedisServer(self)
+        to_server, to_client = _Pipe(self, server), _Pipe(self, client)
+        server.transport = to_client
+        self.links.append((to_server, to_client, client, server))
+        client.makeConnection(to_server)
+        return succeed(client)
+
+    def drop(self, pipe: _Pipe) -> None:
+        for link in list(self.links):
+            if pipe in link[:2]:
+                self.links.remove(link)
+                link[0].disconnecting = link[1].disconnecting = True
+                for subscribers in self.subscribers.values():
+                    if link[3] in subscribers:
+                        subscribers.remove(link[3])
+                link[2].connectionLost(None)
+
+    def stop(self) -> None:
+        """Redis goes away: every connection drops and the data with it."""
+        self.up = False
+        for link in list(self.links):
+            self.drop(link[0])
+        self.data.clear()
+
+    def pump(self) -> None:
+        for _ in range(1000):
+            if not self.queue or self.stalled:
+                return
+            peer, data = self.queue.pop(0)
+            peer.dataReceived(data)
+
+    def run(self, server: _RedisServer, args: list[str]) -> bytes | None:
+        name, rest = args[0].upper(), args[1:]
+        data = self.data
+        if name in ("AUTH", "SELECT"):
+            return b"+OK\r\n"
+        if name == "SET":
+            data[rest[0]] = rest[1].encode()
+            return b"+OK\r\n"
+        if name == "DEL":
+            return _int(sum(data.pop(k, None) is not None for k in rest))
+        if name == "PEXPIRE":
+            return _int(rest[0] in data)
+        if name == "HSET":
+            fields = data.setdefault(rest[0], {})
+            fields.update({k: v.encode() for k, v in zip(rest[1::2], rest[2::2], strict=True)})
+            return _int(len(rest) // 2)
+        if name == "HDEL":
+            fields = data.get(rest[0], {})
+            removed = sum(fields.pop(k, None) is not None for k in rest[1:])
+            if not fields:
+                data.pop(rest[0], None)
+            return _int(removed)
+        if name == "HGETALL":
+            flat = [x for k, v in data.get(rest[0], {}).items() for x in (k.encode(), v)]
+            return encode(*flat)
+        if name == "MGET":
+            return _array([data.get(k) for k in rest])
+        if name == "SCAN":
+            prefix = rest[2].rstrip("*")
+            keys = [k.encode() for k in data if k.startswith(prefix)]
+            return b"*2\r\n$1\r\n0\r\n" + _array(keys)
+        if name == "PUBLISH":
+            subscribers = self.subscribers.get(rest[0], [])
+            message = encode("message", rest[0], rest[1])
+            for subscriber in subscribers:
+                assert subscriber.transport is not None
+                subscriber.transport.write(message)
+            return _int(len(subscribers))
+        if name == "SUBSCRIBE":
+            for i, channel in enumerate(rest, 1):
+                self.subscribers.setdefault(channel, []).append(server)
+                assert server.transport is not None
+                server.transport.write(b"*3\r\n$9\r\nsubscribe\r\n" + encode(channel)[4:] + _int(i))
+            return None
+        raise AssertionError(f"the fake Redis does not know {name}")
+
+
+def _int(n: int) -> bytes:
+    return b":%d\r\n" % n
+
+
+def _array(items: list[bytes | None]) -> bytes:
+    out = [b"*%d\r\n" % len(items)]
+    out += [b"$-1\r\n" if i is None else b"$%d\r\n%s\r\n" % (len(i), i) for i in items]
+    return b"".join(out)
+
+
+class _Session:
+    def __init__(self, id: int, client: str = "10.0.0.1") -> None:
+        self.id, self.client = id, client
+        self.closed: tuple[int, str, str] | None = None
+        self.pushed: list[tuple[bytes, bool]] = []
+        self.busy = False
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "session_id": self.id,
+            "client": self.client,
+            "route": "/",
+            "server": "ws://b:1",
+            "started": 5.0,
+        }
+
+    def close(self, code: int, reason: str, by: str) -> None:
+        self.closed = (code, reason, by)
+
+    def push(self, payload: bytes, binary: bool) -> bool:
+        if self.busy:
+            return False
+        self.pushed.append((payload, binary))
+        return True
+
+
+class _Gateway:
+    def __init__(self, limits: Limits, clock: Clock) -> None:
+        self.sessions: dict[int, _Session] = {}
+        self.watchers: list[Any] = []
+        self.fleet: Any = None
+        self.upstreams: dict[str, Any] = {}
+        self.admission = Admission(limits, clock.seconds)
+        self.drained: list[tuple[str, Any, float]] = []
+
+    def open(self, session: _Session) -> None:
+        self.admission.admit(session.client)
+        self.sessions[session.id] = session
+        for watcher in self.watchers:
+            watcher.session_opened(session)
+
+    def drain(self, url: str, deadline: Any, window: float) -> int:
+        if url != "ws://b:1":
+            raise KeyError(url)
+        self.drained.append((url, deadline, window))
+        return 1
+
+
+class ClusterTests(SynchronousTestCase):
+    """Two gates A and B over one fake Redis, on one fake clock."""
+
+    def setUp(self) -> None:
+        from wsgate.control.cluster import Cluster
+
+        self.clock = Clock()
+        self.redis = FakeRedis()
+        spec = config.ClusterSpec(
+            host="h",
+            db=1,
+            heartbeat=1.0,
+            ttl=3.0,
+            sync_interval=0.5,
+            request_timeout=2.0,
+            fleet_limits=True,
+        )
+        limits = Limits(max_sessions_per_ip=2)
+        self.gateways = {name: _Gateway(limits, self.clock) for name in "AB"}
+        self.clusters = {
+            name: Cluster(spec, self.gateways[name], self.clock, self.redis.connect, name, "pw")  # type: ignore[arg-type]
+            for name in "AB"
+        }
+        self.gateways["B"].open(_Session(1))
+        for cluster in self.clusters.values():
+            cluster.startService()
+        self.redis.pump()
+        self.assertTrue(all(c.up for c in self.clusters.values()))
+
+    def tearDown(self) -> None:
+        for cluster in self.clusters.values():
+            cluster.stopService()
+            self.redis.pump()
+
+    def result(self, d: Deferred) -> Any:
+        for _ in range(10):
+            self.clock.advance(0)
+            self.redis.pump()
+        return self.successResultOf(d)
+
+    def failure(self, d: Deferred) -> str:
+        for _ in range(10):
+            self.clock.advance(0)
+            self.redis.pump()
+        return self.failureResultOf(d).getErrorMessage()
+
+    def test_list_kick_push_drain(self) -> None:
+        """A lists B's sessions, kicks and pushes into them, drains a server on B; errors are
+        sentences."""
+        a = self.clusters["A"]
+        self.gateways["A"].open(_Session(7, "10.0.0.2"))
+        rows = self.result(a.sessions())
+        self.assertEqual(sorted((r["gate"], r["id"]) for r in rows), [("A", 7), ("B", 1)])
+        self.assertEqual([g["name"] for g in self.result(a.gates())], ["A", "B"])
+        b1 = self.gateways["B"].sessions[1]
+        self.assertEqual(self.result(a.push("B:1", "hi")), {"pushed": "B:1", "bytes": 2})
+        self.assertEqual(b1.pushed, [(b"hi", False)])
+        b1.busy = True
+        self.assertIn("cannot take a message now", self.failure(a.push("B:1", b"x")))
+        self.assertEqual(self.result(a.kick("B:1", 4000, "bye")), {"closed": "B:1"})
+        self.assertEqual(b1.closed, (4000, "bye", "fleet (A)"))
+        self.assertEqual(self.failure(a.kick("B:9")), "no session 9 on gate B")
+        self.assertEqual(self.failure(a.kick("C:1")), "no gate C in the fleet (gone?)")
+        self.assertIn("cannot be sent", self.failure(a.kick("B:1", 1005)))
+        self.assertIn("expected GATE:ID", self.failure(a.kick("B")))
+        self.assertEqual(self.result(a.drain("ws://b:1", gate="B")), {"B": 1})
+        self.assertEqual(self.gateways["B"].drained, [("ws://b:1", None, 10.0)])
+        self.assertEqual(self.result(a.kick("A:7")), {"closed": "A:7"})  # its own: no Redis
+
+    def test_request_timeout(self) -> None:
+        """A gate that does not answer fails the request after request_timeout."""
+        a = self.clusters["A"]
+        b = self.clusters["B"]
+        b._inbox = lambda data: None  # type: ignore[method-assign]
+        d = a.kick("B:1")
+        self.redis.pump()
+        self.assertNoResult(d)
+        self.clock.advance(2.0)
+        self.assertEqual(self.failure(d), "gate B did not answer in 2s")
+
+    def test_fleet_wide_limit(self) -> None:
+        """B's session from an address counts on A after a sync; a gate gone is forgotten."""
+        admission = self.gateways["A"].admission
+        self.assertEqual(dict(admission.remote), {"10.0.0.1": 1})  # read from B's hash on join
+        self.gateways["B"].open(_Session(2))
+        self.clock.advance(0.5)
+        self.redis.pump()
+        self.assertEqual(dict(admission.remote), {"10.0.0.1": 2})
+        self.assertEqual(admission.admit("10.0.0.1"), (429, "Too many sessions from this address"))
+        self.clusters["B"].stopService()
+        self.redis.pump()
+        self.clock.advance(1.0)
+        self.redis.pump()
+        self.assertEqual(dict(admission.remote), {})
+
+    def test_redis_down_and_back(self) -> None:
+        """Redis gone: A works alone (local list, requests fail at once, remote counts dropped);
+        back, both rejoin and rewrite their sessions into the empty Redis."""
+        a = self.clusters["A"]
+        self.gateways["A"].open(_Session(3))
+        self.redis.pump()
+        self.redis.stop()
+        self.assertFalse(a.up)
+        self.assertEqual(a.figures()["up"], 0)
+        self.assertEqual([r["id"] for r in self.successResultOf(a.sessions())], [3])
+        self.assertIn("Redis is unreachable", self.failureResultOf(a.kick("B:1")).getErrorMessage())
+        self.assertEqual(dict(self.gateways["A"].admission.remote), {})
+        self.redis.up = True
+        self.clock.advance(0.25)
+        self.redis.pump()
+        self.assertTrue(a.up and self.clusters["B"].up)
+        rows = self.result(a.sessions())
+        self.assertEqual(sorted((r["gate"], r["id"]) for r in rows), [("A", 3), ("B", 1)])
+        self.assertEqual(a.figures()["joins"], 2)
+        self.assertEqual(dict(self.gateways["A"].admission.remote), {"10.0.0.1": 1})
+
+    def test_stalled_redis_is_dropped(self) -> None:
+        """A Redis that stops answering is dropped after request_timeout, and reconnected."""
+        a = self.clusters["A"]
+        self.redis.stalled = True
+        for _ in range(3):  # a heartbeat goes unanswered for request_timeout
+            self.clock.advance(1.0)
+        self.assertTrue(a.up)
+        self.clock.advance(1.0)
+        self.assertFalse(a.up)
+        self.redis.stalled = False
+        self.redis.queue.clear()
+        self.clock.advance(0.25)
+        self.redis.pump()
+        self.assertTrue(a.up)
