@@ -7,6 +7,8 @@ behaviour over StringTransport and a fake clock, and the ``[cluster]`` config.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import Counter
 from typing import Any
 
@@ -683,3 +685,58 @@ class ClusterTests(SynchronousTestCase):
         self.clock.advance(0.25)
         self.redis.pump()
         self.assertTrue(a.up)
+
+
+class PushFrameTests(SynchronousTestCase):
+    def test_data_frame_passes_a_backend_engine(self) -> None:
+        """The gate's own messages are valid unmasked frames of every length form."""
+        from wsgate.core.frames import FrameEngine, data_frame
+
+        for size in (0, 125, 126, 65535, 65536):
+            engine = FrameEngine(from_client=False, validate_utf8=True)
+            frame = data_frame(b"a" * size, binary=size % 2 == 1)
+            self.assertEqual(engine.receive(frame), frame)
+            self.assertEqual((engine.messages, engine.failed), (1, None))
+
+    def test_in_message(self) -> None:
+        """in_message holds from a message's first frame until its final frame has passed."""
+        from wsgate.core.frames import FrameEngine
+
+        engine = FrameEngine(from_client=False, validate_utf8=True)
+        engine.receive(b"\x01\x02ab")  # text, not final
+        self.assertTrue(engine.in_message)
+        engine.receive(b"\x80\x03c")  # final continuation, cut by the read
+        self.assertTrue(engine.in_message)
+        engine.receive(b"de")
+        self.assertFalse(engine.in_message)
+
+
+class ServiceTreeTests(SynchronousTestCase):
+    def test_cluster_service_only_with_cluster(self) -> None:
+        """With [cluster] the tree has the cluster service (not started); without, the fleet's
+        modules are not even imported."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from wsgate.control.cluster import Cluster
+        from wsgate.service import makeService
+
+        spec = config.parse(
+            {**BASE, "cluster": {"redis": "redis://127.0.0.1:1/2", "name": "g"}}, "x"
+        )
+        top = makeService({"gate_config": spec}, MemoryReactorClock())
+        self.assertIsInstance(top.cluster, Cluster)  # type: ignore[attr-defined]
+        self.assertEqual((top.cluster.gate, top.cluster.running), ("g", 0))  # type: ignore[attr-defined]
+        code = (
+            "import sys\n"
+            "from twisted.internet.testing import MemoryReactorClock\n"
+            "from wsgate import config\n"
+            "from wsgate.service import makeService\n"
+            f"makeService({{'gate_config': config.parse({BASE!r}, 'x')}}, MemoryReactorClock())\n"
+            "print(sorted(m for m in sys.modules if m.startswith('wsgate.control.') or 'redis' in m))\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+        )
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertNotIn("cluster", out.stdout)
+        self.assertNotIn("redis", out.stdout)
