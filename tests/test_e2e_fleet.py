@@ -183,3 +183,6 @@ class FleetTests(ConsoleGateCase):
         with self.assertRaises(InvalidStatus) as refused:
             connect(f"ws://{LOOPBACK}:{self.ports['g2']}/", open_timeout=5)
         self.assertEqual(refused.exception.response.status_code, 429)
+        for gate in self.gates.values():
+            self.assertNotIn("Unhandled error", gate.stdout())
+            self.assertNotIn("Traceback", gate.stdout())
