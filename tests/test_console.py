@@ -20,11 +20,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.helpers import BackendFactory, Network, make_config
 from wsgate import config as configmod
 from wsgate.config import ConfigError
+from wsgate.ops import preflight
 from wsgate.ops.console import (
     TAP_QUEUE,
     Console,
     ConsoleError,
     ConsoleManhole,
+    _ConsoleSession,
     console_service,
     load_authorized_keys,
     load_host_key,
@@ -70,6 +72,12 @@ class Terminal:
 
     def screen(self) -> str:
         return _ANSI.sub(b"", self.transport.value()).decode("utf-8", "replace")
+
+
+def output(screen: str) -> list[str]:
+    """The lines a command printed: the screen without the echoed input line and the prompt."""
+    lines = screen.replace("\r", "").split("\n")
+    return [line for line in lines[1:] if line and line != ">>> "]
 
 
 class ConsoleCase(SynchronousTestCase):
@@ -133,10 +141,10 @@ class ReadingTests(ConsoleCase):
         self.assertIn("pings off", screen)
 
     def test_unknown_session(self) -> None:
-        """An unknown id is a readable error, not a crash of the console."""
+        """An unknown id is one readable line, not a traceback."""
         screen = self.term.type("gate.session(99)")
-        self.assertIn("LookupError: no live session 99", screen)
-        self.assertIn(">>> ", screen)
+        self.assertEqual(output(screen), ["no live session 99"])
+        self.assertTrue(screen.endswith(">>> "))
 
     def test_upstreams_and_stats(self) -> None:
         """gate.upstreams() shows every server's state; gate.stats() totals and handshakes."""
@@ -358,7 +366,7 @@ class KeyFileTests(SynchronousTestCase):
         )
         console = Console(Network(make_config([A]), {}).gateway, MemoryReactorClock())
         e = self.assertRaises(ConsoleError, console_service, spec, console, MemoryReactorClock())
-        self.assertIn("no way to log in", str(e))
+        self.assertIn("holds no public key, so it lets no one in", str(e))
 
     def test_service(self) -> None:
         """With a key, the console is a strports service on its endpoint."""
@@ -424,3 +432,307 @@ class ConsoleConfigTests(SynchronousTestCase):
         self.assertIn("console.host_key: ", text)
         self.assertIn("a directory, not a key file", text)
         self.assertIn("console.password: unknown key", text)
+
+
+class FriendlyErrorTests(ConsoleCase):
+    """Every mistake at the prompt is one line, never a traceback (table of typed lines)."""
+
+    def test_errors_are_one_line(self) -> None:
+        """Typos, wrong argument counts, unknown ids and servers, bad values: one clear line."""
+        self.net.client("/")
+        cases = [
+            ("gate.sesions()", "no such command gate.sesions; did you mean gate.sessions?"),
+            ("gate.frobnicate()", "no such command gate.frobnicate; see gate.help()"),
+            ("gat.sessions()", "no such name gat; did you mean gate?"),
+            ("gate.session(99)", "no live session 99"),
+            ("gate.kick(99)", "no live session 99"),
+            (
+                "gate.kick()",
+                "gate.kick() missing 1 required positional argument: 'id'; "
+                "usage: gate.kick(id, code=1001, reason='')",
+            ),
+            (
+                "gate.upstreams(1)",
+                "gate.upstreams() takes 1 positional argument but 2 were given; "
+                "usage: gate.upstreams()",
+            ),
+            ('gate.drain("nope")', "'nope' names no server"),
+            ('gate.drain("a.test", "soon")', "'soon' is not a duration such as 30s, 250ms, 2m"),
+            ('gate.weight("a.test", 0)', "a weight is a whole number of at least 1"),
+            ("gate.sessions(", None),  # incomplete: the prompt waits for more
+            (")", None),
+            ("1/0", "ZeroDivisionError: division by zero"),
+            ("gate.sessions()) ", "syntax error: unmatched ')' (column 16)"),
+            ("exit()", "exit() does not end the console: press Ctrl-D"),
+        ]
+        for typed, expected in cases:
+            screen = self.term.type(typed)
+            self.assertNotIn("Traceback", screen, typed)
+            if expected is not None:
+                self.assertEqual(output(screen), [expected], typed)
+        self.assertFalse(self.term.transport.disconnecting)
+
+    def test_error_inside_a_command(self) -> None:
+        """An error raised inside a command (not a typo) is its type and message on one line."""
+
+        def broken() -> None:
+            raise RuntimeError("backend table corrupt")
+
+        self.term.manhole.namespace["broken"] = broken
+        screen = self.term.type("broken()")
+        self.assertEqual(output(screen), ["RuntimeError: backend table corrupt"])
+
+
+class LineEditingTests(ConsoleCase):
+    """The editing keys of a shell prompt, checked by what Enter then runs."""
+
+    def run_keys(self, *keys: bytes) -> list[str]:
+        ran: list[bytes] = []
+        manhole = self.term.manhole
+        manhole.lineReceived = ran.append  # type: ignore[method-assign]
+        self.term.key(b"".join(keys) + b"\r")
+        return [line.decode() for line in ran]
+
+    def test_keys(self) -> None:
+        """Ctrl-A/E, Home/End, Ctrl-B/F, Ctrl-U/W/K, Ctrl-D on text, Backspace edit the line."""
+        cases = [
+            ((b"abc", b"\x01", b"X", b"\x05", b"Y"), "XabcY"),  # Ctrl-A, Ctrl-E
+            ((b"abc", b"\x1b[H", b"X", b"\x1b[F", b"Y"), "XabcY"),  # Home, End
+            ((b"abc", b"\x1b[1~", b"X", b"\x1b[4~", b"Y"), "XabcY"),  # Home, End (vt220)
+            ((b"abc", b"\x02\x02", b"X", b"\x06", b"Y"), "aXbYc"),  # Ctrl-B, Ctrl-F
+            ((b"gate.sessions()", b"\x15", b"1"), "1"),  # Ctrl-U
+            ((b"abc def", b"\x02\x02\x02", b"\x15"), "def"),  # Ctrl-U keeps what follows
+            ((b"gate.kick(1, 4000)", b"\x17", b"1001)"), "gate.kick(1, 1001)"),  # Ctrl-W
+            ((b"one two  ", b"\x17"), "one "),  # Ctrl-W takes the blanks after the word too
+            ((b"abc def", b"\x01\x06\x06\x06", b"\x0b"), "abc"),  # Ctrl-K
+            ((b"abc", b"\x01", b"\x04"), "bc"),  # Ctrl-D deletes on a non-empty line
+            ((b"abc", b"\x7f"), "ab"),  # Backspace
+        ]
+        for pressed, expected in cases:
+            self.assertEqual(self.run_keys(*pressed), [expected], pressed)
+
+    def test_no_warnings_logged(self) -> None:
+        """No key writes to the gate's log (Ctrl-U/W/K used to log a warning each)."""
+        self.run_keys(b"abc", b"\x15\x17\x0b\x0e\x10\x07\x1bOP\x1b[15~\xc3\xa9")
+        warnings = [e for e in self.events if e.get("log_level") and e["log_level"].name != "info"]
+        self.assertEqual(warnings, [])
+
+    def test_ctrl_l_redraws(self) -> None:
+        """Ctrl-L clears the screen and redraws the prompt with the line typed so far."""
+        self.term.key(b"gate.st")
+        screen = self.term.transport.value()
+        self.term.transport.clear()
+        self.term.protocol.dataReceived(b"\x0c")
+        screen = self.term.transport.value()
+        self.assertIn(b"\x1b[2J", screen)
+        self.assertTrue(screen.endswith(b">>> gate.st"), screen)
+
+    def test_ctrl_d_on_empty_line_leaves(self) -> None:
+        """Ctrl-D on an empty line ends the session."""
+        self.term.key(b"\x04")
+        self.assertTrue(self.term.transport.disconnecting)
+
+    def test_history(self) -> None:
+        """Ctrl-P and the up arrow bring back the previous line."""
+        self.term.type("gate.stats()")
+        self.assertEqual(self.run_keys(b"\x10"), ["gate.stats()"])
+
+
+class CompletionTests(ConsoleCase):
+    def line(self) -> str:
+        return b"".join(self.term.manhole.lineBuffer).decode()
+
+    def test_completes_gate_commands(self) -> None:
+        """Tab completes a unique command, up to the common part of several, and lists them."""
+        self.term.key(b"gate.upst\t")
+        self.assertEqual(self.line(), "gate.upstreams()")  # no arguments: the call is whole
+        self.term.key(b"\x15gate.kic\t")
+        self.assertEqual(self.line(), "gate.kick(")
+        self.term.key(b"\x15gate.se\t")
+        self.assertEqual(self.line(), "gate.session")
+        screen = self.term.key(b"\t")
+        self.assertIn("gate.session  gate.sessions", screen)
+        self.assertEqual(self.line(), "gate.session")
+        self.term.key(b"\x15ga\t")
+        self.assertEqual(self.line(), "gate")
+
+    def test_hides_private_names(self) -> None:
+        """gate.<Tab> lists the commands, not the private attributes."""
+        screen = self.term.key(b"gate.\t")
+        self.assertIn("gate.sessions", screen)
+        self.assertIn("gate.drain", screen)
+        self.assertNotIn("gate._", screen)
+
+    def test_tab_indents_and_inside_strings(self) -> None:
+        """At the start of a line Tab indents; inside a string it completes nothing."""
+        self.term.key(b"\t")
+        self.assertEqual(self.line(), "    ")
+        self.term.key(b'\x15gate.drain("ws\t')
+        self.assertEqual(self.line(), 'gate.drain("ws')
+
+
+class FakeProcess:
+    """The process side of an SSH channel: what a command printed and how it ended."""
+
+    def __init__(self) -> None:
+        self.out = b""
+        self.err = b""
+        self.status: int | None = None
+        self.transport: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason: Any) -> None:
+        assert self.status is None, "ended twice"
+        self.status = reason.value.exitCode
+
+
+class CommandTests(ConsoleCase):
+    """``ssh host 'cmd'`` and piped input, through the session object the SSH channel uses."""
+
+    def session(self) -> _ConsoleSession:
+        session = _ConsoleSession(None)
+        session.console = self.console
+        session.user = "robot"
+        return session
+
+    def test_exec(self) -> None:
+        """An exec request runs the command, prints its output and exits 0."""
+        self.net.client("/")
+        process = FakeProcess()
+        self.session().execCommand(process, b"gate.sessions()")
+        self.assertIn(b"(1 session)", process.out)
+        self.assertEqual(process.err, b"")
+        self.assertEqual(process.status, 0)
+
+    def test_exec_error(self) -> None:
+        """A failing command prints one error line on stderr and exits 1."""
+        process = FakeProcess()
+        self.session().execCommand(process, b"gate.sesions()")
+        self.assertEqual(process.out, b"")
+        self.assertEqual(
+            process.err, b"no such command gate.sesions; did you mean gate.sessions?\n"
+        )
+        self.assertEqual(process.status, 1)
+
+    def test_exec_verb_logged(self) -> None:
+        """A verb run by exec is logged with the user's name like one typed at the prompt."""
+        process = FakeProcess()
+        self.session().execCommand(process, b'gate.weight("a.test", 4)')
+        self.assertEqual(process.status, 0, process.err)
+        self.assertEqual([e["user"] for e in self.logged("weight")], ["robot"])
+
+    def test_piped_lines(self) -> None:
+        """A shell without a pty runs each line as it comes, a block at EOF, and exits at EOF
+        with 1 when any line failed."""
+        process = FakeProcess()
+        session = self.session()
+        session.openShell(process)
+        process.transport.write(b"x = 2\r\nprint(x * 21)\n")
+        self.assertEqual(process.out, b"42\n")
+        process.transport.write(b"gate.session(7)\nfor i in range(2):\n    print(i)\n")
+        self.assertEqual(process.err, b"no live session 7\n")
+        self.assertIsNone(process.status)
+        session.eofReceived()
+        self.assertEqual(process.out, b"42\n0\n1\n")
+        self.assertEqual(process.status, 1)
+
+    def test_piped_waits_for_deferred(self) -> None:
+        """A command answered later (a Deferred, as with workers) is printed before the next
+        line runs, and the run ends after it."""
+        from twisted.internet.defer import Deferred
+
+        answer: Deferred[str] = Deferred()
+        process = FakeProcess()
+        session = self.session()
+        session.openShell(process)
+        session._commands.interpreter.locals["later"] = lambda: answer  # type: ignore[union-attr]
+        process.transport.write(b"later()\nprint('after')\n")
+        session.eofReceived()
+        self.assertEqual((process.out, process.status), (b"", None))
+        answer.callback("first")
+        self.assertEqual(process.out, b"'first'\nafter\n")
+        self.assertEqual(process.status, 0)
+
+    def test_piped_input_bounded(self) -> None:
+        """More than 1 MiB waiting to run (a line without an end) is refused with status 1."""
+        process = FakeProcess()
+        session = self.session()
+        session.openShell(process)
+        for _ in range(20):
+            process.transport.write(b"#" * 65536)
+        self.assertIn(b"input refused", process.err)
+        self.assertEqual(process.status, 1)
+
+    def test_exec_tap_until_session_ends(self) -> None:
+        """gate.tap(id) by exec streams until the session closes, then exits 0."""
+        client = self.net.client("/")
+        sid = next(iter(self.net.gateway.sessions))
+        process = FakeProcess()
+        self.session().execCommand(process, f"gate.tap({sid})".encode())
+        client.proto.sendMessage(b"hello tap")
+        self.net.flush()
+        self.net.advance(0.1)
+        self.assertIsNone(process.status)
+        client.proto.sendClose(1000)
+        self.net.flush()
+        self.net.advance(0.1)
+        self.assertIn(b"'hello tap'", process.out)
+        self.assertIn(b"closed: client 1000", process.out)
+        self.assertEqual(process.status, 0)
+
+
+class StartAndCheckAgreeTests(SynchronousTestCase):
+    """``wsgate check`` refuses exactly the console files that the start refuses."""
+
+    def test_table(self) -> None:
+        """Each case: whether check finds a problem equals whether the console fails to start."""
+        good_key = PUBLIC_KEY + "\n"
+        good_user = "ann:" + bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode() + "\n"
+        cases = [
+            ("one key", good_key, None, None, True),
+            ("one empty keys file", "", None, None, False),
+            ("empty keys file and a user", "", good_user, None, False),
+            ("a key and an empty users file", good_key, "# nobody\n", None, False),
+            ("a key and a user", good_key, good_user, None, True),
+            ("a garbage host key", good_key, None, "not a key", False),
+            ("a public key as host key", good_key, None, PUBLIC_KEY, False),
+        ]
+        for name, keys_text, users_text, host_key_text, starts in cases:
+            base = Path(self.mktemp())
+            base.mkdir()
+            table: dict[str, Any] = {"endpoint": "tcp:0:interface=127.0.0.1", "host_key": "hk"}
+            if keys_text is not None:
+                (base / "keys").write_text(keys_text)
+                table["authorized_keys"] = "keys"
+            if users_text is not None:
+                (base / "users").write_text(users_text)
+                table["users"] = "users"
+            if host_key_text is not None:
+                (base / "hk").write_text(host_key_text)
+            config = configmod.parse(
+                {
+                    "listen": [{"endpoint": "tcp:0"}],
+                    "route": [{"upstream": "u"}],
+                    "upstream": {"u": {"servers": [{"url": A}]}},
+                    "console": table,
+                },
+                str(base / "gate.toml"),
+            )
+            problems = preflight.problems(config)
+            console = Console(Network(make_config([A]), {}).gateway, MemoryReactorClock())
+            assert config.console is not None
+            try:
+                console_service(config.console, console, MemoryReactorClock())
+                started = True
+            except ConsoleError:
+                started = False
+            self.assertEqual(started, starts, name)
+            self.assertEqual(not problems, starts, (name, problems))

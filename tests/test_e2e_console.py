@@ -20,6 +20,7 @@ from typing import Any
 
 import bcrypt
 import pexpect
+from twisted.conch.ssh import keys
 from twisted.trial.unittest import TestCase
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
@@ -45,7 +46,7 @@ def plain(text: str) -> str:
     return _ANSI.sub("", text).replace("\r", "")
 
 
-def command(name: str) -> str:
+def command_of(name: str) -> str:
     """An external program the tests drive; fail (not skip) when it is missing."""
     path = shutil.which(name)
     if path is None:
@@ -66,7 +67,18 @@ class ConsoleGateCase(TestCase):
         self.other_key = self.dir / "id_stranger"
         for key, comment in ((self.key, "ops@test"), (self.other_key, "stranger@test")):
             subprocess.run(
-                [command("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", key],
+                [
+                    command_of("ssh-keygen"),
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    comment,
+                    "-f",
+                    key,
+                ],
                 check=True,
                 timeout=30,
             )
@@ -134,7 +146,7 @@ class ConsoleGateCase(TestCase):
         argv += [*options, f"{user}@{LOOPBACK}"]
         env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
         child = pexpect.spawn(
-            command("ssh"),
+            command_of("ssh"),
             argv,
             env=env,
             encoding="utf-8",
@@ -157,6 +169,21 @@ class ConsoleGateCase(TestCase):
         # command's output is the first one at the start of a line.
         child.expect("\n>>> ")
         return plain(child.before)
+
+    def run_ssh(self, *command: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        """The OpenSSH client without a terminal (BatchMode, the key, the gate's host key
+        checked strictly): ``command`` as an exec request, or ``stdin`` piped to the shell."""
+        host_key = keys.Key.fromFile(str(self.dir / "host_key")).public().toString("openssh")
+        self.known_hosts.write_text(f"[{LOOPBACK}]:{self.ssh_port} {host_key.decode()}\n")
+        argv = [command_of("ssh"), "-F", "/dev/null", "-p", str(self.ssh_port)]
+        argv += ["-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes"]
+        argv += ["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=5"]
+        argv += ["-i", str(self.key), *(["-T"] if stdin is not None else [])]
+        argv += [f"ops@{LOOPBACK}", *command]
+        env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+        return subprocess.run(
+            argv, input=stdin or "", capture_output=True, text=True, timeout=30, env=env
+        )
 
     def session_id(self, ws: ClientConnection) -> Any:
         """The gate's id of the session of this client (found by its address): a number, or
@@ -191,7 +218,20 @@ class ConsoleTests(ConsoleGateCase):
         self.assertEqual(caught.exception.rcvd.code, 4000)
         self.assertEqual(caught.exception.rcvd.reason, "maintenance")
         self.gate.wait_for_output(f"console_kick user=ops session={sid}")
-        self.gate.wait_for_output("console_login user=ops key=")
+        log = self.gate.wait_for_output("console_login user=ops method=publickey key=SHA256:")
+        listed = subprocess.run(
+            [command_of("ssh-keygen"), "-lf", f"{self.key}.pub"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
+        self.assertIn(f"key={listed.stdout.split()[1]} comment=ops@test", log)
+        self.assertRegex(
+            log,
+            r"console_login user=ops method=publickey key=SHA256:\S+ comment=ops@test "
+            r"source=127\.0\.0\.1:\d+",
+        )
         console.sendcontrol("d")
         console.expect(pexpect.EOF)
 
@@ -281,8 +321,42 @@ class ConsoleTests(ConsoleGateCase):
         wrong_password.sendline("not the password")
         wrong_password.expect_exact("Permission denied")
         wrong_password.expect(pexpect.EOF)
-        self.gate.wait_for_output("console_login_refused user=ann password")
+        self.gate.wait_for_output(
+            "console_login_refused user=ann method=password source=127.0.0.1:"
+        )
         self.assertNotIn("console_session_opened", self.gate.stdout())
+
+    def test_exec(self) -> None:
+        """``ssh host 'gate.sessions()'`` prints the table and exits 0; a wrong id prints one
+        line on stderr and exits 1; login and logout are logged with the source address."""
+        ws = self.client()
+        host, port = ws.socket.getsockname()[:2]
+        self.session_id(ws)
+        done = self.run_ssh("gate.sessions()")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn(f"{host}:{port}", done.stdout)
+        self.assertIn("(1 session)", done.stdout)
+        done = self.run_ssh("gate.session(999)")
+        self.assertEqual((done.returncode, done.stdout), (1, ""), done.stderr)
+        self.assertEqual(done.stderr.strip().splitlines(), ["no live session 999"])
+        log = self.gate.wait_for_output("console_logout user=ops source=127.0.0.1:")
+        self.assertIn("console_login user=ops method=publickey", log)
+        self.assertNotIn("Traceback", log)
+
+    def test_piped(self) -> None:
+        """Lines piped to ``ssh -T`` run one by one; the client exits at EOF, with 1 when a
+        line failed."""
+        done = self.run_ssh(stdin="gate.stats()\nx = 6 * 7\nprint(x)\n")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("uptime", done.stdout)
+        self.assertTrue(done.stdout.rstrip().endswith("42"), done.stdout)
+        done = self.run_ssh(stdin="gate.upstreams()\ngate.sesions()\n")
+        self.assertEqual(done.returncode, 1)
+        self.assertIn(self.backends[0], done.stdout)
+        self.assertEqual(
+            done.stderr.strip().splitlines(),
+            ["no such command gate.sesions; did you mean gate.sessions?"],
+        )
 
     def test_host_key_kept(self) -> None:
         """The host key made on first start is reused after a restart: known_hosts stays valid."""
@@ -330,7 +404,7 @@ class StatusPageTests(ConsoleGateCase):
         profile = tempfile.mkdtemp(prefix="wsgate-chromium-")
         self.addCleanup(shutil.rmtree, profile, True)
         argv = [
-            command("chromium"),
+            command_of("chromium"),
             *CHROMIUM_FLAGS,
             f"--user-data-dir={profile}",
             "--window-size=1440,1000",
@@ -373,6 +447,16 @@ class WorkersConsoleTests(ConsoleGateCase):
     """The console of a gate with ``workers = 2``: it runs in the parent, sessions in the workers."""
 
     top_config = "workers = 2\n"
+
+    def test_exec_answered_by_a_worker(self) -> None:
+        """``ssh host 'gate.session("W:ID")'``: the worker's answer (a Deferred in the parent)
+        is printed before the command exits 0."""
+        ws = self.client("/chat")
+        sid = self.session_id(ws)
+        done = self.run_ssh(f"gate.session({sid!r})")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertRegex(done.stdout, rf"session\s+{sid}")
+        self.assertIn("/chat", done.stdout)
 
     def test_tap(self) -> None:
         """gate.tap("W:ID") shows what the session's worker relays, until Ctrl-C untaps it."""

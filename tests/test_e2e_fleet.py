@@ -16,7 +16,6 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
@@ -30,7 +29,7 @@ from tests.procs import (
     start_redis,
     wait_for_port,
 )
-from tests.test_e2e_console import BACKEND, ConsoleGateCase, command, plain
+from tests.test_e2e_console import BACKEND, ConsoleGateCase, command_of
 
 GATES = ("g1", "g2", "g3")
 PER_IP = 4
@@ -39,7 +38,7 @@ PER_IP = 4
 class FleetTests(ConsoleGateCase):
     """
     Three gates (g1 with the console and /metrics), one Redis, one echo backend.  Borrows the
-    console case's SSH helpers (``login``, ``type``), not its single gate.
+    console case's SSH helpers (``run_ssh``, ``login``, ``type``), not its single gate.
     """
 
     def setUp(self) -> None:
@@ -47,7 +46,7 @@ class FleetTests(ConsoleGateCase):
         self.addCleanup(shutil.rmtree, self.dir, True)
         self.key = self.dir / "id_ops"
         subprocess.run(
-            [command("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-f", self.key],
+            [command_of("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-f", self.key],
             check=True,
             timeout=30,
         )
@@ -91,19 +90,19 @@ class FleetTests(ConsoleGateCase):
         self.assertEqual(ws.recv(timeout=5), "ping")
         return ws
 
-    def ask(self, console: Any, line: str) -> str:
-        """Type a command that returns a Deferred; what the console printed when it fired."""
-        console.sendline(line)
-        console.expect(r"Deferred #\d+ called back: ")
-        console.expect("\n>>> ")
-        return plain(console.before)
+    def ask(self, line: str, ok: bool = True) -> str:
+        """Run a console command on g1 through ``ssh host 'command'``; its output (stdout when
+        it succeeded, the error line otherwise)."""
+        done = self.run_ssh(line)
+        self.assertEqual(done.returncode, 0 if ok else 1, (done.stdout, done.stderr))
+        return done.stdout if ok else done.stderr
 
-    def listing(self, console: Any, expected: int, timeout: float = 10.0) -> str:
+    def listing(self, expected: int, timeout: float = 10.0) -> str:
         """``gate.fleet_sessions()`` once it lists ``expected`` sessions (bounded wait)."""
         deadline = time.monotonic() + timeout
         screen = ""
         while time.monotonic() < deadline:
-            screen = self.ask(console, "gate.fleet_sessions()")
+            screen = self.ask("gate.fleet_sessions()")
             if f"({expected} sessions)" in screen and "unreachable" not in screen:
                 return screen
             time.sleep(0.2)
@@ -121,18 +120,17 @@ class FleetTests(ConsoleGateCase):
         """One console lists the fleet; kick and push reach other gates; the per-address limit
         holds fleet-wide; Redis restarted loses no session."""
         clients = {name: self.open(name) for name in GATES}
-        console = self.login()
-        screen = self.ask(console, "gate.fleet()")
+        screen = self.ask("gate.fleet()")
         for name in GATES:
             self.assertRegex(screen, rf"\n{name}\s")
-        screen = self.listing(console, 3)
+        screen = self.listing(3)
         ids = {name: re.search(rf"\b{name}:(\d+)\b", screen) for name in GATES}
         self.assertTrue(all(ids.values()), screen)
         self.assertEqual(self.metric("wsgate_cluster_up"), "1")
 
         # Push into a session on g2, from g1's console.
         g2 = f"g2:{ids['g2'].group(1)}"  # type: ignore[union-attr]
-        screen = self.ask(console, f'gate.push("{g2}", "hello from g1")')
+        screen = self.ask(f'gate.push("{g2}", "hello from g1")')
         self.assertIn(f"pushed 13 bytes to session {g2}", screen)
         self.assertEqual(clients["g2"].recv(timeout=5), "hello from g1")
         clients["g2"].send("still relayed")
@@ -140,19 +138,19 @@ class FleetTests(ConsoleGateCase):
 
         # Kick a session on g3.
         g3 = f"g3:{ids['g3'].group(1)}"  # type: ignore[union-attr]
-        screen = self.ask(console, f'gate.fleet_kick("{g3}", 4001, "bye")')
+        screen = self.ask(f'gate.fleet_kick("{g3}", 4001, "bye")')
         self.assertIn(f"closing session {g3} with 4001", screen)
         with self.assertRaises(ConnectionClosed) as caught:
             clients["g3"].recv(timeout=5)
         self.assertEqual((caught.exception.rcvd.code, caught.exception.rcvd.reason), (4001, "bye"))
         self.gates["g3"].wait_for_output("fleet_kick session_id=")
-        screen = self.ask(console, 'gate.fleet_kick("g3:999")')
-        self.assertIn("failed: no session 999 on gate g3", screen)
+        screen = self.ask('gate.fleet_kick("g3:999")', ok=False)
+        self.assertIn("no session 999 on gate g3", screen)
 
         # The per-address limit across gates: 4 sessions from 127.0.0.1 in the fleet, g2 holds 1.
         clients["g3b"] = self.open("g3")
         clients["g1b"] = self.open("g1")
-        self.listing(console, PER_IP)
+        self.listing(PER_IP)
         time.sleep(0.5)  # the per-address counts go round every sync_interval (100 ms)
         with self.assertRaises(InvalidStatus) as refused:
             connect(f"ws://{LOOPBACK}:{self.ports['g2']}/", open_timeout=5)
@@ -166,6 +164,7 @@ class FleetTests(ConsoleGateCase):
             ws.send("alone")
             self.assertEqual(ws.recv(timeout=5), "alone")
         # Answered at once from this gate alone (no Deferred).
+        console = self.login()
         self.assertIn("Redis is unreachable", self.type(console, "gate.fleet_sessions()"))
         self.assertEqual(self.metric("wsgate_cluster_up"), "0")
         self.redis = start_redis(self, self.redis_port, self.dir)
@@ -174,7 +173,7 @@ class FleetTests(ConsoleGateCase):
             while gate.stdout().count("cluster_joined gate=") < 2 and time.monotonic() < deadline:
                 time.sleep(0.1)
             self.assertEqual(gate.stdout().count("cluster_joined gate="), 2, gate.describe())
-        screen = self.listing(console, PER_IP)  # every session is back in the fleet's view
+        screen = self.listing(PER_IP)  # every session is back in the fleet's view
         for name in ("g1", "g2", "g3"):
             self.assertIn(f"{name}:", screen)
         self.assertEqual(self.metric("wsgate_cluster_up"), "1")

@@ -392,8 +392,9 @@ class GatewayTests(SynchronousTestCase):
 
     def test_drain_with_deadline(self) -> None:
         """
-        drain(A, deadline=30, window=3): A gets no new sessions, its live ones continue until the
-        deadline and are then closed with 1001, one per second; undrain would have stopped it.
+        drain(A, deadline=30, window=3): A gets no new sessions, its live ones continue until
+        the window before the deadline, are then closed with 1001 one per second, and the last
+        at the deadline exactly: none is left after it.
         """
         backends = {A: BackendFactory(), B: BackendFactory()}
         net = Network(gate_config([A, B]), backends)
@@ -403,18 +404,30 @@ class GatewayTests(SynchronousTestCase):
         self.assertEqual(net.gateway.upstreams["u"].servers[0].state, "draining")
         later = [net.client() for _ in range(4)]
         self.assertEqual(by_server(net), {A: 3, B: 7})
-        net.advance(29)
+        net.advance(27)
         self.assertEqual(by_server(net)[A], 3)
         drops = []
-        for step in range(1, 41):  # until 33 s
+        for step in range(1, 61):  # until 33 s
             before = by_server(net)[A]
-            net.advance(0.1)
+            net.advance(0.05)
             if by_server(net)[A] < before:
-                drops.append(round(29 + step / 10))
+                drops.append(round(27 + step / 20, 2))
         self.assertEqual(by_server(net), {A: 0, B: 7})
         self.assertEqual(sorted({c.close[0] for c in clients + later if c.close}), [1001])
-        # One session at the deadline, the next two spread over the window.
-        self.assertEqual(drops, [30, 31, 32])
+        self.assertEqual(drops, [28, 29, 30])
+
+    def test_drain_deadline_is_exact(self) -> None:
+        """
+        drain(A, 5) with the default 10 s window: every session of A is closed by 5 s on the
+        clock (the spread fits inside the deadline), the last one at 5 s exactly, not 5 s later.
+        """
+        net = Network(gate_config([A, B]), {A: BackendFactory(), B: BackendFactory()})
+        [net.client() for _ in range(4)]
+        net.gateway.drain(A, 5)
+        net.advance(4.99)
+        self.assertEqual(by_server(net)[A], 1)
+        net.advance(0.01)
+        self.assertEqual(by_server(net), {A: 0, B: 2})
 
     def test_undrain_cancels_deadline(self) -> None:
         """undrain() before the deadline keeps the sessions and brings new ones back."""

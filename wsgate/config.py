@@ -9,7 +9,9 @@ syntax here (``service.py`` turns them into listeners).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import json
 import os
 import re
 import tomllib
@@ -23,12 +25,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 __all__ = [
+    "AUTH_TYPES",
+    "JWT_ALGORITHMS",
+    "AuthSpec",
     "BALANCE_METHODS",
     "TLS_VERSIONS",
     "CertificateFiles",
     "ClusterSpec",
     "Config",
     "ConfigError",
+    "ConnectHook",
+    "DisconnectHook",
     "ConsoleSpec",
     "AdminSpec",
     "DEFAULT_CIPHERS",
@@ -59,6 +66,13 @@ TLS_VERSIONS = ("1.2", "1.3")
 DEFAULT_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!DSS"
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("text", "json")
+AUTH_TYPES = ("jwt", "forward")
+# Signature algorithms a route may allow (never "none"); which key types each may use is decided
+# in wsgate/core/auth.py, so an HMAC secret never verifies an RSA token nor the other way round.
+JWT_ALGORITHMS = (
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+    "ES256", "ES384", "ES512", "EdDSA",
+)  # fmt: skip
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -226,6 +240,78 @@ class UpstreamSpec:
 
 
 @dataclass(frozen=True)
+class ConnectHook:
+    """
+    ``[route.on_connect]``: the HTTP call made during a client's handshake, before any backend is
+    contacted, that allows it (2xx, optionally adding headers to the backend request) or denies it
+    (4xx); see :mod:`wsgate.core.webhooks`.
+    """
+
+    url: str
+    timeout: float = 2.0
+    # The client request headers sent along (lower-case names), and whether the query string is.
+    headers: tuple[str, ...] = ()
+    query: bool = False
+    # No usable answer (5xx, timeout, unreachable): "deny" refuses the client with 503, "allow"
+    # lets it through without added headers.
+    on_failure: str = "deny"
+
+
+@dataclass(frozen=True)
+class DisconnectHook:
+    """
+    ``[route.on_disconnect]``: where the audit record of each finished session is POSTed, through a
+    queue of at most ``queue_size`` records with ``concurrency`` calls in flight and ``tries`` tries
+    each, ``backoff`` doubling between them.
+    """
+
+    url: str
+    timeout: float = 5.0
+    queue_size: int = 1000
+    concurrency: int = 4
+    tries: int = 4
+    backoff: float = 1.0
+
+
+@dataclass(frozen=True)
+class AuthSpec:
+    """
+    Authentication of a route's handshakes (``[route.auth]``), checked before any backend is
+    contacted.  ``type = "jwt"``: a token from ``token`` (``"header"``: ``Authorization: Bearer``,
+    ``"cookie:NAME"``, ``"query:NAME"``; the first found counts) verified against ``keys`` (a PEM
+    or JWKS file, absolute) or ``jwks_url``.  ``type = "forward"``: a ``method`` request to ``url``
+    with the client's ``send_headers``; a 2xx answer's ``copy_headers`` go to the backend.
+    Hashable (tuples only): the authenticator keys its caches on it.
+    """
+
+    type: str
+    realm: str = "wsgate"
+    # jwt
+    token: tuple[str, ...] = ("header",)
+    keys: str | None = None
+    jwks_url: str | None = None
+    keys_refresh: float = 300.0
+    algorithms: tuple[str, ...] = ("RS256",)
+    issuer: str | None = None
+    audience: tuple[str, ...] = ()
+    leeway: float = 0.0
+    required_claims: tuple[str, ...] = ("exp",)
+    scopes: tuple[str, ...] = ()
+    claim_headers: tuple[tuple[str, str], ...] = ()
+    forward_token: bool = True
+    expiry_warning: float = 0.0
+    # forward
+    url: str | None = None
+    method: str = "GET"
+    send_headers: tuple[str, ...] = ("authorization", "cookie")
+    copy_headers: tuple[str, ...] = ()
+    cache: float = 0.0
+    cache_size: int = 10000
+    # both: the JWKS fetch or the auth service's answer
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
 class Route:
     """Which client requests go to which upstream, and the session options for them."""
 
@@ -250,6 +336,14 @@ class Route:
     compression: str = "pass"
     # Reverse-proxy plain HTTP requests (not WebSocket upgrades) to the upstream; else 426.
     http: bool = False
+    # Lifecycle webhooks (wsgate/dataplane/webhooks.py).
+    on_connect: ConnectHook | None = None
+    on_disconnect: DisconnectHook | None = None
+    auth: AuthSpec | None = None
+    # Sessions older than max_session_age (0: no limit) are closed 1001, each at a random moment
+    # up to max_session_age_spread later.
+    max_session_age: float = 0.0
+    max_session_age_spread: float = 0.0
 
     def matches(self, host: str, path: str) -> bool:
         """
@@ -319,6 +413,9 @@ class LogSpec:
     format: str = "text"
     redact_query: bool = True
     redact_query_keep: tuple[str, ...] = ()
+    # Query parameters that carry a route's credential (``[route.auth] token = "query:NAME"``):
+    # hidden whatever redact_query and redact_query_keep say.  Set from the routes, not a key.
+    redact_always: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -929,9 +1026,180 @@ def _route(table: _Table, upstreams: Mapping[str, UpstreamSpec]) -> Route:
             "required_subprotocol", None, _typed(str, "a subprotocol name")
         ),
         http=table.get("http", False, _typed(bool, "true or false")),
+        on_connect=_connect_hook(t) if (t := table.subtable("on_connect")) is not None else None,
+        on_disconnect=(
+            _disconnect_hook(t) if (t := table.subtable("on_disconnect")) is not None else None
+        ),
+        auth=_auth(auth) if (auth := table.subtable("auth")) is not None else None,
+        max_session_age=table.get("max_session_age", 0.0, parse_duration),
+        max_session_age_spread=table.get("max_session_age_spread", 0.0, parse_duration),
     )
+    if "max_session_age_spread" in table._data and not route.max_session_age:
+        table._reader.problem(table.key("max_session_age_spread"), "only with max_session_age")
     table.done()
     return route
+
+
+_AUTH_KEYS = {
+    "jwt": {
+        "token", "keys", "jwks_url", "keys_refresh", "algorithms", "issuer", "audience",
+        "leeway", "required_claims", "scopes", "claim_headers", "forward_token",
+        "expiry_warning",
+    },
+    "forward": {"url", "method", "send_headers", "copy_headers", "cache", "cache_size"},
+}  # fmt: skip
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+
+
+def _auth(table: _Table) -> AuthSpec:
+    kind = table.get("type", "", _choice(*AUTH_TYPES), required=True)
+    spec = AuthSpec(
+        type=kind,
+        realm=table.get("realm", "wsgate", _quotable),
+        token=table.get("token", ("header",), _token_sources),
+        keys=table.get("keys", None, _key_file(table._reader)),
+        jwks_url=table.get("jwks_url", None, _http_url),
+        keys_refresh=table.get("keys_refresh", 300.0, _positive_duration),
+        algorithms=table.get("algorithms", ("RS256",), _algorithms),
+        issuer=table.get("issuer", None, _typed(str, "a string")),
+        audience=table.get("audience", (), _one_or_more),
+        leeway=table.get("leeway", 0.0, parse_duration),
+        required_claims=table.get("required_claims", ("exp",), _strings),
+        scopes=table.get("scopes", (), _strings),
+        claim_headers=table.get("claim_headers", (), _claim_headers),
+        forward_token=table.get("forward_token", True, _typed(bool, "true or false")),
+        expiry_warning=table.get("expiry_warning", 0.0, parse_duration),
+        url=table.get("url", None, _http_url),
+        method=table.get("method", "GET", _choice("GET", "POST", "HEAD")),
+        send_headers=table.get("send_headers", ("authorization", "cookie"), _header_names),
+        copy_headers=table.get("copy_headers", (), _header_names),
+        cache=table.get("cache", 0.0, parse_duration),
+        cache_size=table.get("cache_size", 10000, _positive_int),
+        timeout=table.get("timeout", 5.0, _positive_duration),
+    )
+    other = "forward" if kind == "jwt" else "jwt"
+    for name in sorted(_AUTH_KEYS[other] & table._data.keys()):
+        table._reader.problem(table.key(name), f'only with type = "{other}"')
+    if kind == "jwt" and ("keys" in table._data) == ("jwks_url" in table._data):
+        table._reader.problem(table._path, "give keys (a PEM or JWKS file) or jwks_url, not both")
+    if kind == "forward" and "url" not in table._data:
+        table._reader.problem(table.key("url"), 'required with type = "forward"')
+    table.done()
+    return spec
+
+
+def _key_file(reader: _Reader) -> Callable[[object], str]:
+    """A readable JWKS file (a JSON object with a ``keys`` list) or PEM file of public keys or
+    certificates; the keys themselves are read by wsgate/core/auth.py."""
+    readable = _file(reader)
+
+    def convert(value: object) -> str:
+        path = readable(value)
+        with open(path, "rb") as f:
+            data = f.read()
+        if data.lstrip().startswith(b"{"):
+            try:
+                keys = json.loads(data).get("keys")
+            except (ValueError, AttributeError):
+                keys = None
+            if not isinstance(keys, list):
+                raise ValueError(f"{path}: not a JWKS file (a JSON object with a keys list)")
+        elif (
+            b"-----BEGIN PUBLIC KEY-----" not in data and b"-----BEGIN CERTIFICATE-----" not in data
+        ):
+            raise ValueError(f"{path}: neither a JWKS file nor PEM public keys or certificates")
+        return path
+
+    return convert
+
+
+def _quotable(value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[ -~]*", value) or '"' in value:
+        raise ValueError("expected printable ASCII text without double quotes")
+    return value
+
+
+def _token_sources(value: object) -> tuple[str, ...]:
+    sources = (value,) if isinstance(value, str) else _strings(value)
+    for source in sources:
+        kind, _, name = source.partition(":")
+        if not (source == "header" or (kind in ("cookie", "query") and name.strip())):
+            raise ValueError(f'{source!r} is not "header", "cookie:NAME" or "query:NAME"')
+    if not sources:
+        raise ValueError("name at least one place to look for the token")
+    return sources
+
+
+def _http_url(value: object) -> str:
+    """An ``http://`` or ``https://`` URL with a host, in ASCII (it goes on the wire as is)."""
+    if not isinstance(value, str) or not value.isascii():
+        raise ValueError("expected an http:// or https:// URL (ASCII)")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as e:
+        raise ValueError(f"{value!r}: {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
+        raise ValueError(f"{value!r}: not an http:// or https:// URL")
+    if any(c in value for c in " \r\n\t"):
+        raise ValueError(f"{value!r}: a URL has no spaces")
+    return value
+
+
+def _algorithms(value: object) -> tuple[str, ...]:
+    names = _strings(value)
+    for name in names:
+        if name not in JWT_ALGORITHMS:
+            raise ValueError(f"{name!r} is not one of {', '.join(JWT_ALGORITHMS)}")
+    if not names:
+        raise ValueError("allow at least one algorithm")
+    return names
+
+
+def _one_or_more(value: object) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else _strings(value)
+
+
+def _header_names(value: object) -> tuple[str, ...]:
+    names = _strings(value)
+    for name in names:
+        if not _HEADER_NAME.match(name):
+            raise ValueError(f"{name!r} is not an HTTP header name")
+    return tuple(name.lower() for name in names)
+
+
+def _claim_headers(value: object) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ValueError('expected a table of claim = "Header-Name"')
+    for header in value.values():
+        if not _HEADER_NAME.match(header):
+            raise ValueError(f"{header!r} is not an HTTP header name")
+    return tuple(sorted(value.items()))
+
+
+def _connect_hook(table: _Table) -> ConnectHook:
+    spec = ConnectHook(
+        url=table.get("url", "", _http_url, required=True),
+        timeout=table.get("timeout", 2.0, _positive_duration),
+        headers=table.get("headers", (), _header_names),
+        query=table.get("query", False, _typed(bool, "true or false")),
+        on_failure=table.get("on_failure", "deny", _choice("deny", "allow")),
+    )
+    table.done()
+    return spec
+
+
+def _disconnect_hook(table: _Table) -> DisconnectHook:
+    spec = DisconnectHook(
+        url=table.get("url", "", _http_url, required=True),
+        timeout=table.get("timeout", 5.0, _positive_duration),
+        queue_size=table.get("queue_size", 1000, _positive_int),
+        concurrency=table.get("concurrency", 4, _positive_int),
+        tries=table.get("tries", 4, _positive_int),
+        backoff=table.get("backoff", 1.0, _positive_duration),
+    )
+    table.done()
+    return spec
 
 
 def _limits(table: _Table) -> Limits:
@@ -1052,6 +1320,7 @@ def parse(data: Mapping[str, Any], source: str, base_dir: str | None = None) -> 
     log = _log(log_table) if log_table is not None else LogSpec()
     cluster_table = top.subtable("cluster")
     cluster = _cluster(cluster_table) if cluster_table is not None else None
+    log = _with_token_parameters(log, routes)
     workers = top.get("workers", 1, _workers)
     log_session_opened = top.get("log_session_opened", False, _typed(bool, "true or false"))
     if workers > 1 and cluster is not None:
@@ -1084,6 +1353,20 @@ def parse(data: Mapping[str, Any], source: str, base_dir: str | None = None) -> 
         log=log,
         cluster=cluster,
     )
+
+
+def _with_token_parameters(log: LogSpec, routes: tuple[Route, ...]) -> LogSpec:
+    """``log`` hiding every query parameter a route takes its credential from."""
+    names = sorted(
+        {
+            source.partition(":")[2]
+            for route in routes
+            if route.auth is not None
+            for source in route.auth.token
+            if source.startswith("query:")
+        }
+    )
+    return dataclasses.replace(log, redact_always=tuple(names)) if names else log
 
 
 def load(path: str) -> Config:

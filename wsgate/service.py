@@ -32,12 +32,14 @@ from wsgate.core.redact import redact_target
 from wsgate.dataplane._compat import dispatch_directly
 from wsgate.dataplane.bridge import ClientLegFactory
 from wsgate.dataplane.gateway import Gateway
+from wsgate.dataplane.webhooks import Webhooks
 from wsgate.demo import EchoBackendFactory
 from wsgate.net.proxy_protocol import proxy_protocol_endpoint
 from wsgate.net.tls import (
     BackendConnector,
     ServerTLS,
     TLSLoadError,
+    certificate_rows,
     redirect_site,
     tls_server_factory,
     unverified_servers,
@@ -222,7 +224,12 @@ class _Reload(service.Service):
 
     def reload(self) -> list[str]:
         """Reload now; returns what changed, or raises ConfigError naming every problem."""
-        new = configmod.load(self.path)
+        try:
+            new = configmod.load(self.path)
+        except configmod.ConfigError:
+            self.gateway.reloads.record(False, self.reactor.seconds())
+            raise
+        certificates_kept = False
         changes = self.gateway.reload(new)
         self.upstream_services.update()
         self.factory.setProtocolOptions(
@@ -237,6 +244,7 @@ class _Reload(service.Service):
             try:
                 current.reload(listener.tls)
             except TLSLoadError as e:
+                certificates_kept = True
                 for problem in e.problems:
                     changes.append(f"{listener.endpoint}: certificates kept: {problem}")
                     self.log.error(
@@ -251,6 +259,7 @@ class _Reload(service.Service):
                     names=",".join(current.names()) or "-",
                 )
         self.connector.forget()
+        self.gateway.reloads.record(not certificates_kept, self.reactor.seconds())
         return changes
 
 
@@ -263,6 +272,22 @@ class _GracefulStop(service.Service):
     def stopService(self) -> Any:
         super().stopService()
         return self.gateway.shutdown()
+
+
+class _WebhookStop(service.Service):
+    """
+    On stop, gives the ``on_disconnect`` records of the sessions the shutdown closes time to go:
+    until no session is left and every queue is empty, within the same ``shutdown_grace``.
+    """
+
+    def __init__(self, gateway: Gateway, webhooks: Webhooks) -> None:
+        self.gateway = gateway
+        self.webhooks = webhooks
+
+    def stopService(self) -> Any:
+        super().stopService()
+        grace = self.gateway.config.limits.shutdown_grace
+        return self.webhooks.drain(lambda: not self.gateway.sessions, grace)
 
 
 class _LazyFormat:
@@ -499,6 +524,8 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
     top = _Gate()
     gateway = Gateway(config, reactor)
     top.gateway = gateway  # type: ignore[attr-defined]
+    gateway.webhooks = Webhooks(reactor, gateway.counters, gateway.warnings)
+    _WebhookStop(gateway, gateway.webhooks).setServiceParent(top)
     top.log_observer = _gate_log(options, lambda: gateway.config.log)
     listening = _ready_marker(config, notify_address)
     if adopted is None:
@@ -512,10 +539,12 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
     upstream_services = _UpstreamServices(gateway, connector, reactor)
     upstream_services.setServiceParent(top)
     factory: Any = ClientLegFactory(gateway, connector)
+    factory.auth.setServiceParent(top)  # [route.auth]: key refresh timers, HTTP connections
     unverified = unverified_servers(config)
     if unverified:
         _UnverifiedWarning(unverified).setServiceParent(top)
     tls_listeners: dict[str, ServerTLS] = {}
+    gateway.certificates = lambda: certificate_rows(tls_listeners, connector, gateway.config)
     for listener in config.listeners:
         if adopted is not None:
             if listener.endpoint not in adopted:

@@ -187,12 +187,16 @@ static void send_upgrade(conn_t *c)
     }
     char key[32];
     b64_encode(kb, 16, key);
-    char req[512];
+    /* Room for a long --path (a JWT in the query string is ~600 bytes); a longer one is cut
+     * and the handshake fails visibly instead of reading past the buffer. */
+    char req[4096];
     int n = snprintf(req, sizeof req,
                      "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\n"
                      "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
                      "Sec-WebSocket-Version: 13\r\n\r\n",
                      path, host, port, key);
+    if (n >= (int)sizeof req)
+        n = (int)sizeof req - 1;
     buf_append(&c->wbuf, req, (size_t)n);
     c->state = C_UPGRADE;
 }

@@ -330,13 +330,13 @@ class FrameEngine:
         self._size = 0  # payload bytes of the current message so far
         self._preview = b""
 
-    # -- bytes in, bytes out ----------------------------------------------------------------------
-
     @property
     def in_message(self) -> bool:
-        """Whether a message is under way (its final frame not all passed): the gate may inject a
-        message of its own toward the sink only when not."""
+        """Whether a message of the source is half relayed: no message of the gate's own may
+        go to the sink now (control frames may)."""
         return self._in_message
+
+    # -- bytes in, bytes out ----------------------------------------------------------------------
 
     def receive(self, data: bytes) -> bytes:
         """Take the source's next bytes; return what goes to the sink (possibly ``data`` itself)."""

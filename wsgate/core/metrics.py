@@ -14,10 +14,13 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 __all__ = [
+    "BACKEND_FAILURE_REASONS",
     "CONNECT_BUCKETS",
     "DURATION_BUCKETS",
     "Histogram",
+    "Reloads",
     "render",
+    "render_operations",
 ]
 
 # Upper bounds in seconds.  Backend connect time: loopback is ~1ms, a far region ~300ms, a timeout 5s+.
@@ -41,6 +44,41 @@ class Histogram:
         for i, bound in enumerate(self.bounds):
             if value <= bound:
                 self.counts[i] += 1
+
+
+class Reloads:
+    """
+    Results of config reloads (SIGHUP, console, control API): counts by result, whether the last
+    one succeeded and when the config in force was loaded (``started``: the gate's start).
+    """
+
+    RESULTS = ("ok", "failed")
+
+    def __init__(self, started: float) -> None:
+        self.counts = dict.fromkeys(self.RESULTS, 0)
+        self.last_ok = True
+        self.last_success = started
+
+    def record(self, ok: bool, now: float) -> None:
+        self.counts["ok" if ok else "failed"] += 1
+        self.last_ok = ok
+        if ok:
+            self.last_success = now
+
+
+# Why a backend attempt failed: the bounded label set of wsgate_backend_failures_total.
+BACKEND_FAILURE_REASONS = (
+    "connect_refused",  # TCP connection refused
+    "connect_timeout",  # no TCP (or TLS) connection within connect_timeout
+    "dns",  # the server's host name did not resolve
+    "tls",  # the TLS handshake failed (untrusted certificate, wrong name, ...)
+    "connect_error",  # any other connect failure (unreachable, reset, ...)
+    "handshake_timeout",  # connected, but no 101 within the upstream's handshake_timeout
+    "http_status",  # the backend answered with an HTTP status other than 101
+    "handshake_invalid",  # a 101 that is not a valid WebSocket answer, or unparsable
+    "handshake_lost",  # the connection ended during the WebSocket handshake
+    "try_timeout",  # the route's try_timeout passed while this attempt was under way
+)
 
 
 def _escape(value: object) -> str:
@@ -82,6 +120,28 @@ class _Exposition:
 
 
 SERVER_STATES = ("up", "down", "draining")
+
+
+def _webhooks(out: _Exposition, counts: dict[str, int]) -> None:
+    """The lifecycle webhooks' counters (``connect.allow``, ``disconnect.dropped``, ...)."""
+    out.family(
+        "wsgate_webhook_calls_total",
+        "counter",
+        "Webhook calls by hook and result: connect allow, deny, failed_open, failed_closed, "
+        "cancelled; disconnect sent, failed (a try that failed; it may be retried).",
+    )
+    for key, count in sorted(counts.items()):
+        hook, _, result = key.partition(".")
+        if result != "dropped":
+            out.sample("wsgate_webhook_calls_total", count, hook=hook, result=result)
+    out.family(
+        "wsgate_webhook_dropped_total",
+        "counter",
+        "on_disconnect records dropped: queue full, every try failed, or the gate stopped.",
+    )
+    out.sample(
+        "wsgate_webhook_dropped_total", counts.get("disconnect.dropped", 0), hook="disconnect"
+    )
 
 
 def render(
@@ -128,6 +188,7 @@ def render(
     )
     for result, count in sorted(stats["handshakes"].items()):
         out.sample("wsgate_handshakes_total", count, result=result)
+    _webhooks(out, stats.get("webhooks", {}))
     out.family(
         "wsgate_messages_total",
         "counter",
@@ -179,6 +240,67 @@ def render(
             row["sessions_total"],
             upstream=row["upstream"],
             server=row["server"],
+        )
+    return "\n".join(out.lines) + "\n"
+
+
+def render_operations(
+    reloads: Reloads,
+    backend_failures: Iterable[tuple[tuple[str, str, str], int]],
+    certificates: Iterable[dict[str, Any]],
+) -> str:
+    """
+    The families an operator alerts on beyond the traffic: reload results, backend attempt
+    failures by ``(upstream, server, reason)`` and certificate expiry (rows with ``use``,
+    ``endpoint``, ``sni``, ``file`` and ``not_after``, a Unix time).
+    """
+    out = _Exposition()
+    out.family(
+        "wsgate_reloads_total",
+        "counter",
+        "Config reloads by result: ok, or failed (the file was refused, or a listener kept its "
+        "old certificates).",
+    )
+    for result in Reloads.RESULTS:
+        out.sample("wsgate_reloads_total", reloads.counts[result], result=result)
+    out.family(
+        "wsgate_config_last_reload_successful",
+        "gauge",
+        "1 when the last reload succeeded (or none was tried since the start), 0 when it failed.",
+    )
+    out.sample("wsgate_config_last_reload_successful", 1 if reloads.last_ok else 0)
+    out.family(
+        "wsgate_config_last_reload_success_timestamp_seconds",
+        "gauge",
+        "When the config in force was loaded (the start, or the last successful reload).",
+    )
+    out.sample("wsgate_config_last_reload_success_timestamp_seconds", float(reloads.last_success))
+    out.family(
+        "wsgate_backend_failures_total",
+        "counter",
+        "Failed backend attempts by upstream, server and reason ("
+        + ", ".join(BACKEND_FAILURE_REASONS)
+        + ").",
+    )
+    for (upstream, server, reason), count in sorted(backend_failures):
+        out.sample(
+            "wsgate_backend_failures_total", count, upstream=upstream, server=server, reason=reason
+        )
+    out.family(
+        "wsgate_certificate_expiration_timestamp_seconds",
+        "gauge",
+        "When each certificate in use expires (notAfter, Unix time; a chain or bundle reports its "
+        "first to expire): use is listener, backend_client or backend_ca.",
+    )
+    rows = sorted(certificates, key=lambda r: (r["use"], r["endpoint"], r["sni"], r["file"]))
+    for row in rows:
+        out.sample(
+            "wsgate_certificate_expiration_timestamp_seconds",
+            float(row["not_after"]),
+            use=row["use"],
+            endpoint=row["endpoint"],
+            sni=row["sni"],
+            file=row["file"],
         )
     return "\n".join(out.lines) + "\n"
 

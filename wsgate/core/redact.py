@@ -5,7 +5,8 @@ hidden, and the request id that ties a session's log line to the backend's.
 Owns the redaction rules shared by the access log, ``/status.json``, the status page and the
 console, so that all of them hide the same things: every query-string value becomes ``REDACTED``
 (parameter names stay; ``[log] redact_query_keep`` names parameters whose values stay), a
-fragment becomes ``REDACTED``, and the values of ``Authorization``, ``Cookie``,
+fragment becomes ``REDACTED``; a parameter that carries a route's credential (``[route.auth]
+token = "query:NAME"``) is hidden always, even with ``redact_query = false``; and the values of ``Authorization``, ``Cookie``,
 ``Proxy-Authorization`` and ``Sec-WebSocket-Key`` become ``<redacted>``.  Pure functions: they
 never change what the backend receives (the session keeps the real request).
 """
@@ -42,8 +43,12 @@ _NOT_REQUEST_ID = re.compile(r"[^A-Za-z0-9._-]")
 _IN_TEXT = re.compile(r"([?#])([^\s\"'<>]*)")
 
 
-def _redact_query(query: str, keep: tuple[str, ...]) -> str:
-    """``token=abc&page=2`` -> ``token=REDACTED&page=2`` (with ``page`` kept)."""
+def _redact_query(query: str, spec: LogSpec) -> str:
+    """
+    ``token=abc&page=2`` -> ``token=REDACTED&page=2`` (with ``page`` kept); with ``redact_query``
+    off, only the ``redact_always`` parameters are hidden.
+    """
+    keep, always = spec.redact_query_keep, spec.redact_always
     parts = []
     for part in query.split("&"):
         name, eq, value = part.partition("=")
@@ -51,12 +56,20 @@ def _redact_query(query: str, keep: tuple[str, ...]) -> str:
             parts.append(part)  # nothing to hide
         elif not eq:
             # A bare item may be the secret itself (``?s3cr3t``): hidden unless its name is kept.
-            parts.append(part if unquote_plus(part) in keep else REDACTED)
-        elif unquote_plus(name) in keep:
+            shown = not spec.redact_query or unquote_plus(part) in keep
+            parts.append(part if shown else REDACTED)
+        elif unquote_plus(name) in always:
+            parts.append(f"{name}={REDACTED}")
+        elif not spec.redact_query or unquote_plus(name) in keep:
             parts.append(part)
         else:
             parts.append(f"{name}={REDACTED}")
     return "&".join(parts)
+
+
+def _redacting(spec: LogSpec, text: str) -> bool:
+    """Whether anything of ``text`` may be hidden under ``spec``."""
+    return bool(text) and (spec.redact_query or (bool(spec.redact_always) and "?" in text))
 
 
 def redact_target(target: str | None, spec: LogSpec) -> str | None:
@@ -65,11 +78,13 @@ def redact_target(target: str | None, spec: LogSpec) -> str | None:
     query value replaced by ``REDACTED`` except those of the ``redact_query_keep`` parameters,
     and a fragment replaced by ``REDACTED``.
     """
-    if not target or not spec.redact_query or ("?" not in target and "#" not in target):
+    if not target or not _redacting(spec, target) or ("?" not in target and "#" not in target):
         return target
     rest, hash_, fragment = target.partition("#")
     path, question, query = rest.partition("?")
-    shown = path + question + _redact_query(query, spec.redact_query_keep)
+    shown = path + question + _redact_query(query, spec)
+    if not spec.redact_query:
+        return shown + hash_ + fragment
     return shown + (hash_ + REDACTED if fragment else hash_)
 
 
@@ -79,9 +94,9 @@ def redact_text(text: str, spec: LogSpec, target: str | None = None) -> str:
     string and fragment in it redacted as :func:`redact_target` does; with ``target``, the
     request's own fragment quoted bare (``"frag"``) is hidden too.
     """
-    if not spec.redact_query or not text:
+    if not _redacting(spec, text):
         return text
-    if target and "#" in target:
+    if spec.redact_query and target and "#" in target:
         fragment = target.partition("#")[2]
         if fragment:
             text = text.replace(f'"{fragment}"', f'"{REDACTED}"')
@@ -89,8 +104,8 @@ def redact_text(text: str, spec: LogSpec, target: str | None = None) -> str:
     def hide(match: re.Match[str]) -> str:
         mark, rest = match.groups()
         if mark == "#":
-            return "#" + REDACTED if rest else "#"
-        return "?" + _redact_query(rest, spec.redact_query_keep)
+            return "#" + REDACTED if rest and spec.redact_query else "#" + rest
+        return "?" + _redact_query(rest, spec)
 
     return _IN_TEXT.sub(hide, text)
 

@@ -34,6 +34,10 @@ refused with 502 (503 when no server could be tried at all, 504 when the last at
 A client that leaves meanwhile abandons the attempt: the pending connect is cancelled or the half
 open backend connection aborted.
 
+Webhook (``CONNECTING``).  On a route with ``on_connect``, the first attempt is a call to that
+webhook (``webhooks.py``): the backend attempts start only once it allows, carrying the headers it
+added; its refusal is the client's answer.  A client that leaves, or ``try_timeout``, cancels it.
+
 Relay (``OPEN``), both modes.  When both 101s are done, each leg's bytes go to a :class:`Relay`
 (one per direction) instead of Autobahn, including what Autobahn had already read past the
 handshake.  The relay feeds them to a :class:`~wsgate.core.frames.FrameEngine` and writes what it
@@ -120,10 +124,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from wsgate.config import ServerSpec
+from wsgate.core.auth import Identity, backend_view
 from wsgate.core.frames import PING, FrameEngine, close_frame, control_frame, data_frame
 from wsgate.core.limits import MessageRate, client_address
 from wsgate.core.redact import new_request_id, redact_target, redact_text, sanitize_request_id
 from wsgate.core.upstream import Server
+from wsgate.dataplane._compat import AUTOBAHN_CLIENT_STATE, AUTOBAHN_SERVER_STATE, AUTOBAHN_STATE
+from wsgate.dataplane.auth import Authenticator, Lifetime, authenticate, start_lifetime
+from wsgate.dataplane.backend_failures import connect_failure_reason, handshake_failure_reason
 from wsgate.dataplane.gateway import Gateway
 from wsgate.dataplane.httpproxy import start_http
 
@@ -405,6 +413,7 @@ class Session:
         "_ping_sent", "_backend_aborted",
         "peer_address", "client_address", "client_port", "_admitted", "tls", "target", "route",
         "upstream", "request_id", "__weakref__",
+        "added_headers", "auth", "lifetime", "refusal_headers",
     )  # fmt: skip
 
     def __init__(
@@ -456,6 +465,10 @@ class Session:
         self.request_id = (
             sanitize_request_id(request.headers.get("x-request-id")) or new_request_id()
         )
+        self.added_headers: dict[str, str] | None = None  # by the on_connect webhook
+        self.auth: Identity | None = None  # who [route.auth] found the client to be
+        self.lifetime: Lifetime | None = None  # credential expiry and max_session_age timers
+        self.refusal_headers: tuple[tuple[str, str], ...] = ()  # e.g. WWW-Authenticate
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -480,11 +493,54 @@ class Session:
         self.route_path = route.path
         self.upstream = self.gateway.upstreams[route.upstream]
         handshake = self._handshake = Deferred()
+        if route.auth is not None:  # calls back authenticated() or deny()
+            authenticate(self, self.client.factory.auth)
+        else:
+            self._open_backend()
+        return handshake
+
+    def _open_backend(self) -> None:
+        """The client may go on (authenticated, or no [route.auth]): the on_connect webhook, if
+        any, then the backend attempts, all within the upstream's try_timeout."""
         self._timer = self.gateway.clock.callLater(
             self.upstream.spec.try_timeout, self._try_timeout_passed
         )
+        hook = self.route.on_connect
+        if hook is not None:
+            # The webhook's call is the first attempt: a client that leaves cancels it.
+            hooks = self.gateway.webhooks
+            assert hooks is not None, "service.py gives the gateway its webhooks"
+            call = hooks.on_connect(hook, self.describe(), self.request, self.target)
+            self._attempt = call  # before the callback, which may run at once and replace it
+            call.addCallback(self._connect_hook_answered)
+            return
         self._try_next(None)  # may already have refused the client, when every try fails at once
-        return handshake
+
+    def authenticated(self, identity: Identity) -> None:
+        """[route.auth] accepted the client: the backend gets the identity's headers (and the
+        credential only with forward_token)."""
+        self.auth = identity
+        if not identity.forward:
+            self.target = backend_view(identity.source, {}, self.target or "/")[1]
+        self._open_backend()
+
+    def deny(
+        self, status: int, reason: str, client_reason: str, headers: tuple[tuple[str, str], ...]
+    ) -> None:
+        """[route.auth] refused the client: ``status`` with ``headers``; ``reason`` is logged."""
+        self.refusal_headers = headers
+        self._refuse((status, reason), client_reason)
+
+    def _connect_hook_answered(self, verdict: dict[str, str] | tuple[int, str]) -> None:
+        """The on_connect webhook allowed (headers to add) or refused (status, reason)."""
+        self._attempt = None
+        if self.state != "CONNECTING":
+            return
+        if isinstance(verdict, tuple):
+            self._refuse(verdict)
+        else:
+            self.added_headers = verdict
+            self._try_next(None)
 
     def _try_next(self, failure: tuple[int, str] | None) -> None:
         spec = self.upstream.spec
@@ -515,11 +571,12 @@ class Session:
         self._attempt = None
         if self.state != "CONNECTING":
             return
+        why = connect_failure_reason(reason)
         if reason.check(TimeoutError):
-            self._attempt_failed(server, (504, "backend connect timed out"))
+            self._attempt_failed(server, (504, "backend connect timed out"), why)
         else:
             self._attempt_failed(
-                server, (502, f"backend connect failed: {reason.getErrorMessage()}")
+                server, (502, f"backend connect failed: {reason.getErrorMessage()}"), why
             )
 
     def _end_attempt(self, ok: bool | None) -> None:
@@ -528,8 +585,9 @@ class Session:
             server, self._attempting = self._attempting, None
             self.upstream.attempt_ended(server, ok)
 
-    def _attempt_failed(self, server: Server, failure: tuple[int, str]) -> None:
+    def _attempt_failed(self, server: Server, failure: tuple[int, str], why: str) -> None:
         self._end_attempt(False)
+        self.gateway.backend_failed(self.upstream.name, server.url, why)
         self.log.warn(
             "backend_attempt_failed {session_id} server={server} status={status} reason={reason}",
             session_id=self.id,
@@ -541,6 +599,8 @@ class Session:
 
     def _try_timeout_passed(self) -> None:
         self._timer = None
+        if self._attempting is not None:
+            self.gateway.backend_failed(self.upstream.name, self._attempting.url, "try_timeout")
         self._abandon_attempt()
         self._refuse((504, "No backend server answered in time"))
 
@@ -555,7 +615,7 @@ class Session:
             pending, self._pending = self._pending, None
             pending.transport.abortConnection()
 
-    def _refuse(self, failure: tuple[int, str]) -> None:
+    def _refuse(self, failure: tuple[int, str], client_reason: str | None = None) -> None:
         self.state = "REFUSED"
         self._cancel_timer()
         status, reason = failure
@@ -563,7 +623,10 @@ class Session:
         if self._handshake is not None:
             d, self._handshake = self._handshake, None
             # The client gets a generic reason: backend names and TLS errors stay in the log.
-            d.errback(Failure(ConnectionDeny(status, _CLIENT_REASONS.get(status, "Bad Gateway"))))
+            client_reason = client_reason or _CLIENT_REASONS.get(
+                status, reason if status < 500 else "Bad Gateway"
+            )
+            d.errback(Failure(ConnectionDeny(status, client_reason)))
 
     def backend_opened(self, leg: BackendLeg) -> None:
         """The backend accepted: answer the client's handshake with the backend's subprotocol and
@@ -603,7 +666,10 @@ class Session:
             failure = (502, f"backend refused the handshake: {leg.refusal}")
         else:
             failure = (502, f"backend connection lost during handshake: {leg.wasNotCleanReason}")
-        self._attempt_failed(self._tried[-1], failure)
+        why = handshake_failure_reason(
+            leg.timed_out, leg.refusal, getattr(leg, "http_status_line", None)
+        )
+        self._attempt_failed(self._tried[-1], failure, why)
 
     def client_opened(self) -> None:
         """
@@ -662,6 +728,7 @@ class Session:
             self._timer = self.gateway.clock.callLater(route.idle_timeout, self._check_idle)
         if route.ping_interval > 0:
             self._ping_timer = self.gateway.clock.callLater(route.ping_interval, self._ping)
+        self.lifetime = start_lifetime(self)
 
     # -- relay events ---------------------------------------------------------------------------
 
@@ -866,6 +933,8 @@ class Session:
                 timer.cancel()
         for throttle in self.throttles or ():
             throttle.cancel()
+        if self.lifetime is not None:
+            self.lifetime.cancel()
         if self.server is not None:
             self.server.active -= 1
         self.gateway.session_closed(self)
@@ -979,6 +1048,12 @@ class Session:
         headers["X-Forwarded-Host"] = incoming.get("host", "")
         headers["X-Real-IP"] = self.client_address
         headers["X-Request-ID"] = self.request_id
+        if self.auth is not None:
+            if not self.auth.forward:
+                headers = backend_view(self.auth.source, headers, "")[0]
+            headers.update(self.auth.headers)
+        if self.added_headers:
+            headers.update(self.added_headers)
         return headers
 
 
@@ -1089,6 +1164,7 @@ def _ignore(*args: Any, **kwargs: Any) -> None:
 class ClientLeg(WebSocketServerProtocol):
     """The client side of a session: accepts the upgrade only once the backend has accepted."""
 
+    __slots__ = (*AUTOBAHN_STATE, *AUTOBAHN_SERVER_STATE)
     log = _QuietLog()
     sendData = _send_data
     session: Session | None = None
@@ -1171,6 +1247,8 @@ class ClientLeg(WebSocketServerProtocol):
             code, reason = 404, "No route for this path"
         elif any(name == "Sec-WebSocket-Version" for name, _ in responseHeaders or ()):
             code = 426  # RFC 6455 4.4: a version we do not speak is "Upgrade Required"
+        if responseHeaders is None and self.session is not None:
+            responseHeaders = list(self.session.refusal_headers)  # [route.auth]'s challenge
         gateway.handshake_result(str(code))
         # One access-log line per refusal; a session refused by _refuse has written its own.
         session = self.session
@@ -1236,6 +1314,7 @@ class ClientLegFactory(WebSocketServerFactory):
         super().__init__(server="wsgate")
         self.gateway = gateway
         self.connect = connect
+        self.auth = Authenticator(gateway, gateway.clock)  # a Service: service.py starts it
         limits = gateway.config.limits
         self.backend_legs = BackendLegFactory(limits.close_timeout)
         self.setProtocolOptions(
@@ -1270,6 +1349,7 @@ def _options_on_class(protocol: type[Any], factory: Any) -> type[Any]:
 class BackendLeg(WebSocketClientProtocol):
     """The backend side of a session: reports its handshake's outcome to the session."""
 
+    __slots__ = (*AUTOBAHN_STATE, *AUTOBAHN_CLIENT_STATE, "refusal", "timed_out")
     log = _QuietLog()
     sendData = _send_data
 

@@ -9,7 +9,7 @@ register and report here; listeners and connections are built by ``service.py``.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
@@ -17,15 +17,19 @@ from twisted.logger import Logger
 
 from wsgate.config import Config
 from wsgate.core.limits import Admission, WarningLimiter, client_address
-from wsgate.core.metrics import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram
+from wsgate.core.metrics import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram, Reloads
 from wsgate.core.redact import redact_target, redact_text, sanitize_request_id
 from wsgate.core.routing import Router
 from wsgate.core.upstream import Server, Upstream, request_key
 
 if TYPE_CHECKING:
     from wsgate.dataplane.bridge import Session
+    from wsgate.dataplane.webhooks import Webhooks
 
 __all__ = ["Clock", "Gateway"]
+
+# The close reason of the sessions a drain deadline closes.
+_DRAINED = "server shutting down"
 
 
 class Clock(Protocol):
@@ -42,6 +46,9 @@ class Gateway:
     ``sessions.closed``, and ``messages.up``/``bytes.up``/``messages.down``/``bytes.down`` of
     finished sessions.  ``closed`` counts finished sessions by route, upstream, server and close
     code; ``connect_time`` and ``session_duration`` are histograms (all read by ``/metrics``).
+    ``backend_failures`` counts failed backend attempts by upstream, server and reason,
+    ``reloads`` the reload results (``service.py`` records them) and ``certificates()`` lists the
+    certificates in use with their expiry (``service.py`` sets it; none by default).
     Figures of live sessions live on each :class:`~wsgate.dataplane.bridge.Session`.
     """
 
@@ -55,8 +62,11 @@ class Gateway:
         self.closed: Counter[tuple[str, str, str, str]] = Counter()
         self.connect_time = Histogram(CONNECT_BUCKETS)
         self.session_duration = Histogram(DURATION_BUCKETS)
+        self.backend_failures: Counter[tuple[str, str, str]] = Counter()
+        self.reloads = Reloads(clock.seconds())
+        self.certificates: Callable[[], list[dict[str, Any]]] = list
         self._next_id = 1
-        self._drain_calls: dict[str, Any] = {}
+        self._drain_calls: dict[str, list[Any]] = {}
         self.config = config
         self.router = Router(config.routes)
         self.upstreams = {
@@ -67,6 +77,8 @@ class Gateway:
         # Set by shutdown(): new sessions are refused and opening ones closed at once.
         self.closing = False
         self._drained: Deferred | None = None
+        # The lifecycle webhooks' client; service.py sets it (routes with hooks need it).
+        self.webhooks: Webhooks | None = None
         # Told of every session that opens and closes (``session_opened(session)``,
         # ``session_closed(session)``): the fleet's registry (wsgate/control/cluster.py).
         self.watchers: list[Any] = []
@@ -159,34 +171,56 @@ class Gateway:
     def drain(self, url: str, deadline: float | None = None, window: float = 10.0) -> int:
         """
         Send no new sessions to the server ``url`` (in every upstream that has it); its live
-        sessions continue.  With ``deadline`` (seconds), the sessions still open then are closed
-        with 1001, spread over ``window`` seconds.  Returns how many sessions are on it now.
+        sessions continue.  With ``deadline`` (seconds), its sessions are closed with 1001 by then:
+        those open ``window`` seconds before it (or at once, for a shorter deadline) are closed
+        one by one over the rest of the time, and every one still open at the deadline (the last
+        of them, or one that finished its handshake meanwhile) at the deadline exactly, on the
+        gateway's clock.  Returns how many sessions are on it now.
         """
         servers = self._servers(url)
         self._cancel_drain(url)
         for upstream, server in servers:
             upstream.set_draining(server, True, "operator: drain")
         if deadline is not None:
-            self._drain_calls[url.rstrip("/")] = self.clock.callLater(
-                deadline, self._drain_deadline, [s for _, s in servers], window
-            )
+            spread = min(window, deadline)
+            on = [s for _, s in servers]
+            end = self.clock.seconds() + deadline
+            self._drain_calls[url.rstrip("/")] = [
+                self.clock.callLater(deadline - spread, self._drain_spread, on, spread, end),
+                self.clock.callLater(deadline, self._drain_deadline, on),
+            ]
         return sum(len(self._sessions_on(s)) for _, s in servers)
 
-    def _drain_deadline(self, servers: list[Server], window: float) -> None:
-        self._drain_calls.pop(servers[0].url, None)
-        victims = [s for server in servers if server.draining for s in self._sessions_on(server)]
+    def _draining_sessions(self, servers: list[Server]) -> list[Session]:
+        return [s for server in servers if server.draining for s in self._sessions_on(server)]
+
+    def _drain_spread(self, servers: list[Server], spread: float, end: float) -> None:
+        """Close all but the last of the sessions on ``servers`` evenly over the ``spread``
+        seconds that end at the clock time ``end`` (the deadline closes the rest).  The times
+        are reckoned from ``end``, not from now, so that a late call does not push them back."""
+        victims = self._draining_sessions(servers)
+        step = spread / len(victims) if victims else 0.0
+        calls = self._drain_calls.setdefault(servers[0].url, [])
+        now = self.clock.seconds()
+        for i, session in enumerate(victims[:-1]):
+            delay = max(0.0, end - spread + (i + 1) * step - now)
+            calls.append(self.clock.callLater(delay, session.close, 1001, _DRAINED))
+
+    def _drain_deadline(self, servers: list[Server]) -> None:
+        for call in self._drain_calls.pop(servers[0].url, []):
+            if call.active():
+                call.cancel()
+        victims = self._draining_sessions(servers)
         self.log.info(
-            "drain_deadline {server} closing={count} window={window}s",
-            server=servers[0].url,
-            count=len(victims),
-            window=window,
+            "drain_deadline {server} closing={count}", server=servers[0].url, count=len(victims)
         )
-        self.close_spread(victims, 1001, "server shutting down", window)
+        for session in victims:
+            session.close(1001, _DRAINED)
 
     def _cancel_drain(self, url: str) -> None:
-        call = self._drain_calls.pop(url.rstrip("/"), None)
-        if call is not None and call.active():
-            call.cancel()
+        for call in self._drain_calls.pop(url.rstrip("/"), []):
+            if call.active():
+                call.cancel()
 
     def undrain(self, url: str) -> None:
         """The server ``url`` gets new sessions again (a pending drain deadline is cancelled)."""
@@ -261,6 +295,11 @@ class Gateway:
         """Count one client handshake by its result: ``ok`` or the HTTP status it was refused with."""
         self.counters[f"handshakes.{result}"] += 1
 
+    def backend_failed(self, upstream: str, server: str, reason: str) -> None:
+        """Count one failed backend attempt by upstream, server URL and reason (a word of
+        :data:`wsgate.core.metrics.BACKEND_FAILURE_REASONS`)."""
+        self.backend_failures[(upstream, server, reason)] += 1
+
     def session_opened(self, session: Session) -> None:
         self.sessions[session.id] = session
         self.counters["sessions.opened"] += 1
@@ -284,6 +323,9 @@ class Gateway:
             self._fire_drained()
         self.counters["sessions.closed"] += 1
         self._count_closed(session)
+        row = session.describe()
+        if self.webhooks is not None:
+            self.webhooks.session_closed(session.route, row)
         for watcher in self.watchers:
             watcher.session_closed(session)
         self.log.info(
@@ -295,7 +337,7 @@ class Gateway:
             "client_close={client_close} client_code={client_code} client_reason={client_reason} "
             "backend_close={backend_close} backend_code={backend_code} "
             "backend_reason={backend_reason} closed_by={closed_by}",
-            **session.describe(),
+            **row,
         )
 
     def session_refused(self, session: Session, status: int, reason: str) -> None:

@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 
 from wsgate.core.redact import new_request_id, redact_target, sanitize_request_id
 from wsgate.core.upstream import Server
+from wsgate.dataplane.backend_failures import connect_failure_reason
 
 __all__ = ["HttpExchange", "parse_head", "start_http"]
 
@@ -221,6 +222,7 @@ class HttpExchange:
             self.upstream.attempt_ended(server, None)
             return
         self.upstream.attempt_ended(server, False)
+        self.gateway.backend_failed(self.upstream.name, server.url, connect_failure_reason(reason))
         status = 504 if reason.check(TimeoutError) else 502
         self.log.warn(
             "backend_attempt_failed http client={client} server={server} status={status} "

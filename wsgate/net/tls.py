@@ -80,6 +80,7 @@ __all__ = [
     "ServerTLS",
     "TLSHandshakeError",
     "TLSLoadError",
+    "certificate_rows",
     "redirect_site",
     "tls_server_factory",
     "unverified_servers",
@@ -107,6 +108,17 @@ def _read(path: str) -> bytes:
 
 def _certificates(path: str) -> list[Certificate]:
     return [Certificate.loadPEM(pem) for pem in _PEM_CERTIFICATE.findall(_read(path))]
+
+
+def _not_after(certificates: list[Certificate]) -> float:
+    """When the first of ``certificates`` expires (Unix time)."""
+    return min(c.original.to_cryptography().not_valid_after_utc.timestamp() for c in certificates)
+
+
+def _chain_not_after(files: CertificateFiles) -> float:
+    """When the first certificate a listener serves from ``files`` (leaf or chain) expires."""
+    chain = [*_certificates(files.cert), *(_certificates(files.chain) if files.chain else [])]
+    return _not_after(chain)
 
 
 def _private_certificate(cert: str, key: str) -> PrivateCertificate:
@@ -150,10 +162,18 @@ class ServerTLS:
 
     def __init__(self, spec: ListenerTLS) -> None:
         self.spec = spec
-        self._default, self._by_name = self._build(spec)
+        self._default, self._by_name, self.expiries = self._build(spec)
 
-    def _build(self, spec: ListenerTLS) -> tuple[CertificateOptions, Mapping[bytes, SSL.Context]]:
+    def _build(
+        self, spec: ListenerTLS
+    ) -> tuple[CertificateOptions, Mapping[bytes, SSL.Context], list[tuple[str, str, float]]]:
+        """
+        The default context, the contexts by SNI name, and ``(SNI name or "default", cert file,
+        notAfter)`` of each certificate (for the expiry metric): all of them, or TLSLoadError.
+        """
         try:
+            named = [("default", spec.default), *spec.sni.items()]
+            expiries = [(name, files.cert, _chain_not_after(files)) for name, files in named]
             by_name = {
                 name.encode("idna"): _server_options(files, spec).getContext()
                 for name, files in spec.sni.items()
@@ -163,14 +183,14 @@ class ServerTLS:
         except Exception as e:  # OpenSSL and file errors alike: say which file and why
             files = iter([spec.default, *spec.sni.values()])
             raise TLSLoadError(_load_problems(files) or [f"{type(e).__name__}: {e}"]) from e
-        return default, by_name
+        return default, by_name, expiries
 
     def reload(self, spec: ListenerTLS) -> None:
         """
         Load ``spec``'s certificates and use them for new connections.  Raises
         :class:`TLSLoadError` (and keeps the current certificates) when they do not load.
         """
-        self._default, self._by_name = self._build(spec)
+        self._default, self._by_name, self.expiries = self._build(spec)
         self.spec = spec
 
     def names(self) -> list[str]:
@@ -422,15 +442,37 @@ class BackendConnector:
     def __init__(self, reactor: IReactorTime) -> None:
         self._reactor = reactor
         self._tls: dict[ServerSpec, IOpenSSLClientConnectionCreator] = {}
+        self._expiries: dict[ServerSpec, list[tuple[str, str, float]]] = {}
 
     def forget(self) -> None:
         self._tls.clear()
+        self._expiries.clear()
 
     def tls_for(self, server: ServerSpec) -> IOpenSSLClientConnectionCreator:
         creator = self._tls.get(server)
         if creator is None:
+            expiries = [
+                (use, path, _not_after(_certificates(path)))
+                for use, path in (("backend_ca", server.ca), ("backend_client", server.client_cert))
+                if path is not None
+            ]
             creator = self._tls[server] = client_tls(server)
+            self._expiries[server] = expiries
         return creator
+
+    def expiries(self, server: ServerSpec) -> list[tuple[str, str, float]]:
+        """
+        ``(use, file, notAfter)`` of the CA bundle and client certificate connections to the
+        ``wss://`` ``server`` use (loaded now if no connection has loaded them yet; none when
+        they do not load).
+        """
+        if not server.secure:
+            return []
+        try:
+            self.tls_for(server)
+        except Exception:  # noqa: BLE001  files gone: the next connection says why
+            return []
+        return self._expiries.get(server, [])
 
     def _endpoint(self, server: ServerSpec, timeout: float) -> Any:
         """
@@ -459,3 +501,28 @@ class BackendConnector:
         d.addCallback(lambda wait: wait.ready)
         d.addTimeout(timeout, self._reactor)  # type: ignore[arg-type]
         return d
+
+
+def certificate_rows(
+    listeners: Mapping[str, ServerTLS], connector: BackendConnector, config: Config
+) -> list[dict[str, Any]]:
+    """
+    Every certificate the gate uses, for ``wsgate_certificate_expiration_timestamp_seconds``:
+    each TLS listener's (by endpoint and SNI name, as loaded at start or the last reload) and
+    each ``wss://`` server's CA bundle and client certificate (``sni``: the name sent).
+    """
+    rows = [
+        {"use": "listener", "endpoint": endpoint, "sni": name, "file": path, "not_after": when}
+        for endpoint, tls in listeners.items()
+        for name, path, when in tls.expiries
+    ]
+    seen = set()
+    for upstream in config.upstreams.values():
+        for spec in upstream.servers:
+            for use, path, when in connector.expiries(spec):
+                row = {"use": use, "endpoint": spec.url, "sni": spec.host, "file": path}
+                key = tuple(row.values())
+                if key not in seen:
+                    seen.add(key)
+                    rows.append({**row, "not_after": when})
+    return rows

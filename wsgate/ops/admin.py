@@ -4,7 +4,8 @@ readiness probes and load balancers) and the live status page ``/`` with its fil
 ``/static/`` (package data in ``wsgate/ops/static``; plain HTML, JS and CSS: no build step, nothing
 from a CDN).
 
-Owns the HTTP side only: figures come from :mod:`wsgate.ops.status` and :mod:`wsgate.core.metrics`.  Must
+Owns the HTTP side only: figures come from :mod:`wsgate.ops.status` and :mod:`wsgate.core.metrics`
+(process figures from :mod:`wsgate.ops.process_metrics`).  Must
 not act on the gate: every resource is read-only.  There is no authentication: bind it to
 loopback or a management network.
 """
@@ -24,6 +25,7 @@ from wsgate.config import AdminSpec
 from wsgate.core import metrics
 from wsgate.dataplane.gateway import Gateway
 from wsgate.ops import status
+from wsgate.ops.process_metrics import gate_processes, process_text
 
 __all__ = ["STATIC_DIR", "AdminSite", "admin_resource", "admin_service", "not_ready"]
 
@@ -60,6 +62,10 @@ class _Metrics(_GatewayResource):
             gateway.session_duration,
             wsgate.__version__,
         )
+        text += metrics.render_operations(
+            gateway.reloads, gateway.backend_failures.items(), gateway.certificates()
+        )
+        text += process_text(gate_processes(getattr(gateway, "workers", None)))
         fleet = getattr(gateway, "fleet", None)  # [cluster]; a workers' parent has none
         if fleet is not None:
             text += metrics.render_cluster(fleet.figures())

@@ -7,6 +7,10 @@ a key takes effect at once), the persisted host key, and the ``gate`` namespace:
 (``sessions``, ``upstreams``, ``stats``), one session in full, verbs that act (``kick``, ``drain``,
 ``undrain``, ``weight``, ``reload``; each logged with the console user's name) and two live views
 (``tap``, ``top``) that run until Ctrl-C.  Full Python stays available for the rare deep dive.
+The prompt itself (one-line errors, completion, editing keys, lines without a terminal) is
+:mod:`wsgate.ops.prompt`; here it gets the ``gate``.  An SSH session with a pty is the prompt;
+an exec request or a shell without a pty runs the lines it is given and exits 0 or 1.  Logins,
+logouts and refused logins are logged with the source address (refusals rate limited).
 
 Must not hold business logic: verbs call the Gateway (or the reload callable ``service.py``
 passes) and format what they get back; the figures come from :mod:`wsgate.ops.status`.
@@ -21,26 +25,32 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 import bcrypt
 from twisted.application import service, strports
-from twisted.conch import manhole, manhole_ssh
+from twisted.conch import error as conch_error
+from twisted.conch import manhole_ssh
 from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker
 from twisted.conch.insults import insults
 from twisted.conch.interfaces import IConchUser, ISession
-from twisted.conch.ssh import keys
+from twisted.conch.ssh import keys, userauth
+from twisted.conch.ssh.common import getNS
 from twisted.cred import error as cred_error
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import ISSHPrivateKey, IUsernamePassword
+from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer, threads
+from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.logger import Logger
 from twisted.python import components
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from wsgate.config import ConfigError, ConsoleSpec, parse_duration
+from wsgate.core.limits import WarningLimiter
 from wsgate.ops import status
+from wsgate.ops.prompt import EditingManhole, LineRunner
 from wsgate.ops.status import split_id
 
 if TYPE_CHECKING:
@@ -52,7 +62,9 @@ __all__ = [
     "ConsoleError",
     "Gate",
     "Text",
+    "console_problems",
     "console_service",
+    "fingerprint",
     "load_authorized_keys",
     "load_host_key",
     "load_users",
@@ -83,6 +95,20 @@ class Text(str):
 
     def __repr__(self) -> str:
         return str(self)
+
+
+class _Screen(Protocol):
+    """Where the ``gate`` commands and live views write: a terminal, or the output of an exec."""
+
+    live: _LiveView | None
+    width: int
+    height: int
+
+    def write_lines(self, lines: Iterable[str]) -> None: ...
+
+    def redraw(self, text: str) -> None: ...
+
+    def end_live(self, summary: str) -> None: ...
 
 
 # -- formatting ------------------------------------------------------------------------------------
@@ -160,6 +186,9 @@ class Console:
         self.clock = clock
         self.sampler = sampler
         self.reload = reload
+        # Refused logins are logged at most 10 a minute (the rest counted), so that a password
+        # guesser cannot flood the log.
+        self.refusals = WarningLimiter(clock.seconds)
 
 
 class _TapFanout:
@@ -462,7 +491,7 @@ class Gate:
     A server is its URL or any unique part of it ("8011").  ``gate.gateway`` is the Gateway itself.
     """
 
-    def __init__(self, console: Console, user: str, terminal: ConsoleManhole) -> None:
+    def __init__(self, console: Console, user: str, terminal: _Screen) -> None:
         self._console = console
         self._user = user
         self._terminal = terminal
@@ -546,6 +575,8 @@ class Gate:
             ("idle", _age(d["idle"])),
             ("connect time", _ms(None if d["connect_time"] is None else d["connect_time"] * 1000)),
             ("ping rtt", rtt),
+            ("auth", d.get("auth") or "-"),
+            ("closes", _lifetime(d)),
             ("client->backend", f"{d['messages_up']} messages, {_size(d['bytes_up'])}"),
             ("backend->client", f"{d['messages_down']} messages, {_size(d['bytes_down'])}"),
         ]
@@ -589,6 +620,9 @@ class Gate:
             ),
             ("versions", ", ".join(f"{k} {v}" for k, v in s["versions"].items())),
         ]
+        webhooks = ", ".join(f"{k} {v}" for k, v in sorted(s["webhooks"].items()))
+        if webhooks:  # e.g. "connect.allow 12, disconnect.sent 11"
+            rows.insert(-1, ("webhooks", webhooks))
         width = max(len(k) for k, _ in rows)
         return Text("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
 
@@ -657,18 +691,18 @@ class Gate:
 
     # -- the fleet ([cluster]): thin commands over wsgate.control.cluster.Cluster -----------------
 
-    def fleet(self) -> Text | defer.Deferred:
+    def fleet(self) -> defer.Deferred:
         """The gates of the fleet (a Deferred of the table)."""
-        return _answer(self._fleet().gates(), self._fleet_table)
+        return self._fleet().gates().addCallback(self._fleet_table)
 
     def _fleet_table(self, gates: list[dict[str, Any]]) -> Text:
         rows = [(g["name"], g["host"], g["pid"], g["sessions"], g["version"]) for g in gates]
         text = table(["GATE", "HOST", "PID", "SESSIONS", "VERSION"], rows, right="23")
         return Text(text + self._fleet_note())
 
-    def fleet_sessions(self) -> Text | defer.Deferred:
+    def fleet_sessions(self) -> defer.Deferred:
         """Every live session of every gate of the fleet (a Deferred of the table)."""
-        return _answer(self._fleet().sessions(), self._fleet_sessions_table)
+        return self._fleet().sessions().addCallback(self._fleet_sessions_table)
 
     def _fleet_sessions_table(self, rows: list[dict[str, Any]]) -> Text:
         now = self._console.clock.seconds()
@@ -687,29 +721,28 @@ class Gate:
         )
         return Text(f"{text}\n({len(rows)} sessions){self._fleet_note()}")
 
-    def fleet_kick(self, target: str, code: int = 1001, reason: str = "") -> Text | defer.Deferred:
+    def fleet_kick(self, target: str, code: int = 1001, reason: str = "") -> defer.Deferred:
         """Close session ``"GATE:ID"`` on whichever gate of the fleet holds it."""
         if code not in _KICK_CODES:
             raise ValueError(f"{code} cannot be sent: use 1000-1003, 1007-1014 or 3000-4999")
         self._logged("fleet_kick", f"session={target} code={code}")
         d = self._fleet().kick(target, code, reason)
-        return _answer(d, lambda _: Text(f"closing session {target} with {code}"))
+        return d.addCallback(lambda _: Text(f"closing session {target} with {code}"))
 
-    def push(self, target: str, message: str | bytes) -> Text | defer.Deferred:
+    def push(self, target: str, message: str | bytes) -> defer.Deferred:
         """Send session ``"GATE:ID"``'s client a message: text for a str, binary for bytes."""
         self._logged("push", f"session={target} size={len(message)}")
         d = self._fleet().push(target, message)
-        return _answer(d, lambda r: Text(f"pushed {r['bytes']} bytes to session {target}"))
+        return d.addCallback(lambda r: Text(f"pushed {r['bytes']} bytes to session {target}"))
 
     def fleet_drain(
         self, server: str, deadline: float | str | None = None, gate: str | None = None
-    ) -> Text | defer.Deferred:
+    ) -> defer.Deferred:
         """Drain ``server`` on ``gate``, or on every gate of the fleet that has it."""
         seconds = None if deadline is None else parse_duration(deadline)
         self._logged("fleet_drain", f"server={server} deadline={seconds} gate={gate}")
         d = self._fleet().drain(server, seconds, gate=gate)
-        return _answer(
-            d,
+        return d.addCallback(
             lambda by_gate: Text(
                 "\n".join(f"{name}: {result}" for name, result in sorted(by_gate.items()))
                 or f"no gate of the fleet has {server}"
@@ -792,21 +825,22 @@ class Gate:
         )
 
 
-def _answer(d: defer.Deferred, show: Callable[[Any], Text]) -> Text | defer.Deferred:
-    """
-    A fleet request, shown as text: its result, or why it failed; the text itself when it is
-    known at once (a request to this gate, or Redis down), else a Deferred of it.
-    """
-    d.addCallbacks(show, lambda failure: Text(f"failed: {failure.getErrorMessage()}"))
-    return cast(Text, d.result) if d.called else d
-
-
 def _url(session: Session) -> str:
     return session.server.url if session.server is not None else "-"
 
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f} ms" if value >= 10 else f"{value:.1f} ms"
+
+
+def _lifetime(d: dict[str, Any]) -> str:
+    """When the gate will close a session by itself: credential expiry, max_session_age."""
+    parts = []
+    if d.get("credential_expires_in") is not None:
+        parts.append(f"credential expires in {_age(d['credential_expires_in'])} (1008)")
+    if d.get("max_age_close_in") is not None:
+        parts.append(f"max session age in {_age(d['max_age_close_in'])} (1001)")
+    return ", ".join(parts) or "-"
 
 
 def _rtt(value: int | None) -> str:
@@ -823,10 +857,10 @@ def _dedent(text: str) -> str:
 # -- the terminal protocol ------------------------------------------------------------------------
 
 
-class ConsoleManhole(manhole.ColoredManhole):
+class ConsoleManhole(EditingManhole):
     """
-    The manhole, with a ``gate`` in its namespace, a greeting, and live views: while one runs,
-    Ctrl-C (or q) ends it and other keys are ignored.
+    The prompt (:class:`~wsgate.ops.prompt.EditingManhole`), with a ``gate`` in its namespace, a
+    greeting, and live views: while one runs, Ctrl-C (or q) ends it and other keys are ignored.
     """
 
     width = 80
@@ -894,6 +928,11 @@ class ConsoleManhole(manhole.ColoredManhole):
 # -- SSH -------------------------------------------------------------------------------------------
 
 
+def fingerprint(key: keys.Key) -> str:
+    """The key's fingerprint as OpenSSH shows it (``ssh-keygen -lf``): ``SHA256:`` and base64."""
+    return "SHA256:" + key.fingerprint(keys.FingerprintFormats.SHA256_BASE64).rstrip("=")
+
+
 def load_host_key(path: str) -> keys.Key:
     """
     The console's SSH host key: read from ``path``, or made (Ed25519) and written there with mode
@@ -911,7 +950,7 @@ def load_host_key(path: str) -> keys.Key:
         Console.log.info(
             "console_host_key_created {path} {fingerprint}",
             path=path,
-            fingerprint=key.fingerprint(keys.FingerprintFormats.SHA256_BASE64),
+            fingerprint=fingerprint(key),
         )
         return key
     try:
@@ -992,39 +1031,14 @@ class _AuthorizedKeys:
             return []
 
 
-@implementer(ICredentialsChecker)
-class _KeyChecker:
-    """:class:`SSHPublicKeyChecker` on the authorized keys; logs which key let whom in."""
-
-    credentialInterfaces = (ISSHPrivateKey,)
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._checker = SSHPublicKeyChecker(_AuthorizedKeys(path))  # type: ignore[arg-type]
-
-    def requestAvatarId(self, credentials: Any) -> defer.Deferred:
-        d = defer.maybeDeferred(self._checker.requestAvatarId, credentials)
-        if credentials.signature is not None:
-            d.addCallback(self._logged, credentials)
-        return d
-
-    def _logged(self, avatar: bytes, credentials: Any) -> bytes:
-        key = keys.Key.fromString(credentials.blob)
-        comments = [c for k, c in _safe_keys(self.path) if k == key]
-        Console.log.info(
-            "console_login user={user} key={fingerprint} {comment}",
-            user=avatar.decode("utf-8", "replace"),
-            fingerprint=key.fingerprint(keys.FingerprintFormats.SHA256_BASE64),
-            comment=comments[0] if comments else "",
-        )
-        return avatar
-
-
-def _safe_keys(path: str) -> list[tuple[keys.Key, str]]:
+def _key_comment(path: str | None, key: keys.Key) -> str:
+    """The comment of ``key`` in the authorized_keys file (who it is), or ``""``."""
+    if path is None:
+        return ""
     try:
-        return load_authorized_keys(path)
+        return next((c for k, c in load_authorized_keys(path) if k == key), "")
     except ConsoleError:
-        return []
+        return ""
 
 
 @implementer(ICredentialsChecker)
@@ -1054,22 +1068,180 @@ class _PasswordChecker:
         )
 
         def checked(ok: bool) -> bytes:
-            user = credentials.username.decode("utf-8", "replace")
             if ok and hashed is not None:
-                Console.log.info("console_login user={user} password", user=user)
                 return credentials.username
-            Console.log.warn("console_login_refused user={user} password", user=user)
             raise cred_error.UnauthorizedLogin()
 
         return d.addCallback(checked)
 
 
+class _UserAuth(userauth.SSHUserAuthServer):
+    """
+    SSH user authentication that logs each login (``console_login``: user, method, the key's
+    fingerprint and comment, source address) and its end (``console_logout``, with how long it
+    lasted), and each refused attempt (``console_login_refused``, at most 10 a minute).
+    """
+
+    _key: keys.Key | None = None
+
+    @property
+    def _console(self) -> Console:
+        return self.transport.factory.console  # type: ignore[union-attr,attr-defined]
+
+    def _source(self) -> str:
+        peer: Any = self.transport.transport.getPeer()  # type: ignore[union-attr,misc]
+        host = getattr(peer, "host", None)
+        return f"{host}:{peer.port}" if host is not None else str(peer)
+
+    def _described(self) -> dict[str, str]:
+        key = self._key
+        fields = {
+            "user": (self.user or b"").decode("utf-8", "replace"),
+            "method": (self.method or b"").decode("ascii", "replace"),
+            "source": self._source(),
+        }
+        if key is not None:
+            fields["key"] = fingerprint(key)
+        return fields
+
+    def auth_publickey(self, packet: bytes) -> defer.Deferred:
+        try:
+            self._key = keys.Key.fromString(getNS(packet[1:], 2)[1])
+        except (keys.BadKeyError, ValueError):
+            self._key = None
+        return super().auth_publickey(packet)
+
+    def auth_password(self, packet: bytes) -> defer.Deferred:
+        self._key = None
+        return super().auth_password(packet)
+
+    def _cbFinishedAuth(self, result: Any) -> None:
+        interface, avatar, logout = result
+        fields = self._described()
+        console = self._console
+        if self._key is not None:
+            comment = _key_comment(self.transport.factory.authorized_keys, self._key)  # type: ignore[union-attr,attr-defined]
+            console.log.info(
+                "console_login user={user} method={method} key={key} comment={comment} "
+                "source={source}",
+                comment=comment or "-",
+                **fields,
+            )
+        else:
+            console.log.info("console_login user={user} method={method} source={source}", **fields)
+        started = console.clock.seconds()
+
+        def logged_out() -> None:
+            console.log.info(
+                "console_logout user={user} source={source} duration={duration:.1f}s",
+                user=fields["user"],
+                source=fields["source"],
+                duration=console.clock.seconds() - started,
+            )
+            logout()
+
+        super()._cbFinishedAuth((interface, avatar, logged_out))
+
+    def _ebBadAuth(self, reason: Failure) -> None:
+        quiet = reason.check(conch_error.IgnoreAuthentication, conch_error.ValidPublicKey)
+        if not quiet and self.method != b"none":
+            fields = self._described()
+            text = "user={user} method={method} source={source}"
+            if "key" in fields:
+                text += " key={key}"
+            self._console.refusals.warn("console_login_refused", text, **fields)
+        super()._ebBadAuth(reason)
+
+
+class _ConsoleCommands(LineRunner):
+    """
+    ``ssh host 'gate.sessions()'`` and ``echo 'gate.stats()' | ssh -T host``: the ``gate``
+    commands without a terminal.  Output goes to the client's stdout, errors (one line each) to
+    its stderr, and the channel closes with exit status 0, or 1 when a command failed.  A live
+    view (``tap``) writes its lines until it ends or the client goes away; ``top`` prints each
+    frame in full.
+    """
+
+    width = 120
+    height = 40
+
+    def __init__(self, console: Console, user: str, process: Any) -> None:
+        self.live: _LiveView | None = None
+        self.process = process
+        console.log.info("console_commands_opened user={user}", user=user)
+        self._user = user
+        self._console = console
+        super().__init__(
+            {"gate": Gate(console, user, self)},
+            process.write,
+            process.errReceived,
+            self._exit,
+        )
+
+    def busy(self) -> bool:
+        return self.live is not None or super().busy()
+
+    def _exit(self, status: int) -> None:
+        self._console.log.info(
+            "console_commands_closed user={user} status={status}", user=self._user, status=status
+        )
+        reason = ProcessDone(0) if status == 0 else ProcessTerminated(exitCode=status)
+        self.process.processEnded(Failure(reason))
+
+    def connection_lost(self) -> None:
+        self.stop()
+        if self.live is not None:
+            live, self.live = self.live, None
+            live.finish()
+
+    # -- the screen of the gate commands -------------------------------------------------------
+
+    def write_lines(self, lines: Iterable[str]) -> None:
+        self.addOutput("".join(f"{line}\n" for line in lines))
+
+    def redraw(self, text: str) -> None:
+        self.addOutput(text + "\n\n")
+
+    def end_live(self, summary: str) -> None:
+        self.live = None
+        self.write_lines([summary])
+        self.resume()
+
+
+class _Input:
+    """The transport an SSH session's process protocol writes the client's input to."""
+
+    def __init__(self, commands: _ConsoleCommands) -> None:
+        self.commands = commands
+
+    def write(self, data: bytes) -> None:
+        self.commands.data_received(data)
+
+    def loseConnection(self) -> None:
+        self.commands.connection_lost()
+
+
 class _ConsoleSession(manhole_ssh.TerminalSession):
-    """A terminal session that follows window size changes and ignores EOF (Ctrl-D quits)."""
+    """
+    A session: with a pty, the interactive console (following window size changes; Ctrl-D
+    quits, so EOF is ignored); without one (``ssh -T``, piped input) or for an exec request,
+    :class:`_ConsoleCommands`.
+    """
 
     _shell: Any = None
+    _commands: _ConsoleCommands | None = None
+    _pty = False
+    console: Console
+    user: str
+
+    def getPty(self, term: bytes, windowSize: Any, attrs: Any) -> None:
+        super().getPty(term, windowSize, attrs)
+        self._pty = True
 
     def openShell(self, proto: Any) -> None:
+        if not self._pty:
+            self._run(proto)
+            return
         self._shell = self.transportFactory(
             proto,
             self.chainedProtocolFactory(),
@@ -1078,13 +1250,22 @@ class _ConsoleSession(manhole_ssh.TerminalSession):
             self.height,
         )
 
+    def execCommand(self, proto: Any, cmd: bytes) -> None:
+        self._run(proto).run_command(cmd)
+
+    def _run(self, proto: Any) -> _ConsoleCommands:
+        commands = self._commands = _ConsoleCommands(self.console, self.user, proto)
+        proto.makeConnection(_Input(commands))
+        return commands
+
     def windowChanged(self, newWindowSize: Any) -> None:
         if self._shell is not None:
             height, width = newWindowSize[:2]
             self._shell.chainedProtocol.terminalProtocol.terminalSize(width, height)
 
     def eofReceived(self) -> None:
-        pass
+        if self._commands is not None:
+            self._commands.eof_received()
 
 
 @implementer(IRealm)
@@ -1100,6 +1281,8 @@ class _ConsoleRealm(manhole_ssh.TerminalRealm):
         comp = components.Componentized()
         avatar = self.userFactory(comp, avatarId)
         session = _ConsoleSession(comp)
+        session.console = self.console
+        session.user = user
         session.transportFactory = self.transportFactory
         session.chainedProtocolFactory = lambda: insults.ServerProtocol(  # type: ignore[misc,assignment]
             ConsoleManhole, self.console, user
@@ -1110,45 +1293,68 @@ class _ConsoleRealm(manhole_ssh.TerminalRealm):
 
 
 class _ConchFactory(manhole_ssh.ConchFactory):
-    """An SSH factory with the console's own host key (not the class-level shared dicts)."""
+    """
+    An SSH factory with the console's own host key (not the class-level shared dicts) and
+    :class:`_UserAuth`, which logs logins with what :attr:`console` holds.
+    """
 
-    def __init__(self, portal: Portal, host_key: keys.Key) -> None:
+    def __init__(
+        self, portal: Portal, host_key: keys.Key, console: Console, authorized_keys: str | None
+    ) -> None:
         super().__init__(portal)
         name = host_key.sshType()
         self.publicKeys = {name: host_key.public()}  # type: ignore[dict-item]
         self.privateKeys = {name: host_key}  # type: ignore[dict-item]
+        self.services = {**self.services, b"ssh-userauth": _UserAuth}
+        self.console = console
+        self.authorized_keys = authorized_keys
+
+
+def console_problems(spec: ConsoleSpec) -> list[tuple[str, str]]:
+    """
+    Why the console of ``spec`` cannot start, as (config key, reason) pairs: a keys or users
+    file that cannot be read, has a line the console refuses, or holds no key or user (it lets
+    no one in: leave it out instead); a host key that exists but is not a usable private key.
+    Reads only: a missing host key is not made here.  ``wsgate check`` and the start share it.
+    """
+    problems = []
+    for key, path, load, what in (
+        ("console.authorized_keys", spec.authorized_keys, load_authorized_keys, "no public key"),
+        ("console.users", spec.users, load_users, "no user"),
+    ):
+        if path is None:
+            continue
+        try:
+            if not load(path):  # type: ignore[operator]
+                problems.append((key, f"{path}: holds {what}, so it lets no one in"))
+        except ConsoleError as e:
+            problems.append((key, str(e)))
+    if os.path.exists(spec.host_key):
+        try:
+            load_host_key(spec.host_key)
+        except ConsoleError as e:
+            problems.append(("console.host_key", str(e)))
+    return problems
 
 
 def console_service(spec: ConsoleSpec, console: Console, reactor: Any) -> service.Service:
     """
-    The console's listening service.  Raises :class:`ConsoleError` when its key files are
-    unusable or no one could log in (no key and no user).
+    The console's listening service.  Raises :class:`ConsoleError` with the problems of
+    :func:`console_problems` (or when the host key cannot be made), one per line.
     """
-    checkers: list[Any] = []
-    problems = []
-    usable = 0
-    if spec.authorized_keys is not None:
+    problems = [reason for _, reason in console_problems(spec)]
+    if not problems:
         try:
-            usable += len(load_authorized_keys(spec.authorized_keys))
-            checkers.append(_KeyChecker(spec.authorized_keys))
-        except ConsoleError as e:
+            host_key = load_host_key(spec.host_key)
+        except (ConsoleError, OSError) as e:
             problems.append(str(e))
-    if spec.users is not None:
-        try:
-            usable += len(load_users(spec.users))
-            checkers.append(_PasswordChecker(spec.users, reactor))
-        except ConsoleError as e:
-            problems.append(str(e))
-    try:
-        host_key = load_host_key(spec.host_key)
-    except (ConsoleError, OSError) as e:
-        problems.append(str(e))
-    if not problems and usable == 0:
-        problems.append(
-            "no way to log in: the authorized_keys and users files hold no key and no user"
-        )
     if problems:
         raise ConsoleError("\n".join(problems))
+    checkers: list[Any] = []
+    if spec.authorized_keys is not None:
+        checkers.append(SSHPublicKeyChecker(_AuthorizedKeys(spec.authorized_keys)))  # type: ignore[arg-type]
+    if spec.users is not None:
+        checkers.append(_PasswordChecker(spec.users, reactor))
     realm: Any = _ConsoleRealm(console)
-    factory = _ConchFactory(Portal(realm, checkers), host_key)
+    factory = _ConchFactory(Portal(realm, checkers), host_key, console, spec.authorized_keys)
     return strports.service(spec.endpoint, factory)  # type: ignore[arg-type]

@@ -5,10 +5,11 @@ config that passes ``check`` also starts.
 Owns the checks that need more than the TOML itself: every endpoint string parsed by Twisted's own
 parser (``serverFromString``, which builds an endpoint object but never listens), listening
 endpoints that would collide (the same endpoint twice, or one TCP port on overlapping
-interfaces: a wildcard and any address, IPv4 inside a dual-stack ``::``), the console's
-``authorized_keys`` and ``users`` files read as the console reads them (an empty one is an error:
-it lets no one in), its host key readable when it exists; and one warning: an admin listener
-bound beyond loopback (it has no authentication).
+interfaces: a wildcard and any address, IPv4 inside a dual-stack ``::``), the console's files
+judged by the very function the console's start uses (``console_problems``: an empty keys or
+users file lets no one in, a host key that is not a usable private key), its host key's directory
+writable when the key is still to be made; and one warning: an admin listener bound beyond
+loopback (it has no authentication).
 
 It must not listen, connect or change anything on disk (the host key is not made here).  Problems
 and warnings are ``FILE: key.path: reason`` lines, as ``config.py``'s.
@@ -152,30 +153,14 @@ def _reason(e: Exception) -> str:
 
 
 def _console_problems(config: Config) -> list[str]:
-    from wsgate.ops.console import ConsoleError, load_authorized_keys, load_users
+    from wsgate.ops.console import console_problems
 
     spec = config.console
     if spec is None:
         return []
-    problems = []
-    for key, path, load, what in (
-        ("console.authorized_keys", spec.authorized_keys, load_authorized_keys, "no public key"),
-        ("console.users", spec.users, load_users, "no user"),
-    ):
-        if path is None:
-            continue
-        try:
-            if not load(path):  # type: ignore[operator]
-                problems.append(
-                    f"{config.source}: {key}: {path}: holds {what}: no one could log in"
-                )
-        except ConsoleError as e:
-            problems.append(f"{config.source}: {key}: {e}")
+    problems = [f"{config.source}: {key}: {reason}" for key, reason in console_problems(spec)]
     host_key = spec.host_key
-    if os.path.exists(host_key):
-        if not os.access(host_key, os.R_OK):
-            problems.append(f"{config.source}: console.host_key: {host_key}: not readable")
-    else:
+    if not os.path.exists(host_key):
         parent = os.path.dirname(host_key)
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)

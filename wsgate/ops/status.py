@@ -22,6 +22,7 @@ from twisted.logger import Logger
 import twisted
 import wsgate
 from wsgate.core.redact import redact_headers
+from wsgate.dataplane.auth import auth_detail
 
 if TYPE_CHECKING:
     from wsgate.dataplane.bridge import Session
@@ -118,6 +119,7 @@ def session_detail(session: Session) -> dict[str, Any]:
         backend_close=session.backend_close,
         closed_by=session.closed_by,
     )
+    detail.update(auth_detail(session, session.gateway.clock.seconds()))
     return detail
 
 
@@ -189,6 +191,11 @@ def stats(gateway: Gateway, sampler: Sampler | None = None) -> dict[str, Any]:
         "sessions_opened": counters["sessions.opened"],
         "sessions_closed": counters["sessions.closed"],
         "handshakes": handshakes,
+        "webhooks": {
+            key.split(".", 1)[1]: count
+            for key, count in counters.items()
+            if key.startswith("webhooks.")
+        },
         **_totals(gateway),
         "versions": dict(_VERSIONS),
     }

@@ -64,7 +64,7 @@ from zope.interface import implementer
 
 from wsgate import config as configmod
 from wsgate.control.sighup import reload_on_sighup
-from wsgate.core.metrics import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram
+from wsgate.core.metrics import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram, Reloads
 from wsgate.dataplane.gateway import Clock, config_changes
 from wsgate.ops import status
 from wsgate.ops.logs import LEVELS
@@ -278,6 +278,8 @@ class WorkerControl:
             "closed": [[list(key), count] for key, count in gateway.closed.items()],
             "connect_time": _histogram_data(gateway.connect_time),
             "session_duration": _histogram_data(gateway.session_duration),
+            "backend_failures": [[list(k), n] for k, n in gateway.backend_failures.items()],
+            "certificates": gateway.certificates(),
             "totals": {k: stats[k] for k in _TOTALS},
             "servers": status.upstreams(gateway, now),
             "session_count": len(gateway.sessions),
@@ -621,6 +623,8 @@ class Aggregate:
         # Live taps: number -> (worker, listener); see :meth:`tap`.
         self.taps: dict[int, tuple[int, Any]] = {}
         self._next_tap = 1
+        # Counted here, not summed: the parent validates the file before its workers reload it.
+        self.reloads = Reloads(clock.seconds())
         self._refresh()
 
     # -- what status.py reads ------------------------------------------------------------------
@@ -642,11 +646,14 @@ class Aggregate:
         closed: Counter[tuple[str, str, str, str]] = Counter()
         connect_time = Histogram(CONNECT_BUCKETS)
         session_duration = Histogram(DURATION_BUCKETS)
+        backend_failures: Counter[tuple[str, str, str]] = Counter()
         sessions: dict[str, dict[str, Any]] = {}
         for worker, snap in sorted(self.snapshots.items()):
             counters.update(snap["counters"])
             for key, count in snap["closed"]:
                 closed[tuple(key)] += count  # type: ignore[index]
+            for key, count in snap.get("backend_failures", ()):
+                backend_failures[tuple(key)] += count  # type: ignore[index]
             _add_histogram(connect_time, snap["connect_time"])
             _add_histogram(session_duration, snap["session_duration"])
             for row in snap.get("sessions") or ():
@@ -656,7 +663,18 @@ class Aggregate:
         self.closed = closed
         self.connect_time = connect_time
         self.session_duration = session_duration
+        self.backend_failures = backend_failures
         self.sessions = sessions
+
+    def certificates(self) -> list[dict[str, Any]]:
+        """The workers' certificate rows, each once, with the earliest expiry any worker has."""
+        rows: dict[tuple[str, ...], dict[str, Any]] = {}
+        for snap in self.snapshots.values():
+            for row in snap.get("certificates", ()):
+                key = (row["use"], row["endpoint"], row["sni"], row["file"])
+                if key not in rows or row["not_after"] < rows[key]["not_after"]:
+                    rows[key] = row
+        return list(rows.values())
 
     def session_count(self) -> int:
         return sum(s["session_count"] for s in self.snapshots.values())
@@ -1021,7 +1039,12 @@ class WorkerPool(service.Service):
 
     def reload(self) -> list[str]:
         """Validate the file here, then have every worker reload it; returns what changed."""
-        new = configmod.load(self.path)
+        try:
+            new = configmod.load(self.path)
+        except configmod.ConfigError:
+            self.aggregate.reloads.record(False, self.reactor.seconds())
+            raise
+        self.aggregate.reloads.record(True, self.reactor.seconds())
         changes = config_changes(self.config, new)
         if new.workers != self.config.workers:
             changes.append("workers changed: restart wsgate to apply it (kept as it is)")
