@@ -1,7 +1,7 @@
 """
 A fleet of three gate processes sharing a real ``redis-server`` (Debian's, started by the test on a
 free loopback port, nothing persisted), with real WebSocket clients (the ``websockets`` library)
-on each gate: the console of one gate (OpenSSH client) lists the whole fleet, kicks and pushes
+on each gate: the console of one gate (OpenSSH client) lists the whole fleet, kicks, pushes and drains
 reach sessions on other gates, a per-address limit holds across gates, and Redis stopped and
 started again mid-test loses no session from the fleet's view.
 """
@@ -53,7 +53,8 @@ class FleetTests(ConsoleGateCase):
         (self.dir / "authorized_keys").write_text(Path(f"{self.key}.pub").read_text())
         self.known_hosts = self.dir / "known_hosts"
         ports = free_ports(8)
-        self.redis_port, backend, self.ssh_port, self.admin_port = ports[:4]
+        self.redis_port, self.backend_port, self.ssh_port, self.admin_port = ports[:4]
+        backend = self.backend_port
         self.ports = dict(zip(GATES, ports[4:7], strict=True))
         self.redis = start_redis(self, self.redis_port, self.dir)
         start_process(
@@ -182,6 +183,11 @@ class FleetTests(ConsoleGateCase):
         with self.assertRaises(InvalidStatus) as refused:
             connect(f"ws://{LOOPBACK}:{self.ports['g2']}/", open_timeout=5)
         self.assertEqual(refused.exception.response.status_code, 429)
+        # A drain from g1 reaches every gate that has the server, each telling its sessions on it.
+        server = f"ws://{LOOPBACK}:{self.backend_port}"
+        screen = self.ask(f'gate.fleet_drain("{server}")')
+        self.assertEqual(screen.split(), ["g1:", "2", "g2:", "1", "g3:", "1"], screen)
         for gate in self.gates.values():
+            gate.wait_for_output(f"fleet_drain server={server} by=")
             self.assertNotIn("Unhandled error", gate.stdout())
             self.assertNotIn("Traceback", gate.stdout())
