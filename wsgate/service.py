@@ -435,6 +435,20 @@ class _UpstreamServices(service.MultiService):
         return AutoRebalance(name, find, gateway.rebalance, self.reactor)
 
 
+def _add_cluster(
+    spec: configmod.ClusterSpec, gateway: Gateway, top: service.MultiService, reactor: Any
+) -> None:
+    """The gate's membership of a fleet sharing Redis; imported only with ``[cluster]``."""
+    from wsgate.control.cluster import cluster_service
+
+    try:
+        cluster = cluster_service(spec, gateway, reactor)
+    except OSError as e:
+        raise usage.UsageError(f"cannot join the cluster: {e}") from None
+    cluster.setServiceParent(top)
+    top.cluster = cluster  # type: ignore[attr-defined]
+
+
 def _adopted(reactor: Any, listener: configmod.Listener, adopted: dict[str, Any]) -> Any:
     """A worker's endpoint for a listener: the socket its parent bound, inherited as a descriptor."""
     return _listening(
@@ -567,6 +581,8 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
                 redirect.https_port, lambda target: redact_target(target, gateway.config.log)
             ),
         ).setServiceParent(top)
+    if config.cluster is not None:
+        _add_cluster(config.cluster, gateway, top, reactor)
     _GracefulStop(gateway).setServiceParent(top)
     top.reload = _no_reload  # type: ignore[attr-defined]
     if options.get("config"):

@@ -9,7 +9,7 @@ proxies, and the rate limiting of repeated warnings.  Must not do I/O: the bridg
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from ipaddress import ip_address
 from typing import Any
 
@@ -36,6 +36,11 @@ class Admission:
         self.per_ip: Counter[str] = Counter()
         self._now = now
         self._buckets: dict[str, list[float]] = {}  # address -> [tokens, time of last refill]
+        # Fleet-wide limits (wsgate/control/cluster.py): the sessions per address on the other
+        # gates, and the handshakes this gate admitted per address since the fleet last read them
+        # (None: not counted, no fleet).
+        self.remote: Mapping[str, int] = {}
+        self.taken: Counter[str] | None = None
 
     def admit(self, ip: str) -> tuple[int, str] | None:
         limits = self.limits
@@ -43,7 +48,8 @@ class Admission:
             return 429, "Too many handshakes from this address"
         if limits.max_sessions and self.total >= limits.max_sessions:
             return 503, "The gateway is at its session limit"
-        if limits.max_sessions_per_ip and self.per_ip[ip] >= limits.max_sessions_per_ip:
+        per_ip = self.per_ip[ip] + self.remote.get(ip, 0)
+        if limits.max_sessions_per_ip and per_ip >= limits.max_sessions_per_ip:
             return 429, "Too many sessions from this address"
         self.total += 1
         self.per_ip[ip] += 1
@@ -56,6 +62,16 @@ class Admission:
             del self.per_ip[ip]
 
     def _take_token(self, ip: str) -> bool:
+        bucket = self._bucket(ip)
+        if bucket[0] < 1:
+            return False
+        bucket[0] -= 1
+        if self.taken is not None:
+            self.taken[ip] += 1
+        return True
+
+    def _bucket(self, ip: str) -> list[float]:
+        """The token bucket of ``ip``, refilled up to now (a full new one if it had none)."""
         rate, burst = self.limits.handshake_rate, self.limits.handshake_burst
         now = self._now()
         bucket = self._buckets.get(ip)
@@ -66,10 +82,16 @@ class Admission:
         else:
             bucket[0] = min(float(burst), bucket[0] + (now - bucket[1]) * rate)
             bucket[1] = now
-        if bucket[0] < 1:
-            return False
-        bucket[0] -= 1
-        return True
+        return bucket
+
+    def charge(self, ip: str, count: int) -> None:
+        """
+        Take ``count`` tokens from the bucket of ``ip`` for handshakes another gate of the fleet
+        admitted, down to ``-burst`` (so a fleet's total rate holds, give or take one sync).
+        """
+        if self.limits.handshake_rate > 0:
+            bucket = self._bucket(ip)
+            bucket[0] = max(bucket[0] - count, -float(self.limits.handshake_burst))
 
     def _forget_full_buckets(self, now: float) -> None:
         rate, burst = self.limits.handshake_rate, self.limits.handshake_burst

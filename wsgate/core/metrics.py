@@ -303,3 +303,22 @@ def render_operations(
             file=row["file"],
         )
     return "\n".join(out.lines) + "\n"
+
+
+def render_cluster(figures: dict[str, int]) -> str:
+    """The fleet's figures (``Cluster.figures()``) in the Prometheus text format."""
+    out = _Exposition()
+    out.family("wsgate_cluster_up", "gauge", "1 while the gate is joined to its fleet's Redis.")
+    out.sample("wsgate_cluster_up", figures["up"])
+    out.family("wsgate_cluster_joins_total", "counter", "Times the gate (re)joined the fleet.")
+    out.sample("wsgate_cluster_joins_total", figures["joins"])
+    out.family(
+        "wsgate_cluster_requests_total",
+        "counter",
+        "Requests (kick, push, drain) this gate sent to others, received, and that failed.",
+    )
+    for kind in ("sent", "received", "failed"):
+        out.sample("wsgate_cluster_requests_total", figures[f"requests_{kind}"], kind=kind)
+    out.family("wsgate_cluster_redis_errors_total", "counter", "Redis commands that failed.")
+    out.sample("wsgate_cluster_redis_errors_total", figures["redis_errors"])
+    return "\n".join(out.lines) + "\n"

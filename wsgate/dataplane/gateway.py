@@ -79,6 +79,11 @@ class Gateway:
         self._drained: Deferred | None = None
         # The lifecycle webhooks' client; service.py sets it (routes with hooks need it).
         self.webhooks: Webhooks | None = None
+        # Told of every session that opens and closes (``session_opened(session)``,
+        # ``session_closed(session)``): the fleet's registry (wsgate/control/cluster.py).
+        self.watchers: list[Any] = []
+        # The fleet this gate is part of ([cluster]: a wsgate.control.cluster.Cluster), or None.
+        self.fleet: Any = None
 
     def reload(self, config: Config) -> list[str]:
         """
@@ -342,6 +347,8 @@ class Gateway:
         self.counters["sessions.opened"] += 1
         if session.opened_at is not None:
             self.connect_time.observe(session.opened_at - session.started)
+        for watcher in self.watchers:
+            watcher.session_opened(session)
         if self.config.log_session_opened:
             self.log.info(
                 "session_opened session_id={session_id} client={client} client_port={client_port} "
@@ -361,6 +368,8 @@ class Gateway:
         row = session.describe()
         if self.webhooks is not None:
             self.webhooks.session_closed(session.route, row)
+        for watcher in self.watchers:
+            watcher.session_closed(session)
         self.log.info(
             "session_closed session_id={session_id} client={client} client_port={client_port} "
             "route={route} upstream={upstream} server={server} path={path} "
@@ -474,6 +483,8 @@ def config_changes(old: Config, new: Config) -> list[str]:
         changes.append("limits changed")
     if old.log != new.log:
         changes.append("log settings changed")
+    if old.cluster != new.cluster:
+        changes.append("cluster settings changed: restart wsgate to apply them (kept as they are)")
     return changes or ["nothing changed"]
 
 

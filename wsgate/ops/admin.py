@@ -67,6 +67,9 @@ class _Metrics(_GatewayResource):
             view.reloads, view.backend_failures.items(), view.certificates()
         )
         text += process_text(view.processes())
+        fleet = view.cluster_figures()  # [cluster]
+        if fleet is not None:
+            text += metrics.render_cluster(fleet)
         return text.encode("utf-8")
 
 

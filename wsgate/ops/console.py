@@ -415,6 +415,14 @@ class Gate:
     A server is its URL or any unique part of it ("8011"); a URL in several upstreams needs
     ``upstream="name"``.  ``gate.view`` is the operations view; ``gate.gateway`` the Gateway
     itself (one process only).
+
+    With [cluster] (a fleet of gates sharing Redis; sessions named "GATE:ID"):
+
+      gate.fleet()                   the fleet's gates: name, host, pid, sessions
+      gate.fleet_sessions()          every session of every gate
+      gate.fleet_kick("GATE:ID", code=1001, reason="")   close a session on any gate
+      gate.fleet_push("GATE:ID", message)  send a session's client a message (str: text, bytes: binary)
+      gate.fleet_drain(server, deadline=None, gate=None) drain a server on every gate that has it
     """
 
     def __init__(self, console: Console, user: str, terminal: _Screen) -> None:
@@ -605,6 +613,75 @@ class Gate:
 
         d.addCallbacks(lambda lines: Text("reloaded: " + "\n".join(lines)), refused)
         return _settled(d, lambda text: text)
+
+    # -- the fleet ([cluster]): thin commands over wsgate.control.cluster.Cluster -----------------
+
+    def fleet(self) -> defer.Deferred:
+        """The gates of the fleet (a Deferred of the table)."""
+        return self._fleet().gates().addCallback(self._fleet_table)
+
+    def _fleet_table(self, gates: list[dict[str, Any]]) -> Text:
+        rows = [(g["name"], g["host"], g["pid"], g["sessions"], g["version"]) for g in gates]
+        text = table(["GATE", "HOST", "PID", "SESSIONS", "VERSION"], rows, right="23")
+        return Text(text + self._fleet_note())
+
+    def fleet_sessions(self) -> defer.Deferred:
+        """Every live session of every gate of the fleet (a Deferred of the table)."""
+        return self._fleet().sessions().addCallback(self._fleet_sessions_table)
+
+    def _fleet_sessions_table(self, rows: list[dict[str, Any]]) -> Text:
+        now = self._console.clock.seconds()
+        text = table(
+            ["SESSION", "CLIENT", "ROUTE", "SERVER", "AGE"],
+            [
+                (
+                    f"{r['gate']}:{r['id']}",
+                    r["client"],
+                    r["route"],
+                    r["server"],
+                    _age(now - r["started"]),
+                )
+                for r in rows
+            ],
+        )
+        return Text(f"{text}\n({len(rows)} sessions){self._fleet_note()}")
+
+    def fleet_kick(self, target: str, code: int = 1001, reason: str = "") -> defer.Deferred:
+        """Close session ``"GATE:ID"`` on whichever gate of the fleet holds it."""
+        check_kick(code, reason)
+        self._logged("fleet_kick", f"session={target} code={code}")
+        d = self._fleet().kick(target, code, reason)
+        return d.addCallback(lambda _: Text(f"closing session {target} with {code}"))
+
+    def fleet_push(self, target: str, message: str | bytes) -> defer.Deferred:
+        """Send session ``"GATE:ID"``'s client a message: text for a str, binary for bytes."""
+        self._logged("fleet_push", f"session={target} size={len(message)}")
+        d = self._fleet().push(target, message)
+        return d.addCallback(lambda r: Text(f"pushed {r['bytes']} bytes to session {target}"))
+
+    def fleet_drain(
+        self, server: str, deadline: float | str | None = None, gate: str | None = None
+    ) -> defer.Deferred:
+        """Drain ``server`` on ``gate``, or on every gate of the fleet that has it."""
+        seconds = None if deadline is None else parse_duration(deadline)
+        self._logged("fleet_drain", f"server={server} deadline={seconds} gate={gate}")
+        d = self._fleet().drain(server, seconds, gate=gate)
+        return d.addCallback(
+            lambda by_gate: Text(
+                "\n".join(f"{name}: {result}" for name, result in sorted(by_gate.items()))
+                or f"no gate of the fleet has {server}"
+            ),
+        )
+
+    def _fleet(self) -> Any:
+        fleet = getattr(self.gateway, "fleet", None)
+        if fleet is None:
+            raise ValueError("this gate is not in a fleet (no [cluster] in its config)")
+        return fleet
+
+    def _fleet_note(self) -> str:
+        fleet = self._fleet()
+        return "" if fleet.up else "\n(Redis is unreachable: this gate only)"
 
     def tap(self, id: int | str) -> Text | None:
         """Stream one session's messages (direction, type, size, preview) until Ctrl-C."""

@@ -97,6 +97,9 @@ class GateView(Protocol):
     def processes(self) -> list[Process]:
         """The gate's processes, for the ``process_*`` metrics."""
 
+    def cluster_figures(self) -> dict[str, int] | None:
+        """The fleet link's figures (``[cluster]``), or None without one."""
+
     def session_rows(self) -> list[dict[str, Any]]:
         """Every live session's row (:func:`wsgate.ops.status.session_row`), oldest first."""
 
@@ -233,6 +236,10 @@ class LocalView:
 
     def processes(self) -> list[Process]:
         return gate_processes(None)
+
+    def cluster_figures(self) -> dict[str, int] | None:
+        fleet = self.gateway.fleet
+        return fleet.figures() if fleet is not None else None
 
     def session_rows(self) -> list[dict[str, Any]]:
         return [status.session_row(s) for s in list(self.gateway.sessions.values())]
