@@ -30,6 +30,7 @@ from tests.procs import (
     wait_for_port,
 )
 from tests.test_e2e_console import BACKEND, ConsoleGateCase, command_of
+from wsgate.ctl import request
 
 GATES = ("g1", "g2", "g3")
 PER_IP = 4
@@ -63,6 +64,8 @@ class FleetTests(ConsoleGateCase):
         self.gates: dict[str, Process] = {}
         for name, port in self.ports.items():
             extra = ""
+            if name == "g2":
+                extra = f'[control]\nendpoint = "unix:{self.dir / "g2.sock"}"\n'
             if name == "g1":
                 extra = (
                     f'[console]\nendpoint = "tcp:{self.ssh_port}:interface={LOOPBACK}"\n'
@@ -136,6 +139,19 @@ class FleetTests(ConsoleGateCase):
         self.assertEqual(clients["g2"].recv(timeout=5), "hello from g1")
         clients["g2"].send("still relayed")
         self.assertEqual(clients["g2"].recv(timeout=5), "still relayed")
+
+        # The control API of g2 lists the fleet and pushes into a session on g1.
+        sock = f"unix:{self.dir / 'g2.sock'}"
+        code, answer = request(sock, None, "GET", "/fleet/sessions", None, timeout=5)
+        self.assertEqual((code, sorted(r["gate"] for r in answer["sessions"])), (200, list(GATES)))
+        g1 = f"g1:{ids['g1'].group(1)}"  # type: ignore[union-attr]
+        code, answer = request(
+            sock, None, "POST", f"/fleet/sessions/{g1}/messages", {"text": "api"}, timeout=5
+        )
+        self.assertEqual((code, answer["pushed"]), (200, g1), answer)
+        self.assertEqual(clients["g1"].recv(timeout=5), "api")
+        code, answer = request(sock, None, "DELETE", "/fleet/sessions/g1:999", None, timeout=5)
+        self.assertEqual((code, answer["error"]), (502, "no session 999 on gate g1"))
 
         # Kick a session on g3.
         g3 = f"g3:{ids['g3'].group(1)}"  # type: ignore[union-attr]

@@ -67,9 +67,8 @@ class _Metrics(_GatewayResource):
             view.reloads, view.backend_failures.items(), view.certificates()
         )
         text += process_text(view.processes())
-        fleet = view.cluster_figures()  # [cluster]
-        if fleet is not None:
-            text += metrics.render_cluster(fleet)
+        if view.fleet is not None:  # [cluster]
+            text += metrics.render_cluster(view.fleet.figures())
         return text.encode("utf-8")
 
 

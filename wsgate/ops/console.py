@@ -674,7 +674,7 @@ class Gate:
         )
 
     def _fleet(self) -> Any:
-        fleet = getattr(self.gateway, "fleet", None)
+        fleet = self.view.fleet
         if fleet is None:
             raise ValueError("this gate is not in a fleet (no [cluster] in its config)")
         return fleet

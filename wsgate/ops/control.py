@@ -32,11 +32,18 @@ POST       /reload                                      200 ``{"accepted": true,
                                                         or 409 ``{"accepted": false, "problems":
                                                         [...]}``
 GET        /stats                                       totals and rates
+GET        /fleet                                       with ``[cluster]``: the fleet's gates
+GET        /fleet/sessions                              every session of every gate (``GATE:ID``)
+DELETE     /fleet/sessions/GATE:ID[?code=N&reason=T]    close it on whichever gate holds it
+POST       /fleet/sessions/GATE:ID/messages             send its client a message (as above)
+POST       /fleet/drain                                 ``{"server", "deadline", "window", "gate"}``
+                                                        on one gate or every gate that has it
 =========  ===========================================  ===========================================
 
 Errors are ``{"error": TEXT}`` with 400 (bad input), 401 (token missing or wrong), 404 (no such
-session, upstream or server), 405, 413 (body over :data:`MAX_BODY`), 503 (a push queue is full)
-or 502 (a worker failed to answer).  Run-time changes (weight, added or removed servers) last
+session, upstream or server; ``/fleet`` without ``[cluster]``), 405, 413 (body over
+:data:`MAX_BODY`), 503 (a push queue is full) or 502 (a worker or another gate of the fleet could
+not do it).  Run-time changes (weight, added or removed servers) last
 until the next reload, which reports each one it resets.
 """
 
@@ -60,7 +67,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from wsgate.config import ConfigError, ControlSpec, parse_duration, read_token
 from wsgate.ops import status
 from wsgate.ops.preflight import binds_at
-from wsgate.ops.view import MAX_PUSH, GateView, find_server
+from wsgate.ops.view import MAX_PUSH, GateView, check_kick, find_server
 
 __all__ = ["MAX_BODY", "ControlResource", "control_service", "control_target"]
 
@@ -153,6 +160,8 @@ class ControlResource(resource.Resource):
             return self._server_verb(method, path[1], path[3], path[4:], request)
         if path == ["reload"] and method == "POST":
             return self._reload()
+        if path[:1] == ["fleet"]:
+            return self._fleet(method, path[1:], request)
         if path == ["stats"] and method == "GET":
             return 200, status.stats(view, self.sampler)
         known = _known(path)
@@ -231,6 +240,40 @@ class ControlResource(resource.Resource):
             return 405, {"error": f"{method} is not allowed here"}
         return done.addCallback(lambda _: (200, answer))
 
+    def _fleet(self, method: str, path: list[str], request: Request) -> Any:
+        """``/fleet/...``: the gates of the fleet and their sessions ([cluster] only)."""
+        fleet = self.view.fleet
+        if fleet is None:
+            return 404, {"error": "this gate is not in a fleet (no [cluster] in its config)"}
+        if path == [] and method == "GET":
+            return fleet.gates().addCallback(lambda gates: (200, {"gates": gates, "up": fleet.up}))
+        if path == ["sessions"] and method == "GET":
+            return fleet.sessions().addCallback(lambda rows: (200, {"sessions": rows}))
+        if len(path) == 2 and path[0] == "sessions" and method == "DELETE":
+            body = _body(request)
+            code = _int(body.get("code", _arg(request, "code") or 1001), "code")
+            reason = str(body.get("reason", _arg(request, "reason") or ""))
+            check_kick(code, reason)
+            self._logged("fleet_kick", request, f"session={path[1]} code={code}")
+            return fleet.kick(path[1], code, reason).addCallback(lambda row: (200, row))
+        if len(path) == 3 and path[0] == "sessions" and path[2] == "messages" and method == "POST":
+            payload, binary = _message(request)
+            self._logged("fleet_push", request, f"session={path[1]} size={len(payload)}")
+            data: str | bytes = payload if binary else payload.decode("utf-8")
+            return fleet.push(path[1], data).addCallback(lambda row: (200, row))
+        if path == ["drain"] and method == "POST":
+            body = _body(request)
+            server = body.get("server")
+            if not isinstance(server, str):
+                raise _BadRequest('give the server as {"server": "ws://host:port"}')
+            deadline = _duration(body.get("deadline"), "deadline")
+            window = _duration(body.get("window", 10.0), "window")
+            gate = body.get("gate")
+            self._logged("fleet_drain", request, f"server={server} deadline={deadline}")
+            d = fleet.drain(server, deadline, 10.0 if window is None else window, gate)
+            return d.addCallback(lambda gates: (200, {"server": server, "gates": gates}))
+        return 404, {"error": f"no such path /fleet/{'/'.join(path)}"}
+
     def _reload(self) -> defer.Deferred:
         self.log.info("control_reload")
 
@@ -254,7 +297,9 @@ class ControlResource(resource.Resource):
             return 503, {"error": str(value)}
         if failure.check(ConfigError):
             return 409, {"error": "; ".join(value.problems)}  # type: ignore[union-attr]
-        if type(value).__name__ == "RemoteError":
+        # Another process could not do it: a worker (RemoteError) or a gate of the fleet
+        # (ClusterError, named so that the fleet's modules load only with [cluster]).
+        if type(value).__name__ in ("RemoteError", "ClusterError"):
             return 502, {"error": str(value)}
         self.log.failure("control_failed", failure)
         return 500, {"error": "internal error; see the gate's log"}
@@ -267,8 +312,10 @@ def _known(path: list[str]) -> str:
     """The methods of a known path (for a 405), or "" for an unknown one."""
     if path == ["sessions"] or path == ["upstreams"] or path == ["stats"]:
         return "GET"
-    if path == ["reload"]:
+    if path == ["reload"] or path == ["fleet", "drain"]:
         return "POST"
+    if path == ["fleet"] or path == ["fleet", "sessions"]:
+        return "GET"
     if len(path) == 2 and path[0] == "sessions":
         return "GET, DELETE"
     if len(path) == 3 and path[0] == "sessions" and path[2] == "messages":

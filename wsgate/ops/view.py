@@ -33,6 +33,7 @@ from wsgate.ops.process_metrics import Process, gate_processes
 
 if TYPE_CHECKING:
     from wsgate.config import Config
+    from wsgate.control.cluster import Cluster
     from wsgate.core.metrics import Histogram, Reloads
     from wsgate.dataplane.gateway import Clock, Gateway
 
@@ -97,8 +98,9 @@ class GateView(Protocol):
     def processes(self) -> list[Process]:
         """The gate's processes, for the ``process_*`` metrics."""
 
-    def cluster_figures(self) -> dict[str, int] | None:
-        """The fleet link's figures (``[cluster]``), or None without one."""
+    @property
+    def fleet(self) -> Cluster | None:
+        """The fleet of gates this gate is in (``[cluster]``), or None."""
 
     def session_rows(self) -> list[dict[str, Any]]:
         """Every live session's row (:func:`wsgate.ops.status.session_row`), oldest first."""
@@ -237,9 +239,9 @@ class LocalView:
     def processes(self) -> list[Process]:
         return gate_processes(None)
 
-    def cluster_figures(self) -> dict[str, int] | None:
-        fleet = self.gateway.fleet
-        return fleet.figures() if fleet is not None else None
+    @property
+    def fleet(self) -> Cluster | None:
+        return self.gateway.fleet
 
     def session_rows(self) -> list[dict[str, Any]]:
         return [status.session_row(s) for s in list(self.gateway.sessions.values())]

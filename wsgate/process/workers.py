@@ -696,8 +696,7 @@ class Aggregate:
     def processes(self) -> list[Process]:
         return gate_processes(self.workers)
 
-    def cluster_figures(self) -> None:
-        return None  # [cluster] is refused with workers
+    fleet = None  # [cluster] is refused with workers
 
     # -- verbs: to the worker that holds the session, or to every worker ------------------------
 
