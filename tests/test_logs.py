@@ -775,6 +775,34 @@ class TwistdLogTests(SynchronousTestCase):
         self.addCleanup(out.close)
         self.assertEqual(out.path, os.path.abspath(path))
 
+    def test_log_file_reopened_never_rotated(self) -> None:
+        """The file grows past twistd's 1 MB rotation without rotating; after logrotate moves it,
+        SIGUSR1 makes the gate write to a new file at the same path."""
+        import signal
+
+        previous = signal.getsignal(signal.SIGUSR1)
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        self.addCleanup(signal.signal, signal.SIGUSR1, previous)
+        path = os.path.abspath(self.mktemp())
+        out: Any = twistd_log_file({"nodaemon": False, "logfile": path})
+        self.addCleanup(out.close)
+        out.write("x" * 1_500_000 + "\n")
+        out.flush()
+        self.assertFalse(os.path.exists(path + ".1"))
+        os.rename(path, path + ".old")  # what logrotate does
+        handler = signal.getsignal(signal.SIGUSR1)
+        assert callable(handler)
+        from twisted.internet import reactor
+
+        calls: list[Any] = []
+        self.patch(reactor, "callFromThread", lambda f, *a: calls.append(f(*a)))
+        handler(signal.SIGUSR1, None)
+        out.write("after\n")
+        out.flush()
+        with open(path) as f:
+            self.assertEqual(f.read(), "after\n")
+        self.assertEqual(os.path.getsize(path + ".old"), 1_500_001)
+
 
 class WorkerLogTests(SynchronousTestCase):
     def test_forwarded_lines_keep_their_fields(self) -> None:

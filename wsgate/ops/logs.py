@@ -250,9 +250,10 @@ def twistd_log_file(options: Mapping[str, Any]) -> IO[Any] | None:
     """
     Where twistd would write its log for its ``options`` (``ServerOptions``): stdout in the
     foreground without ``--logfile`` (or with ``--logfile=-``), else the log file (default
-    ``twistd.log``), rotated on SIGUSR1 as twistd does.  None when twistd logs elsewhere
-    (``--syslog``, ``--logger``) or would refuse (a daemon logging to stdout): then its own
-    observer stays.
+    ``twistd.log``).  The file is never rotated by the gate (twistd's own LogFile rotates every
+    megabyte and keeps every file): SIGUSR1 reopens it, for logrotate (or any tool) that has moved
+    it away.  None when twistd logs elsewhere (``--syslog``, ``--logger``) or would refuse (a
+    daemon logging to stdout): then its own observer stays.
     """
     if options.get("syslog") or options.get("logger"):
         return None
@@ -261,15 +262,15 @@ def twistd_log_file(options: Mapping[str, Any]) -> IO[Any] | None:
         return sys.stdout if options.get("nodaemon") else None
     from twisted.python import logfile
 
-    out = logfile.LogFile.fromFullPath(name or "twistd.log")
+    out = logfile.LogFile.fromFullPath(name or "twistd.log", rotateLength=None)
     import signal
 
     if not signal.getsignal(signal.SIGUSR1):
 
-        def rotate(signum: int, frame: Any) -> None:
+        def reopen(signum: int, frame: Any) -> None:
             from twisted.internet import reactor
 
-            reactor.callFromThread(out.rotate)  # type: ignore[attr-defined]
+            reactor.callFromThread(out.reopen)  # type: ignore[attr-defined]
 
-        signal.signal(signal.SIGUSR1, rotate)
+        signal.signal(signal.SIGUSR1, reopen)
     return out
