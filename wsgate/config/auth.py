@@ -35,6 +35,7 @@ _AUTH_KEYS = {
 
 
 def read_auth(table: Table) -> AuthSpec:
+    """A route's ``auth`` table."""
     kind = table.required("type", choice(*AUTH_TYPES), "")
     spec = AuthSpec(
         type=kind,

@@ -55,6 +55,7 @@ def _key_prefix(value: object) -> str:
 
 
 def read_cluster(table: Table) -> ClusterSpec:
+    """The ``[cluster]`` table."""
     host, port, db = table.required("redis", _redis_url, ("", 0, 0))
     spec = ClusterSpec(
         host=host,

@@ -14,6 +14,7 @@ __all__ = ["read_connect_hook", "read_disconnect_hook"]
 
 
 def read_connect_hook(table: Table) -> ConnectHook:
+    """A route's ``on_connect`` table."""
     spec = ConnectHook(
         url=table.required("url", http_url, ""),
         timeout=table.field(ConnectHook, "timeout", positive_duration),
@@ -26,6 +27,7 @@ def read_connect_hook(table: Table) -> ConnectHook:
 
 
 def read_disconnect_hook(table: Table) -> DisconnectHook:
+    """A route's ``on_disconnect`` table."""
     spec = DisconnectHook(
         url=table.required("url", http_url, ""),
         timeout=table.field(DisconnectHook, "timeout", positive_duration),

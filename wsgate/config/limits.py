@@ -18,6 +18,7 @@ __all__ = ["read_limits"]
 
 
 def read_limits(table: Table) -> Limits:
+    """The ``[limits]`` table."""
     limits = Limits(
         max_sessions=table.field(Limits, "max_sessions", count),
         max_sessions_per_ip=table.field(Limits, "max_sessions_per_ip", count),

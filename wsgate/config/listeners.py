@@ -80,6 +80,7 @@ def _cipher_string(value: object) -> str:
 
 
 def read_listener(table: Table) -> Listener:
+    """One ``[[listen]]`` table."""
     endpoint = table.required("endpoint", check_endpoint, "")
     tls_table = table.subtable("tls")
     tls = _listener_tls(tls_table) if tls_table is not None else None
@@ -91,6 +92,7 @@ def read_listener(table: Table) -> Listener:
 
 
 def read_redirect(table: Table) -> Redirect:
+    """One ``[[redirect]]`` table."""
     redirect = Redirect(
         endpoint=table.required("endpoint", check_endpoint, ""),
         https_port=table.field(Redirect, "https_port", port_number),

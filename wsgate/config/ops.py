@@ -43,6 +43,7 @@ def default_control_endpoint(env: Mapping[str, str] | None = None) -> str:
 
 
 def read_console(table: Table) -> ConsoleSpec:
+    """The ``[console]`` table."""
     path = readable_file(table.reader)
     spec = ConsoleSpec(
         endpoint=table.required("endpoint", check_endpoint, ""),
@@ -59,12 +60,14 @@ def read_console(table: Table) -> ConsoleSpec:
 
 
 def read_admin(table: Table) -> AdminSpec:
+    """The ``[admin]`` table."""
     spec = AdminSpec(endpoint=table.required("endpoint", check_endpoint, ""))
     table.done()
     return spec
 
 
 def read_control(table: Table) -> ControlSpec:
+    """The ``[control]`` table (a Unix socket is made mode 0600 unless it says a mode)."""
     spec = ControlSpec(
         endpoint=table.optional("endpoint", check_endpoint) or default_control_endpoint(),
         token_file=table.field(ControlSpec, "token_file", token_file(table.reader)),
@@ -85,6 +88,7 @@ def read_control(table: Table) -> ControlSpec:
 
 
 def read_log(table: Table) -> LogSpec:
+    """The ``[log]`` table."""
     spec = LogSpec(
         level=table.field(LogSpec, "level", choice(*LOG_LEVELS)),
         format=table.field(LogSpec, "format", choice(*LOG_FORMATS)),

@@ -19,6 +19,7 @@ __all__ = ["read_route"]
 
 
 def read_route(table: Table, upstreams: Mapping[str, UpstreamSpec]) -> Route:
+    """One ``[[route]]`` table; its ``upstream`` must be one of ``upstreams``."""
     upstream = table.required("upstream", typed(str, "an upstream name"), "")
     if upstream and upstream not in upstreams:
         table.reader.problem(table.key("upstream"), f"no upstream named {upstream!r}")

@@ -72,6 +72,7 @@ def _server(table: Table) -> ServerSpec:
 
 
 def read_upstream(name: str, table: Table) -> UpstreamSpec:
+    """The ``[upstream.NAME]`` table of upstream ``name``."""
     servers = tuple(_server(t) for t in table.tables("servers"))
     if not servers:
         table.reader.problem(table.key("servers"), "an upstream needs at least one server")
