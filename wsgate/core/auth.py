@@ -13,7 +13,7 @@ does), and never puts a token in an error reason: reasons are logged.
 Key types and algorithms are tied (``_FAMILIES``): an HMAC secret (JWK ``oct``) verifies only
 ``HS*`` tokens and an RSA, EC or OKP public key only its own algorithms, so a token signed with
 HS256 using a public key's bytes as the secret is refused ("HS/RS confusion"); ``none`` is never
-allowed (config.py refuses it, and it belongs to no family).
+allowed (wsgate.config refuses it, and it belongs to no family).
 """
 
 from __future__ import annotations

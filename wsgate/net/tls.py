@@ -22,7 +22,7 @@ whose text says why (untrusted certificate, host name mismatch, ...).
 
 ``service_identity`` is imported here on purpose so that a missing install fails at startup
 instead of silently weakening hostname checks.  This module must not read the config file or
-decide routing; it receives specs from ``config.py`` and is wired by ``service.py``.
+decide routing; it receives specs from ``wsgate.config`` and is wired by ``service.py``.
 """
 
 from __future__ import annotations

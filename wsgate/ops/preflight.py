@@ -1,6 +1,6 @@
 """
-Preflight: what ``wsgate check`` finds in a parsed config beyond ``config.py``'s schema, so that a
-config that passes ``check`` also starts.
+Preflight: what ``wsgate check`` finds in a parsed config beyond the schema (``wsgate.config``), so
+that a config that passes ``check`` also starts.
 
 Owns the checks that need more than the TOML itself: every endpoint string parsed by Twisted's own
 parser (``serverFromString``, which builds an endpoint object but never listens), listening
@@ -13,7 +13,7 @@ writable when the key is still to be made, a control API on TCP beyond loopback
 loopback (it has no authentication).
 
 It must not listen, connect or change anything on disk (the host key is not made here).  Problems
-and warnings are ``FILE: key.path: reason`` lines, as ``config.py``'s.
+and warnings are ``FILE: key.path: reason`` lines, as ``wsgate.config``'s.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def _beyond_loopback(key: str, endpoint: str) -> str | None:
 
 
 def _control_problems(config: Config) -> list[str]:
-    """The control API acts on the gate: on TCP, loopback only (config.py asks for a token)."""
+    """The control API acts on the gate: on TCP, loopback only (wsgate.config asks for a token)."""
     if config.control is None:
         return []
     endpoint = config.control.endpoint
