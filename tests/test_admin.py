@@ -320,3 +320,34 @@ class ReadyTests(SynchronousTestCase):
             self.listening,
         )
         self.assertEqual(self.ready(svc.factory.resource), (503, "not ready: gate starting\n"))
+
+
+class TokenTests(SynchronousTestCase):
+    """[admin] token_file: every path but /ready asks for the bearer token."""
+
+    def setUp(self) -> None:
+        net = Network(make_config([A]), {A: BackendFactory()})
+        self.root = admin_resource(LocalView(net.gateway), None, None, token="s3cret")
+
+    def fetch(self, path: str, authorization: str | None) -> tuple[int, bytes]:
+        request = DummyRequest([s.encode() for s in path.lstrip("/").split("/")])
+        if authorization is not None:
+            request.requestHeaders.setRawHeaders(b"authorization", [authorization.encode()])
+        body = getChildForRequest(self.root, request).render(request)
+        return request.responseCode or 200, body
+
+    def test_refused_without_the_token(self) -> None:
+        for path in ("/", "/metrics", "/status.json", "/static/app.js"):
+            for given in (None, "Bearer wrong", "Basic czNjcmV0", "s3cret"):
+                code, body = self.fetch(path, given)
+                self.assertEqual((code, body), (401, b"a valid bearer token is required\n"))
+
+    def test_served_with_the_token(self) -> None:
+        code, body = self.fetch("/metrics", "Bearer s3cret")
+        self.assertEqual(code, 200)
+        self.assertIn(b"wsgate_sessions_active 0", body)
+        self.assertEqual(self.fetch("/status.json", "bearer  s3cret ")[0], 200)
+
+    def test_ready_needs_no_token(self) -> None:
+        """Probes (kubelet, load balancers) ask /ready without credentials."""
+        self.assertEqual(self.fetch("/ready", None), (200, b"ready\n"))

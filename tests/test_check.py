@@ -186,6 +186,13 @@ class CheckTests(SynchronousTestCase):
         ):
             text = self.listen("tcp:0", extra=f'[admin]\nendpoint = "{endpoint}"\n')
             self.assertEqual(self.check(text), (0, ["ok"]), endpoint)
+        # With a token, beyond loopback is no warning; an empty token file is refused.
+        token = Path(self.dir, "admin.token")
+        token.write_text("s3cret\n")
+        extra = f'[admin]\nendpoint = "tcp:9020"\ntoken_file = "{token}"\n'
+        self.assertEqual(self.check(self.listen("tcp:0", extra=extra)), (0, ["ok"]))
+        token.write_text("")
+        self.assert_problem(self.listen("tcp:0", extra=extra), "admin.token_file", "empty")
 
     def test_control(self) -> None:
         """[control]: a Unix socket (mode 0600 added) or loopback TCP with a token file pass; TCP

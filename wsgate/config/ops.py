@@ -61,7 +61,10 @@ def read_console(table: Table) -> ConsoleSpec:
 
 def read_admin(table: Table) -> AdminSpec:
     """The ``[admin]`` table."""
-    spec = AdminSpec(endpoint=table.required("endpoint", check_endpoint, ""))
+    spec = AdminSpec(
+        endpoint=table.required("endpoint", check_endpoint, ""),
+        token_file=table.field(AdminSpec, "token_file", token_file(table.reader)),
+    )
     table.done()
     return spec
 

@@ -359,9 +359,13 @@ class ConsoleSpec:
 
 @dataclass(frozen=True)
 class AdminSpec:
-    """The admin HTTP listener (``[admin]``): ``/metrics``, ``/status.json`` and the status page."""
+    """
+    The admin HTTP listener (``[admin]``): ``/metrics``, ``/status.json`` and the status page;
+    with ``token_file``, every path but ``/ready`` asks for that bearer token.
+    """
 
     endpoint: str
+    token_file: str | None = None
 
 
 @dataclass(frozen=True)

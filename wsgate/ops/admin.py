@@ -7,7 +7,8 @@ from a CDN).
 Owns the HTTP side only: figures come from the gate's operations view (:mod:`wsgate.ops.view`,
 one process or workers alike) through :mod:`wsgate.ops.status` and :mod:`wsgate.core.metrics`
 (process figures from :mod:`wsgate.ops.process_metrics`).  Must
-not act on the gate: every resource is read-only.  There is no authentication: bind it to
+not act on the gate: every resource is read-only.  With ``token_file`` every path but ``/ready``
+asks for a bearer token (a probe needs none); without, there is no authentication: bind it to
 loopback or a management network.
 """
 
@@ -22,9 +23,10 @@ from twisted.web import resource, static
 from twisted.web.server import Request, Site
 
 import wsgate
-from wsgate.config import AdminSpec
+from wsgate.config import AdminSpec, read_token
 from wsgate.core import metrics
 from wsgate.ops import status
+from wsgate.ops.bearer import CHALLENGE, bearer_ok
 from wsgate.ops.process_metrics import process_text
 from wsgate.ops.view import GateView
 
@@ -148,9 +150,17 @@ class _Page(resource.Resource):
 
 
 class _Root(resource.Resource):
-    def __init__(self, page: resource.Resource) -> None:
+    """``/`` and the children; with a token, every child but ``/ready`` asks for it."""
+
+    def __init__(self, page: resource.Resource, token: str | None) -> None:
         super().__init__()
         self.page = page
+        self.token = token
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> resource.Resource:
+        if path != b"ready" and not bearer_ok(request, self.token):
+            return _Unauthorized()
+        return super().getChildWithDefault(path, request)
 
     def getChild(self, path: bytes, request: Request) -> resource.Resource:
         if path == b"":
@@ -158,14 +168,28 @@ class _Root(resource.Resource):
         return resource.NoResource()
 
 
+class _Unauthorized(resource.Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(401)
+        request.setHeader(b"www-authenticate", f"Bearer {CHALLENGE}".encode())
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"a valid bearer token is required\n"
+
+
 def admin_resource(
-    view: GateView, sampler: status.Sampler | None, listening: _Listening | None = None
+    view: GateView,
+    sampler: status.Sampler | None,
+    listening: _Listening | None = None,
+    token: str | None = None,
 ) -> resource.Resource:
     """
     The resource tree: ``/``, ``/metrics``, ``/status.json``, ``/ready`` and ``/static/``.
     ``listening`` (None: always listening) says whether the gate has started and not begun to stop.
+    ``token``: the bearer token every path but ``/ready`` asks for (None: none).
     """
-    root: Any = _Root(_Page())
+    root: Any = _Root(_Page(), token)
     root.putChild(b"metrics", _Metrics(view, sampler))
     root.putChild(b"status.json", _Status(view, sampler))
     root.putChild(b"ready", _Ready(view, listening))
@@ -190,5 +214,6 @@ def admin_service(
     listening: _Listening | None = None,
 ) -> service.Service:
     """The admin listener as a ``strports`` service (binds in ``privilegedStartService``)."""
-    site: Any = AdminSite(admin_resource(view, sampler, listening))
+    token = read_token(spec.token_file) if spec.token_file is not None else None
+    site: Any = AdminSite(admin_resource(view, sampler, listening, token))
     return strports.service(spec.endpoint, site)

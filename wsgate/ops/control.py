@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import json
 import os
 from typing import Any
@@ -66,6 +65,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from wsgate.config import ConfigError, ControlSpec, parse_duration, read_token
 from wsgate.ops import status
+from wsgate.ops.bearer import bearer_ok
 from wsgate.ops.preflight import binds_at
 from wsgate.ops.view import MAX_PUSH, GateView, check_kick, find_server
 
@@ -111,7 +111,7 @@ class ControlResource(resource.Resource):
     def render(self, request: Request) -> Any:
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
-        if not self._authorized(request):
+        if not bearer_ok(request, self.token):
             request.setHeader(b"www-authenticate", b'Bearer realm="wsgate control"')
             return _json(request, 401, {"error": "a valid bearer token is required"})
         if getattr(request, "too_large", False):
@@ -125,15 +125,6 @@ class ControlResource(resource.Resource):
         d.addErrback(lambda failure: _json(request, *self._error(failure)))
         d.addBoth(lambda body: _finish(request, body))
         return NOT_DONE_YET
-
-    def _authorized(self, request: Request) -> bool:
-        if self.token is None:
-            return True
-        given = (request.getHeader(b"authorization") or b"").decode("latin-1")
-        scheme, _, value = given.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            value.strip().encode(), self.token.encode()
-        )
 
     # -- routing -------------------------------------------------------------------------------
 

@@ -222,8 +222,8 @@ def _control_problems(config: Config) -> list[str]:
 
 
 def warnings(config: Config) -> list[str]:
-    """What starts but is risky: an admin listener (no authentication) beyond loopback."""
-    if config.admin is None:
+    """What starts but is risky: an admin listener without a token beyond loopback."""
+    if config.admin is None or config.admin.token_file is not None:
         return []
     endpoint = config.admin.endpoint
     where = _beyond_loopback("admin.endpoint", endpoint)
@@ -231,6 +231,6 @@ def warnings(config: Config) -> list[str]:
         return []
     return [
         f"{config.source}: admin.endpoint: {endpoint!r} listens on {where}, beyond loopback, and "
-        "the admin listener has no authentication (no bearer token): bind it to 127.0.0.1 or a "
-        "management network only"
+        "the admin listener has no authentication: give it a token_file, or bind it to 127.0.0.1 "
+        "or a management network only"
     ]
