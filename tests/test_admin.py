@@ -20,8 +20,9 @@ from wsgate import config as configmod
 from wsgate.ops.admin import admin_resource, admin_service
 from wsgate.ops.status import Sampler
 from wsgate.ops.view import LocalView
+from wsgate.process.aggregate import Aggregate
 from wsgate.process.sdnotify import Listening, Notifier
-from wsgate.process.workers import Aggregate, WorkerControl
+from wsgate.process.worker import WorkerControl
 
 A = "ws://a.test:1"
 B = "ws://b.test:2"

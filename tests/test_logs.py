@@ -38,7 +38,9 @@ from wsgate.ops.console import Console
 from wsgate.ops.logs import GateLog, json_line, text_line, twistd_log_file
 from wsgate.ops.status import Sampler
 from wsgate.ops.view import LocalView
-from wsgate.process.workers import Channel, _ForwardedLog, _WorkerProcess
+from wsgate.process.channel import Channel
+from wsgate.process.pool import _WorkerProcess
+from wsgate.process.worker import _ForwardedLog
 from wsgate.service import Options, makeService
 
 A = "ws://a.test:1"

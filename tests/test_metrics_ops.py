@@ -31,7 +31,8 @@ from wsgate.net.tls import BackendConnector, ServerTLS, TLSHandshakeError, certi
 from wsgate.ops.admin import admin_resource
 from wsgate.ops.process_metrics import gate_processes, process_text
 from wsgate.ops.view import LocalView
-from wsgate.process.workers import Aggregate, WorkerPool
+from wsgate.process.aggregate import Aggregate
+from wsgate.process.pool import WorkerPool
 
 A = "ws://a.test:1"
 B = "ws://b.test:2"

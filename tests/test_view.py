@@ -1,7 +1,7 @@
 """
 The operations view (``wsgate.ops.view.GateView``): one suite run against both implementations,
 :class:`~wsgate.ops.view.LocalView` over one Gateway, and the workers' parent's
-:class:`~wsgate.process.workers.Aggregate` over two in-memory workers (each a real Gateway behind
+:class:`~wsgate.process.aggregate.Aggregate` over two in-memory workers (each a real Gateway behind
 its WorkerControl and Channel).  Also the push queue of a relay (a message in flight) and the
 run-time changes a reload resets.
 """

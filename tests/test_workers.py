@@ -23,16 +23,12 @@ from wsgate import config as configmod
 from wsgate.core import metrics
 from wsgate.ops import status
 from wsgate.ops.console import Console
+from wsgate.ops.status import qualified_id, split_id
 from wsgate.ops.view import find_server
-from wsgate.process.workers import (
-    Aggregate,
-    Channel,
-    RemoteError,
-    WorkerControl,
-    WorkerPool,
-    qualified_id,
-    split_id,
-)
+from wsgate.process.aggregate import Aggregate
+from wsgate.process.channel import Channel, RemoteError
+from wsgate.process.pool import WorkerPool
+from wsgate.process.worker import WorkerControl
 from wsgate.service import makeService
 
 A = "ws://a.test:1"

@@ -19,7 +19,7 @@ from tests.test_console import Terminal, assert_tapped_hello
 from tests.test_workers import A, TwoWorkersCase, _Worker
 from wsgate.dataplane.tap import TAP_QUEUE, TAP_REFRESH
 from wsgate.ops.console import Console
-from wsgate.process.workers import Aggregate
+from wsgate.process.aggregate import Aggregate
 
 
 class _Listener:
