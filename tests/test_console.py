@@ -26,13 +26,13 @@ from wsgate.ops.console import (
     Console,
     ConsoleError,
     ConsoleManhole,
-    _ConsoleSession,
     console_service,
     load_authorized_keys,
     load_host_key,
     load_users,
     table,
 )
+from wsgate.ops.console.ssh import _ConsoleSession
 from wsgate.ops.status import Sampler
 from wsgate.ops.view import LocalView
 
