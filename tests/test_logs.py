@@ -21,9 +21,7 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.helpers import CLIENT_ADDRESS, BackendFactory, Network, upgrade_request
-from tests.test_admin import get
-from tests.test_console import Terminal
+from tests.helpers import CLIENT_ADDRESS, BackendFactory, Network, Terminal, get, upgrade_request
 from wsgate import config as configmod
 from wsgate.core.redact import (
     logfmt_value,

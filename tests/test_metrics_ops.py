@@ -22,8 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.certs import make_ca
-from tests.helpers import BackendFactory, Network, make_config, upgrade_request
-from tests.test_admin import get
+from tests.helpers import BackendFactory, Network, get, make_config, upgrade_request
 from wsgate import config as configmod
 from wsgate.core import metrics
 from wsgate.dataplane.backend_failures import connect_failure_reason, handshake_failure_reason

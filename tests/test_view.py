@@ -13,8 +13,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.helpers import BackendFactory, Network, make_config
-from tests.test_workers import A, B, TwoWorkersCase
+from tests.helpers import A, B, BackendFactory, Network, TwoWorkersCase, make_config
 from wsgate.config import ConfigError, parse
 from wsgate.core.frames import message_frame
 from wsgate.core.upstream import Upstream, runtime_resets
