@@ -7,9 +7,11 @@ Tests import these from here, never from another test module.
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import txaio
@@ -33,6 +35,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import getChildForRequest
 from twisted.web.test.requesthelper import DummyRequest
 
+from tests.certs import CA
 from wsgate import config as configmod
 from wsgate.dataplane.bridge import ClientLegFactory
 from wsgate.dataplane.gateway import Gateway
@@ -349,3 +352,47 @@ class TwoWorkersCase(SynchronousTestCase):
             channel.request("snapshot").addCallback(
                 lambda snap, index=index: self.aggregate.update(index, snap)
             )
+
+
+class Certs:
+    """A CA and certificate files in one directory."""
+
+    def __init__(self, directory: str, ca: CA | None = None) -> None:
+        self.dir = Path(directory)
+        self.ca = ca or CA()
+        self.ca_file = self.ca.write(self.dir, "ca")
+
+    def server(self, stem: str, *names: str, **kwargs: Any) -> dict[str, str]:
+        cert, key = self.ca.issue(*names, **kwargs).write(self.dir, stem)
+        return {"cert": cert, "key": key}
+
+    def client(self, stem: str = "client") -> dict[str, str]:
+        cert, key = self.ca.issue("gate client", client=True).write(self.dir, stem)
+        return {"client_cert": cert, "client_key": key}
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)
+
+
+def write_config(
+    path: str,
+    listen: list[dict[str, Any]],
+    servers: list[dict[str, Any]] | None = None,
+    redirects: list[dict[str, Any]] | None = None,
+) -> str:
+    lines = []
+    for item in listen:
+        lines += ["[[listen]]"] + [f"{k} = {_toml(v)}" for k, v in item.items()]
+    for item in redirects or []:
+        lines += ["[[redirect]]"] + [f"{k} = {_toml(v)}" for k, v in item.items()]
+    lines += ["[[route]]", 'path = "/"', 'upstream = "b"', "[upstream.b]", "tries = 1"]
+    lines.append(f"servers = {_toml(servers or [{'url': 'ws://127.0.0.1:9'}])}")
+    Path(path).write_text("\n".join(lines) + "\n")
+    return path
