@@ -26,7 +26,6 @@ from twisted.conch.ssh import keys
 from twisted.trial.unittest import TestCase
 from websockets.sync.client import ClientConnection, connect
 
-from tests import procs
 from tests.procs import (
     LOOPBACK,
     REPO,
@@ -67,7 +66,7 @@ def start_wss_backend(
     argv = [sys.executable, "-c", WSS_BACKEND, str(port), cert, key]
     if client_ca:
         argv.append(client_ca)
-    process = procs.start_process(case, argv, ready_port=port)
+    process = start_process(case, argv, ready_port=port)
     process.wait_for_output("Server started")
     return process
 
