@@ -1,7 +1,8 @@
 """
 ``python -m wsgate.worker INDEX CONFIG LISTENERS``: one worker process of ``workers = N``, started
-by the parent (:class:`wsgate.process.pool.WorkerPool`), never by hand.  Only glue: the process loop is
-:func:`wsgate.process.worker.run_worker`, the service tree :func:`wsgate.service.worker_service`.
+by the parent (:class:`wsgate.process.pool.WorkerPool`), never by hand.  Only glue: the process
+loop is :func:`wsgate.process.worker.run_worker`, the service tree
+:func:`wsgate.service.worker_service`.
 """
 
 import sys
