@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pexpect
+from twisted.trial.unittest import SynchronousTestCase
 from websockets.exceptions import ConnectionClosed
 
 __all__ = [
@@ -46,6 +48,8 @@ __all__ = [
     "start_redis",
     "wait_for_port",
     "wscat_command",
+    "NotifySocket",
+    "wait_exit",
 ]
 
 LOOPBACK = "127.0.0.1"
@@ -421,3 +425,57 @@ def spawn_wscat(case: _Case, url: str, timeout: float = 5.0) -> pexpect.spawn:
     case.addCleanup(child.close, True)
     child.expect_exact("Connected")
     return child
+
+
+_RECV_TIMEOUT = 20.0
+
+
+class NotifySocket:
+    """
+    What systemd listens on: an AF_UNIX datagram socket with SO_PASSCRED, so each datagram comes
+    with its sender's pid.  ``address`` is what goes in ``NOTIFY_SOCKET``.
+    """
+
+    def __init__(self, case: SynchronousTestCase, abstract: bool = False) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        case.addCleanup(self.sock.close)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        if abstract:
+            name = f"wsgate-test-{os.getpid()}-{id(self)}"
+            self.sock.bind("\0" + name)
+            self.address = "@" + name
+        else:
+            directory = tempfile.mkdtemp(prefix="wsgate-notify-")
+            case.addCleanup(shutil.rmtree, directory, True)
+            self.address = os.path.join(directory, "notify")
+            self.sock.bind(self.address)
+
+    def receive(self, timeout: float = _RECV_TIMEOUT) -> tuple[int, dict[str, str]]:
+        """The next datagram within ``timeout`` seconds: sender pid and its ``KEY=VALUE`` fields."""
+        self.sock.settimeout(timeout)
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
+        except TimeoutError:
+            raise AssertionError(f"no datagram on {self.address} within {timeout}s") from None
+        pid = -1
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid = struct.unpack("3i", value[:12])[0]
+        lines = data.decode("utf-8").split("\n")
+        return pid, dict(line.split("=", 1) for line in lines)
+
+    def nothing_within(self, seconds: float) -> bool:
+        self.sock.settimeout(seconds)
+        try:
+            self.sock.recv(4096)
+        except TimeoutError:
+            return True
+        return False
+
+
+def wait_exit(process: Process, timeout: float = 15.0) -> int | None:
+    """Wait (bounded) for a process told to stop to end by itself; its status, None if it did not."""
+    deadline = time.monotonic() + timeout
+    while process.returncode is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return process.returncode

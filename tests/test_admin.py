@@ -12,36 +12,19 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.resource import getChildForRequest
-from twisted.web.test.requesthelper import DummyRequest
 
-from tests.helpers import BackendFactory, Network, make_config, upgrade_request
+from tests.helpers import BackendFactory, Network, get, make_config, upgrade_request
 from wsgate import config as configmod
 from wsgate.ops.admin import admin_resource, admin_service
 from wsgate.ops.status import Sampler
 from wsgate.ops.view import LocalView
+from wsgate.process.aggregate import Aggregate
 from wsgate.process.sdnotify import Listening, Notifier
-from wsgate.process.workers import Aggregate, WorkerControl
+from wsgate.process.worker import WorkerControl
 
 A = "ws://a.test:1"
 B = "ws://b.test:2"
 C = "ws://c.test:3"
-
-
-def get(root: Any, path: str) -> tuple[DummyRequest, bytes]:
-    """GET ``path`` from the resource tree; the request (for headers) and the body."""
-    segments, _, query = path.lstrip("/").partition("?")
-    request = DummyRequest([s.encode() for s in segments.split("/")])
-    request.uri = path.encode()
-    if query:
-        for pair in query.split("&"):
-            k, _, v = pair.partition("=")
-            request.addArg(k.encode(), v.encode())
-    child = getChildForRequest(root, request)
-    body = child.render(request)
-    if body == 1:  # NOT_DONE_YET: static.File writes the body itself
-        body = b"".join(request.written)
-    return request, body
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

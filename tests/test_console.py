@@ -6,18 +6,16 @@ password files; the console's config and its refusal to start without a way in.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import bcrypt
-from twisted.conch.insults import insults
 from twisted.conch.ssh import keys
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.helpers import BackendFactory, Network, make_config
+from tests.helpers import BackendFactory, Network, Terminal, assert_tapped_hello, make_config
 from wsgate import config as configmod
 from wsgate.config import ConfigError
 from wsgate.dataplane.tap import TAP_QUEUE
@@ -25,54 +23,21 @@ from wsgate.ops import preflight
 from wsgate.ops.console import (
     Console,
     ConsoleError,
-    ConsoleManhole,
-    _ConsoleSession,
     console_service,
     load_authorized_keys,
     load_host_key,
     load_users,
     table,
 )
+from wsgate.ops.console.ssh import _ConsoleSession
 from wsgate.ops.status import Sampler
 from wsgate.ops.view import LocalView
 
 A = "ws://a.test:1"
 B = "ws://b.test:2"
-_ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1bc")
 PUBLIC_KEY = (
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMjLz3p0fv2+Xy9ZZBZhC3gRq8qzS3j0GmH2vLz2aZ0d ops@laptop"
 )
-
-
-def assert_tapped_hello(case: SynchronousTestCase, screen: str) -> None:
-    """The tap's lines for a text "hello tap" echoed back and a 3-byte binary message sent."""
-    case.assertRegex(screen, r"client->backend text\s+9 B\s+'hello tap'")
-    case.assertRegex(screen, r"backend->client text\s+9 B\s+'hello tap'")
-    case.assertRegex(screen, r"client->backend binary\s+3 B\s+00 01 02")
-
-
-class Terminal:
-    """A console session as a user sees it: type lines and keys, read the screen as text."""
-
-    def __init__(self, console: Console, user: str = "alice") -> None:
-        self.transport = StringTransport()
-        self.protocol = insults.ServerProtocol(ConsoleManhole, console, user)
-        self.protocol.makeConnection(self.transport)
-        self.manhole: ConsoleManhole = self.protocol.terminalProtocol
-
-    def type(self, text: str) -> str:
-        """Type ``text`` and Enter; return what the screen showed since the last call."""
-        self.transport.clear()
-        self.protocol.dataReceived(text.encode() + b"\r")
-        return self.screen()
-
-    def key(self, data: bytes) -> str:
-        self.transport.clear()
-        self.protocol.dataReceived(data)
-        return self.screen()
-
-    def screen(self) -> str:
-        return _ANSI.sub(b"", self.transport.value()).decode("utf-8", "replace")
 
 
 def output(screen: str) -> list[str]:

@@ -13,7 +13,7 @@ from typing import Any
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.helpers import BackendFactory, Network, make_config, upgrade_request
+from tests.helpers import BackendFactory, Network, frame, make_config, upgrade_request
 from wsgate import config as configmod
 from wsgate.config import Limits
 from wsgate.core.limits import Admission, MessageRate, WarningLimiter, client_address
@@ -32,18 +32,6 @@ def limited(limits: dict[str, Any], servers: list[str] = [A], **route: Any) -> c
         },
         "test.toml",
     )
-
-
-def frame(opcode: int, payload: bytes, masked: bool = True, fin: bool = True) -> bytes:
-    """A client frame, masked with a zero key (payload unchanged) unless ``masked`` is False."""
-    head = bytes([(0x80 if fin else 0) | opcode])
-    length = len(payload)
-    mask_bit = 0x80 if masked else 0
-    if length < 126:
-        head += bytes([mask_bit | length])
-    else:
-        head += bytes([mask_bit | 126]) + struct.pack("!H", length)
-    return head + (b"\0\0\0\0" if masked else b"") + payload
 
 
 class AdmissionTests(SynchronousTestCase):

@@ -21,9 +21,7 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.helpers import CLIENT_ADDRESS, BackendFactory, Network, upgrade_request
-from tests.test_admin import get
-from tests.test_console import Terminal
+from tests.helpers import CLIENT_ADDRESS, BackendFactory, Network, Terminal, get, upgrade_request
 from wsgate import config as configmod
 from wsgate.core.redact import (
     logfmt_value,
@@ -38,7 +36,9 @@ from wsgate.ops.console import Console
 from wsgate.ops.logs import GateLog, json_line, text_line, twistd_log_file
 from wsgate.ops.status import Sampler
 from wsgate.ops.view import LocalView
-from wsgate.process.workers import Channel, _ForwardedLog, _WorkerProcess
+from wsgate.process.channel import Channel
+from wsgate.process.pool import _WorkerProcess
+from wsgate.process.worker import _ForwardedLog
 from wsgate.service import Options, makeService
 
 A = "ws://a.test:1"

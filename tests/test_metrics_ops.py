@@ -22,8 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.certs import make_ca
-from tests.helpers import BackendFactory, Network, make_config, upgrade_request
-from tests.test_admin import get
+from tests.helpers import BackendFactory, Network, get, make_config, upgrade_request
 from wsgate import config as configmod
 from wsgate.core import metrics
 from wsgate.dataplane.backend_failures import connect_failure_reason, handshake_failure_reason
@@ -31,7 +30,8 @@ from wsgate.net.tls import BackendConnector, ServerTLS, TLSHandshakeError, certi
 from wsgate.ops.admin import admin_resource
 from wsgate.ops.process_metrics import gate_processes, process_text
 from wsgate.ops.view import LocalView
-from wsgate.process.workers import Aggregate, WorkerPool
+from wsgate.process.aggregate import Aggregate
+from wsgate.process.pool import WorkerPool
 
 A = "ws://a.test:1"
 B = "ws://b.test:2"

@@ -18,8 +18,14 @@ from autobahn.websocket.compress import (
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.helpers import BackendFactory, ClientFactory, Network, make_config, upgrade_request
-from tests.test_limits import frame
+from tests.helpers import (
+    BackendFactory,
+    ClientFactory,
+    Network,
+    frame,
+    make_config,
+    upgrade_request,
+)
 from wsgate import config as configmod
 
 A = "ws://a.test:1"

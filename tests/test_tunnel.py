@@ -16,8 +16,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.helpers import BackendFactory, Network, make_config, upgrade_request
-from tests.test_limits import frame
+from tests.helpers import BackendFactory, Network, frame, make_config, upgrade_request
 from wsgate.core.frames import FrameEngine, close_frame
 from wsgate.dataplane.bridge import READ_SIZE, Relay
 

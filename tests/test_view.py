@@ -1,7 +1,7 @@
 """
 The operations view (``wsgate.ops.view.GateView``): one suite run against both implementations,
 :class:`~wsgate.ops.view.LocalView` over one Gateway, and the workers' parent's
-:class:`~wsgate.process.workers.Aggregate` over two in-memory workers (each a real Gateway behind
+:class:`~wsgate.process.aggregate.Aggregate` over two in-memory workers (each a real Gateway behind
 its WorkerControl and Channel).  Also the push queue of a relay (a message in flight) and the
 run-time changes a reload resets.
 """
@@ -13,8 +13,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.helpers import BackendFactory, Network, make_config
-from tests.test_workers import A, B, TwoWorkersCase
+from tests.helpers import A, B, BackendFactory, Network, TwoWorkersCase, make_config
 from wsgate.config import ConfigError, parse
 from wsgate.core.frames import message_frame
 from wsgate.core.upstream import Upstream, runtime_resets

@@ -8,35 +8,23 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import IServiceCollection
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.helpers import BackendFactory, Network, make_config
-from tests.test_console import Terminal
+from tests.helpers import A, B, Terminal, TwoWorkersCase, channel_pair
 from wsgate import config as configmod
 from wsgate.core import metrics
 from wsgate.ops import status
 from wsgate.ops.console import Console
+from wsgate.ops.status import qualified_id, split_id
 from wsgate.ops.view import find_server
-from wsgate.process.workers import (
-    Aggregate,
-    Channel,
-    RemoteError,
-    WorkerControl,
-    WorkerPool,
-    qualified_id,
-    split_id,
-)
+from wsgate.process.channel import Channel, RemoteError
+from wsgate.process.pool import WorkerPool
 from wsgate.service import makeService
-
-A = "ws://a.test:1"
-B = "ws://b.test:2"
 
 
 def _config(workers: object = None, endpoint: str = "tcp:8020") -> configmod.Config:
@@ -94,21 +82,10 @@ class WorkersConfigTests(SynchronousTestCase):
         self.assertEqual(json.loads(argv[5]), pool.listeners)
 
 
-def _pair(
-    clock: Clock, answer: Any, on_event: Callable[[dict[str, Any]], None] | None = None
-) -> tuple[Channel, Channel]:
-    """A parent channel and a worker channel, connected in memory (parent events to on_event)."""
-    parent: Channel
-    worker: Channel
-    parent = Channel(lambda data: worker.data_received(data), clock, on_event=on_event)
-    worker = Channel(lambda data: parent.data_received(data), clock, answer)
-    return parent, worker
-
-
 class ChannelTests(SynchronousTestCase):
     def test_request_answer(self) -> None:
         """A request gets the answer of the other side's handler."""
-        parent, _ = _pair(Clock(), lambda call, args: {"call": call, **args})
+        parent, _ = channel_pair(Clock(), lambda call, args: {"call": call, **args})
         results: list[Any] = []
         parent.request("echo", x=1).addCallback(results.append)
         self.assertEqual(results, [{"call": "echo", "x": 1}])
@@ -119,7 +96,7 @@ class ChannelTests(SynchronousTestCase):
         def answer(call: str, args: dict[str, Any]) -> None:
             raise LookupError("no live session 9")
 
-        parent, _ = _pair(Clock(), answer)
+        parent, _ = channel_pair(Clock(), answer)
         failure = self.failureResultOf(parent.request("kick"), LookupError)
         self.assertEqual(str(failure.value), "no live session 9")
 
@@ -129,7 +106,7 @@ class ChannelTests(SynchronousTestCase):
         def answer(call: str, args: dict[str, Any]) -> None:
             raise RuntimeError("broken")
 
-        parent, _ = _pair(Clock(), answer)
+        parent, _ = channel_pair(Clock(), answer)
         failure = self.failureResultOf(parent.request("kick"), RemoteError)
         self.assertEqual(str(failure.value), "broken")
 
@@ -153,62 +130,6 @@ class ChannelTests(SynchronousTestCase):
         channel.lost()
         self.failureResultOf(pending, RemoteError)
         self.failureResultOf(channel.request("snapshot"), RemoteError)
-
-
-class _Worker:
-    """A real Gateway in memory, as a worker process holds it, behind a WorkerControl."""
-
-    def __init__(self, clock_net: Network) -> None:
-        self.net = clock_net
-        self.gateway = clock_net.gateway
-        self.reloads = 0
-        self.stops = 0
-        self.control = WorkerControl(self, self._stop)
-
-    def reload(self) -> list[str]:
-        self.reloads += 1
-        return ["nothing changed"]
-
-    def _stop(self) -> None:
-        self.stops += 1
-
-
-class TwoWorkersCase(SynchronousTestCase):
-    """
-    The parent's Aggregate over two workers, each a real Gateway behind a WorkerControl, reached
-    through a Channel; workers' events (a tap's) go to the Aggregate.  A base: no tests of its own.
-    """
-
-    def setUp(self) -> None:
-        self.workers = {
-            1: _Worker(Network(make_config([A, B]), {A: BackendFactory(), B: BackendFactory()})),
-            2: _Worker(Network(make_config([A, B]), {A: BackendFactory(), B: BackendFactory()})),
-        }
-        self.clock = self.workers[1].net.clock
-        self.channels: dict[int, Channel] = {}
-        for index, worker in self.workers.items():
-
-            def event(message: dict[str, Any], index: int = index) -> None:
-                self.aggregate.tap_event(index, message)
-
-            self.channels[index], child = _pair(self.clock, worker.control, event)
-            worker.control.send = child.send
-        self.aggregate = Aggregate(make_config([A, B]), self.clock, self._send, self._broadcast)
-
-    def _send(self, index: int, call: str, **args: Any) -> Deferred:
-        return self.channels[index].request(call, **args)
-
-    def _broadcast(self, call: str, **args: Any) -> Deferred:
-        from twisted.internet.defer import gatherResults
-
-        calls = [c.request(call, **args) for c in self.channels.values()]
-        return gatherResults(calls, consumeErrors=True)  # as WorkerPool.broadcast
-
-    def poll(self) -> None:
-        for index, channel in self.channels.items():
-            channel.request("snapshot").addCallback(
-                lambda snap, index=index: self.aggregate.update(index, snap)
-            )
 
 
 class AggregateTests(TwoWorkersCase):

@@ -14,12 +14,19 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.helpers import BackendFactory, Network, make_config
-from tests.test_console import Terminal, assert_tapped_hello
-from tests.test_workers import A, TwoWorkersCase, _Worker
+from tests.helpers import (
+    A,
+    BackendFactory,
+    InMemoryWorker,
+    Network,
+    Terminal,
+    TwoWorkersCase,
+    assert_tapped_hello,
+    make_config,
+)
 from wsgate.dataplane.tap import TAP_QUEUE, TAP_REFRESH
 from wsgate.ops.console import Console
-from wsgate.process.workers import Aggregate
+from wsgate.process.aggregate import Aggregate
 
 
 class _Listener:
@@ -42,7 +49,7 @@ class WorkerSideTests(SynchronousTestCase):
     """The worker's end: WorkerControl's tap and untap, and the events it sends."""
 
     def setUp(self) -> None:
-        self.worker = _Worker(Network(make_config([A]), {A: BackendFactory()}))
+        self.worker = InMemoryWorker(Network(make_config([A]), {A: BackendFactory()}))
         self.events: list[dict[str, Any]] = []
         self.worker.control.send = self.events.append
         self.net = self.worker.net

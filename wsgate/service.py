@@ -50,8 +50,9 @@ from wsgate.ops.control import control_service
 from wsgate.ops.logs import GateLog, twistd_log_file
 from wsgate.ops.status import Sampler
 from wsgate.ops.view import GateView, LocalView
+from wsgate.process.pool import WorkerPool
 from wsgate.process.sdnotify import Listening, Notifier, take_address
-from wsgate.process.workers import SharedSocketEndpoint, WorkerPool
+from wsgate.process.sockets import SharedSocketEndpoint
 
 __all__ = ["Options", "makeService", "worker_service"]
 

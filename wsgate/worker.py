@@ -1,12 +1,13 @@
 """
 ``python -m wsgate.worker INDEX CONFIG LISTENERS``: one worker process of ``workers = N``, started
-by the parent (:class:`wsgate.process.workers.WorkerPool`), never by hand.  Only glue: the process loop is
-:func:`wsgate.process.workers.run_worker`, the service tree :func:`wsgate.service.worker_service`.
+by the parent (:class:`wsgate.process.pool.WorkerPool`), never by hand.  Only glue: the process
+loop is :func:`wsgate.process.worker.run_worker`, the service tree
+:func:`wsgate.service.worker_service`.
 """
 
 import sys
 
-from wsgate.process.workers import run_worker
+from wsgate.process.worker import run_worker
 from wsgate.service import worker_service
 
 if __name__ == "__main__":

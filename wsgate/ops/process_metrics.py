@@ -31,7 +31,7 @@ Process = tuple[str | None, int | str]
 def gate_processes(workers: Callable[[], list[dict[str, Any]]] | None) -> list[Process]:
     """
     The processes of a gate: this one alone, or with ``workers`` (rows with ``worker`` and
-    ``pid``, as :meth:`wsgate.process.workers.Aggregate.workers` lists them) this one as the
+    ``pid``, as :meth:`wsgate.process.aggregate.Aggregate.workers` lists them) this one as the
     parent and every worker.
     """
     if workers is None:

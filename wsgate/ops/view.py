@@ -6,7 +6,7 @@ or a parent with workers.
 Owns :class:`GateView` (the interface), :class:`LocalView` (over the Gateway of this process; a
 worker answers its parent with one too) and the checks every implementation shares (close codes,
 pushed messages, naming a server).  The other implementation is the workers' parent's
-:class:`wsgate.process.workers.Aggregate`, over its workers' snapshots, forwarding each verb to the
+:class:`wsgate.process.aggregate.Aggregate`, over its workers' snapshots, forwarding each verb to the
 worker that holds the session (or to every worker, for servers).  Callers never ask which one they
 hold.
 

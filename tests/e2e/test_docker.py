@@ -34,8 +34,8 @@ from tests.procs import (
     spawn_wscat,
     start_node_backend,
     start_process,
+    wait_exit,
 )
-from tests.test_sdnotify import wait_exit
 from wsgate import config as configmod
 
 DOCKERFILE = REPO / "Dockerfile"

@@ -16,8 +16,8 @@ import time
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
+from tests.e2e.helpers import GateCase, settled_fds, status_kib
 from tests.procs import terminate_gate
-from tests.test_e2e_gate import GateCase, settled_fds, status_kib
 
 
 class ShutdownTests(GateCase):

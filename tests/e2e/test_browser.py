@@ -181,7 +181,7 @@ def remove_profile(profile: Path, timeout: float = 5.0) -> None:
 
 class Browser:
     """
-    Headless Chromium (flags as in tests/test_e2e_console.py, a fresh profile) opened on ``url``,
+    Headless Chromium (flags as in tests/e2e/test_console.py, a fresh profile) opened on ``url``,
     driven over the DevTools protocol on a loopback port Chromium picks itself.
     """
 

@@ -26,10 +26,18 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from websockets.sync.client import connect
 
 from tests.certs import CA
-from tests.procs import LOOPBACK, REPO, Process, free_ports, start_node_backend, start_process
+from tests.e2e.helpers import start_wss_backend, wss_client
+from tests.procs import (
+    LOOPBACK,
+    REPO,
+    NotifySocket,
+    Process,
+    free_ports,
+    start_node_backend,
+    start_process,
+    wait_exit,
+)
 from tests.sandbox import unit_settings
-from tests.test_sdnotify import NotifySocket, wait_exit
-from tests.test_tls import start_backend, ws_client
 
 UNIT = REPO / "etc" / "wsgate.service"
 TLS_EXAMPLE = REPO / "etc" / "wsgate-tls.toml"
@@ -215,7 +223,7 @@ class SandboxedGateTests(TestCase):
         config = directory / "wsgate.toml"
         config.write_text(text)
         tls = directory / "tls"
-        start_backend(
+        start_wss_backend(
             self,
             backend_port,
             str(tls / "localhost.pem"),
@@ -225,7 +233,7 @@ class SandboxedGateTests(TestCase):
         listener = NotifySocket(self, abstract=True)
         gate = self.start(config, listener)
 
-        with ws_client(gate_port, str(tls / "demo-ca.pem")) as ws:
+        with wss_client(gate_port, str(tls / "demo-ca.pem")) as ws:
             ws.send("Hello")
             self.assertEqual(ws.recv(timeout=10), "echo: Hello")
         request = urllib.request.Request(f"http://{LOOPBACK}:{redirect_port}/a?b=1")

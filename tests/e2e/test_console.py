@@ -6,195 +6,21 @@ WebSocket clients are connected; headless Chromium renders the status page.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
-from pathlib import Path
-from typing import Any
 
-import bcrypt
 import pexpect
-from twisted.conch.ssh import keys
-from twisted.trial.unittest import TestCase
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection, connect
 
+from tests.e2e.helpers import ARTIFACTS, PASSWORD, ConsoleGateCase, command_of, plain
 from tests.procs import (
     CHROMIUM_FLAGS,
     LOOPBACK,
-    REPO,
-    Process,
-    free_ports,
-    start_configured_gate,
-    start_process,
 )
-
-BACKEND = REPO / "tests" / "fixtures" / "ab_backend.py"
-ARTIFACTS = REPO / "test-artifacts"
-PASSWORD = "correct horse battery staple"
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1bc")
-_INSTALL_HINT = "run scripts/install-test-deps.sh (as root) to install the end-to-end test peers"
-
-
-def plain(text: str) -> str:
-    return _ANSI.sub("", text).replace("\r", "")
-
-
-def command_of(name: str) -> str:
-    """An external program the tests drive; fail (not skip) when it is missing."""
-    path = shutil.which(name)
-    if path is None:
-        raise AssertionError(f"{name} is not installed: {_INSTALL_HINT}")
-    return path
-
-
-class ConsoleGateCase(TestCase):
-    """A gate process with the console and admin listener, in front of two echo backends."""
-
-    # Top-level config keys before the tables (``workers = 2``).
-    top_config = ""
-
-    def setUp(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="wsgate-console-"))
-        self.addCleanup(shutil.rmtree, self.dir, True)
-        self.key = self.dir / "id_ops"
-        self.other_key = self.dir / "id_stranger"
-        for key, comment in ((self.key, "ops@test"), (self.other_key, "stranger@test")):
-            subprocess.run(
-                [
-                    command_of("ssh-keygen"),
-                    "-q",
-                    "-t",
-                    "ed25519",
-                    "-N",
-                    "",
-                    "-C",
-                    comment,
-                    "-f",
-                    key,
-                ],
-                check=True,
-                timeout=30,
-            )
-        (self.dir / "authorized_keys").write_text(Path(f"{self.key}.pub").read_text())
-        hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()
-        (self.dir / "users").write_text(f"ann:{hashed}\n")
-        ports = free_ports(5)
-        self.gate_port, self.ssh_port, self.admin_port, a, b = ports
-        self.backends = [f"ws://{LOOPBACK}:{a}", f"ws://{LOOPBACK}:{b}"]
-        for port in (a, b):
-            start_process(self, [sys.executable, str(BACKEND), str(port), "echo"], ready_port=port)
-        self.config = self.dir / "gate.toml"
-        self.config.write_text(
-            self.top_config
-            + f'[[listen]]\nendpoint = "tcp:{self.gate_port}:interface={LOOPBACK}"\n'
-            '[[route]]\nupstream = "u"\n'
-            "[upstream.u]\nservers = ["
-            + ", ".join(f'{{ url = "{url}" }}' for url in self.backends)
-            + "]\n"
-            f'[console]\nendpoint = "tcp:{self.ssh_port}:interface={LOOPBACK}"\n'
-            'authorized_keys = "authorized_keys"\nusers = "users"\nhost_key = "host_key"\n'
-            f'[admin]\nendpoint = "tcp:{self.admin_port}:interface={LOOPBACK}"\n'
-        )
-        self.gate = self.start_gate()
-        self.known_hosts = self.dir / "known_hosts"
-
-    def start_gate(self) -> Process:
-        gate = start_configured_gate(self, self.config, self.gate_port)
-        from tests.procs import wait_for_port
-
-        wait_for_port(LOOPBACK, self.ssh_port, 10, gate)
-        wait_for_port(LOOPBACK, self.admin_port, 10, gate)
-        return gate
-
-    def client(self, path: str = "/") -> ClientConnection:
-        ws = connect(f"ws://{LOOPBACK}:{self.gate_port}{path}", open_timeout=5, close_timeout=2)
-        self.addCleanup(ws.close)
-        return ws
-
-    def status(self) -> dict[str, Any]:
-        url = f"http://{LOOPBACK}:{self.admin_port}/status.json"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return json.loads(response.read())
-
-    def ssh(
-        self, *options: str, user: str = "ops", key: Path | None = None, strict: bool = False
-    ) -> pexpect.spawn:
-        argv = [
-            "-F",
-            "/dev/null",
-            "-tt",
-            "-p",
-            str(self.ssh_port),
-            "-o",
-            f"UserKnownHostsFile={self.known_hosts}",
-            "-o",
-            f"StrictHostKeyChecking={'yes' if strict else 'no'}",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "ConnectTimeout=5",
-        ]
-        if key is not None:
-            argv += ["-i", str(key)]
-        argv += [*options, f"{user}@{LOOPBACK}"]
-        env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
-        child = pexpect.spawn(
-            command_of("ssh"),
-            argv,
-            env=env,
-            encoding="utf-8",
-            codec_errors="replace",
-            timeout=10,
-            dimensions=(50, 200),
-        )
-        self.addCleanup(child.close, True)
-        return child
-
-    def login(self) -> pexpect.spawn:
-        child = self.ssh("-o", "BatchMode=yes", key=self.key)
-        child.expect_exact(">>> ")
-        return child
-
-    def type(self, child: pexpect.spawn, line: str) -> str:
-        """Type a line at the console; what it printed before the next prompt."""
-        child.sendline(line)
-        # The console redraws the input line (prompt included) at every key; the prompt after the
-        # command's output is the first one at the start of a line.
-        child.expect("\n>>> ")
-        return plain(child.before)
-
-    def run_ssh(self, *command: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        """The OpenSSH client without a terminal (BatchMode, the key, the gate's host key
-        checked strictly): ``command`` as an exec request, or ``stdin`` piped to the shell."""
-        host_key = keys.Key.fromFile(str(self.dir / "host_key")).public().toString("openssh")
-        self.known_hosts.write_text(f"[{LOOPBACK}]:{self.ssh_port} {host_key.decode()}\n")
-        argv = [command_of("ssh"), "-F", "/dev/null", "-p", str(self.ssh_port)]
-        argv += ["-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes"]
-        argv += ["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=5"]
-        argv += ["-i", str(self.key), *(["-T"] if stdin is not None else [])]
-        argv += [f"ops@{LOOPBACK}", *command]
-        env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
-        return subprocess.run(
-            argv, input=stdin or "", capture_output=True, text=True, timeout=30, env=env
-        )
-
-    def session_id(self, ws: ClientConnection) -> Any:
-        """The gate's id of the session of this client (found by its address): a number, or
-        ``"WORKER:ID"`` with workers."""
-        host, port = ws.socket.getsockname()[:2]
-        for _ in range(50):
-            for row in self.status()["sessions"]:
-                if row["client"] == f"{host}:{port}":
-                    return row["id"]
-            time.sleep(0.1)
-        raise AssertionError(f"no session from {host}:{port}")
 
 
 class ConsoleTests(ConsoleGateCase):

@@ -20,6 +20,7 @@ from pathlib import Path
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
+from tests.e2e.helpers import BACKEND, ConsoleGateCase, command_of
 from tests.procs import (
     LOOPBACK,
     Process,
@@ -29,7 +30,6 @@ from tests.procs import (
     start_redis,
     wait_for_port,
 )
-from tests.test_e2e_console import BACKEND, ConsoleGateCase, command_of
 from wsgate.ctl import request
 
 GATES = ("g1", "g2", "g3")

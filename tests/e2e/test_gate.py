@@ -11,67 +11,12 @@ import os
 import signal
 import socket
 import struct
-import sys
 import time
-from pathlib import Path
 
-from twisted.trial.unittest import TestCase
 from websockets.sync.client import connect
 
-from tests.procs import LOOPBACK, REPO, free_ports, start_configured_gate, start_process
-
-BACKEND = REPO / "tests" / "fixtures" / "ab_backend.py"
-MiB = 1024 * 1024
-
-
-def status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field} for {pid}")
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def settled_fds(pid: int, expected: int | None = None, timeout: float = 5.0) -> int:
-    """The process's open fd count once it stops changing (or reaches ``expected``), bounded in time."""
-    last = open_fds(pid)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        now = open_fds(pid)
-        if now == expected or (expected is None and now == last):
-            return now
-        last = now
-    return last
-
-
-class GateCase(TestCase):
-    """Starts an Autobahn backend in ``mode`` and a gate in front of it, from a config file."""
-
-    def start(self, mode: str, route: str = "", extra: str = "", top: str = "") -> None:
-        gate_port, backend_port = free_ports(2)
-        self.backend_port = backend_port
-        self.mode = mode
-        self.start_backend()
-        config = self.config_path = Path(self.mktemp())
-        config.write_text(
-            f'{top}\n[[listen]]\nendpoint = "tcp:{gate_port}:interface={LOOPBACK}"\n'
-            f'[[route]]\nupstream = "u"\n{route}\n'
-            f'[upstream.u]\nservers = [{{ url = "ws://{LOOPBACK}:{backend_port}" }}]\n{extra}\n'
-        )
-        self.gate = start_configured_gate(self, config, gate_port)
-        self.url = f"ws://{LOOPBACK}:{gate_port}"
-        self.gate_port = gate_port
-
-    def start_backend(self) -> None:
-        self.backend = start_process(
-            self,
-            [sys.executable, str(BACKEND), str(self.backend_port), self.mode],
-            ready_port=self.backend_port,
-        )
+from tests.e2e.helpers import GateCase, MiB, open_fds, settled_fds, status_kib
+from tests.procs import LOOPBACK
 
 
 class StreamingTests(GateCase):

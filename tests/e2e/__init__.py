@@ -1,0 +1,1 @@
+"""End-to-end tests: real gate processes and real peers on loopback (marker ``e2e``)."""
