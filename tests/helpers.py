@@ -215,11 +215,14 @@ class Network:
         self.flush()
 
 
-def get(root: Any, path: str) -> tuple[DummyRequest, bytes]:
-    """GET ``path`` from the resource tree; the request (for headers) and the body."""
+def get(root: Any, path: str, headers: dict[str, str] | None = None) -> tuple[DummyRequest, bytes]:
+    """GET ``path`` (with request ``headers``) from the resource tree; the request (for the
+    answer's code and headers) and the body."""
     segments, _, query = path.lstrip("/").partition("?")
     request = DummyRequest([s.encode() for s in segments.split("/")])
     request.uri = path.encode()
+    for name, value in (headers or {}).items():
+        request.requestHeaders.setRawHeaders(name.encode(), [value.encode()])
     if query:
         for pair in query.split("&"):
             k, _, v = pair.partition("=")

@@ -313,10 +313,8 @@ class TokenTests(SynchronousTestCase):
         self.root = admin_resource(LocalView(net.gateway), None, None, token="s3cret")
 
     def fetch(self, path: str, authorization: str | None) -> tuple[int, bytes]:
-        request = DummyRequest([s.encode() for s in path.lstrip("/").split("/")])
-        if authorization is not None:
-            request.requestHeaders.setRawHeaders(b"authorization", [authorization.encode()])
-        body = getChildForRequest(self.root, request).render(request)
+        headers = {"authorization": authorization} if authorization is not None else None
+        request, body = get(self.root, path, headers)
         return request.responseCode or 200, body
 
     def test_refused_without_the_token(self) -> None:
