@@ -50,6 +50,7 @@ from wsgate.core.auth import (
     www_authenticate,
 )
 from wsgate.core.frames import control_frame
+from wsgate.core.session import SessionState
 from wsgate.dataplane._compat import quiet_pool
 from wsgate.dataplane.httpclient import read_body
 
@@ -88,7 +89,7 @@ def authenticate(session: Session, authenticator: Authenticator) -> None:
     """
 
     def done(result: Identity | Failure) -> None:
-        if session.state != "CONNECTING":
+        if session.state != SessionState.CONNECTING:
             return
         if isinstance(result, Identity):
             session.authenticated(result)

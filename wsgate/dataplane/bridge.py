@@ -120,7 +120,6 @@ from autobahn.twisted.websocket import (
 from autobahn.websocket.compress import PerMessageDeflateResponseAccept
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectingRequest, ConnectionDeny, ConnectionRequest
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.error import TimeoutError
 from twisted.internet.interfaces import IPushProducer, ISSLTransport
@@ -133,8 +132,66 @@ from wsgate.core.auth import Identity, backend_view
 from wsgate.core.frames import PING, FrameEngine, close_frame, control_frame, message_frame
 from wsgate.core.limits import MessageRate, client_address
 from wsgate.core.redact import new_request_id, redact_target, redact_text, sanitize_request_id
+from wsgate.core.session import (
+    AbortConnection,
+    AbortPending,
+    Accept,
+    AttemptFailed,
+    AuthAllowed,
+    AuthDenied,
+    BackendAccepted,
+    BackendConnected,
+    BackendFailed,
+    CallHook,
+    CancelAttempt,
+    CancelTimer,
+    ClientOpened,
+    CloseReceived,
+    CloseRequested,
+    DismissBackend,
+    EndAttempt,
+    HandshakeFailed,
+    HookAnswered,
+    IdleChecked,
+    LegLost,
+    LoseConnection,
+    OpenRelay,
+    PongChecked,
+    Record,
+    Refuse,
+    RelayStarted,
+    Release,
+    Routed,
+    SendClose,
+    SendPings,
+    SessionMachine,
+    SessionPolicy,
+    SessionRecord,
+    SessionState,
+    Side,
+    StartAttempt,
+    StartTimer,
+    Stuck,
+    Timer,
+    TimerFired,
+    Violation,
+    WarnFailed,
+    partner_close,
+)
 from wsgate.core.upstream import Server
-from wsgate.dataplane._compat import AUTOBAHN_CLIENT_STATE, AUTOBAHN_SERVER_STATE, AUTOBAHN_STATE
+from wsgate.dataplane._compat import (
+    AUTOBAHN_CLIENT_STATE,
+    AUTOBAHN_SERVER_STATE,
+    AUTOBAHN_STATE,
+    READ_SIZE,
+    autobahn_receive,
+    hand_over,
+    read_more,
+    release_connector,
+    release_leg,
+    send_data,
+    write_eagerly,
+)
 from wsgate.dataplane.auth import Authenticator, Lifetime, authenticate, start_lifetime
 from wsgate.dataplane.backend_failures import connect_failure_reason, handshake_failure_reason
 from wsgate.dataplane.gateway import Gateway
@@ -165,36 +222,6 @@ Connect = Callable[[ServerSpec, Any, float], Deferred]
 """Opens a connection to a backend server with a protocol factory and a connect timeout."""
 
 _FORWARDED_AS_IS = ("cookie", "authorization")
-_CLIENT_REASONS = {
-    502: "No backend server accepted the session",
-    503: "No backend server available",
-    504: "No backend server answered in time",
-}
-
-
-def partner_close(side: str, kind: str, code: int | None, reason: str) -> tuple[int | None, str]:
-    """
-    The close code and reason to send to the partner of the leg on ``side`` (``"client"`` or
-    ``"backend"``) that ended in the way ``kind`` says:
-
-    - ``"close"``: its peer sent a Close with ``code`` (None for an empty Close) and ``reason``;
-    - ``"failed"``: the gate failed that leg itself with ``code`` (protocol error, invalid UTF-8,
-      message too big);
-    - ``"dropped"``: the connection went away without a Close (in tunnel mode a backend that
-      goes away by itself takes the client's connection with it instead, see
-      ``Session.leg_lost``).
-
-    See the table in this module's docstring.
-    """
-    if kind == "close":
-        return code, reason
-    if side == "client":
-        if kind == "failed":
-            return 1001, f"client error {code}: {reason}"
-        return 1001, "client went away"
-    if kind == "failed":
-        return 1011, f"backend error {code}: {reason}"
-    return 1011, "backend connection lost"
 
 
 @implementer(IPushProducer)
@@ -438,17 +465,16 @@ class Relay:
 
 class Session:
     """
-    One client session and its backend session: the handshake pairing, the relay in both
-    directions and the close of both legs.  See the module docstring for the states.
+    The driver of one session: feeds its :class:`~wsgate.core.session.SessionMachine` the
+    events of both legs, the relays and the timers, and carries out the commands it returns
+    through Autobahn and Twisted.  See the module docstring for the states.
     """
 
     log = Logger()
     __slots__ = (
         "id", "gateway", "client", "request", "backend", "server", "route_path", "subprotocol",
-        "state", "started", "opened_at", "up", "down", "throttles", "client_close",
-        "backend_close", "closed_by", "_connect", "_tried", "_attempting", "_attempt", "_pending",
-        "_handshake", "_timer", "_lost", "extensions", "_ping_timer", "_close_timer", "_ping_seq",
-        "_ping_sent", "_backend_aborted",
+        "machine", "started", "opened_at", "up", "down", "throttles", "_connect", "_attempt",
+        "_pending", "_handshake", "_timers", "extensions", "_ping_sent",
         "peer_address", "client_address", "client_port", "_admitted", "tls", "target", "route",
         "upstream", "request_id", "__weakref__",
         "added_headers", "auth", "lifetime", "refusal_headers",
@@ -465,7 +491,7 @@ class Session:
         self.server: Server | None = None
         self.route_path = ""
         self.subprotocol: str | None = None
-        self.state = "CONNECTING"
+        self.machine = SessionMachine()
         self.started = gateway.clock.seconds()
         self.opened_at: float | None = (
             None  # when the backend accepted (connect time = this - started)
@@ -474,23 +500,13 @@ class Session:
         self.up: Relay | None = None
         self.down: Relay | None = None
         self.throttles: tuple[_ReadThrottle, _ReadThrottle] | None = None
-        self.client_close: str | None = None
-        self.backend_close: str | None = None
-        self.closed_by: str | None = None
         self._connect = connect
-        self._tried: list[Server] = []
-        self._attempting: Server | None = None  # the server of the attempt in progress
-        self._attempt: Deferred | None = None
-        self._pending: BackendLeg | None = None
+        self._attempt: Deferred | None = None  # the connect or webhook call in progress
+        self._pending: BackendLeg | None = None  # the backend leg whose handshake runs
         self._handshake: Deferred | None = None
-        self._timer: Any = None
-        self._lost: set[str] = set()
+        self._timers: dict[Timer, Any] = {}
         self.extensions: str | None = None  # the backend's Sec-WebSocket-Extensions answer
         self._ping_sent = 0.0
-        self._backend_aborted = False  # the gate itself dropped the backend (ping timeout)
-        self._ping_timer: Any = None
-        self._close_timer: Any = None
-        self._ping_seq = 0
         peer = client.transport.getPeer()
         self.peer_address = str(getattr(peer, "host", peer))
         self.client_address = client_address(
@@ -507,6 +523,27 @@ class Session:
         self.auth: Identity | None = None  # who [route.auth] found the client to be
         self.lifetime: Lifetime | None = None  # credential expiry and max_session_age timers
         self.refusal_headers: tuple[tuple[str, str], ...] = ()  # e.g. WWW-Authenticate
+
+    @property
+    def state(self) -> SessionState:
+        return self.machine.state
+
+    @property
+    def closed_by(self) -> str | None:
+        return self.machine.closed_by
+
+    @property
+    def client_close(self) -> str | None:
+        return self.machine.client_close
+
+    @property
+    def backend_close(self) -> str | None:
+        return self.machine.backend_close
+
+    def _feed(self, event: object) -> None:
+        """Hand the machine an event and carry out its commands, in order."""
+        for command in self.machine.handle(event):
+            getattr(self, "_do_" + type(command).__name__)(command)
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -529,30 +566,31 @@ class Session:
         self._admitted = True
         self.route = route
         self.route_path = route.path
-        self.upstream = self.gateway.upstreams[route.upstream]
+        self.upstream = upstream = self.gateway.upstreams[route.upstream]
+        limits = gateway.config.limits
+        policy = SessionPolicy(
+            tries=upstream.spec.tries,
+            try_timeout=upstream.spec.try_timeout,
+            auth=route.auth is not None,
+            hook=route.on_connect is not None,
+            mode=route.mode,
+            idle_timeout=route.idle_timeout,
+            ping_interval=route.ping_interval,
+            ping_timeout=route.ping_timeout,
+            close_timeout=limits.close_timeout,
+            send_timeout=limits.send_timeout,
+        )
         handshake = self._handshake = Deferred()
+        self._feed(Routed(policy, self._pick))
         if route.auth is not None:  # calls back authenticated() or deny()
             authenticate(self, self.client.factory.auth)
-        else:
-            self._open_backend()
         return handshake
 
-    def _open_backend(self) -> None:
-        """The client may go on (authenticated, or no [route.auth]): the on_connect webhook, if
-        any, then the backend attempts, all within the upstream's try_timeout."""
-        self._timer = self.gateway.clock.callLater(
-            self.upstream.spec.try_timeout, self._try_timeout_passed
+    def _pick(self, tried: list[Server]) -> Server | None:
+        request = self.request
+        return self.upstream.pick(
+            tried, client=self.client_address, headers=request.headers, params=request.params
         )
-        hook = self.route.on_connect
-        if hook is not None:
-            # The webhook's call is the first attempt: a client that leaves cancels it.
-            hooks = self.gateway.webhooks
-            assert hooks is not None, "service.py gives the gateway its webhooks"
-            call = hooks.on_connect(hook, self.describe(), self.request, self.target)
-            self._attempt = call  # before the callback, which may run at once and replace it
-            call.addCallback(self._connect_hook_answered)
-            return
-        self._try_next(None)  # may already have refused the client, when every try fails at once
 
     def authenticated(self, identity: Identity) -> None:
         """[route.auth] accepted the client: the backend gets the identity's headers (and the
@@ -560,126 +598,109 @@ class Session:
         self.auth = identity
         if not identity.forward:
             self.target = backend_view(identity.source, {}, self.target or "/")[1]
-        self._open_backend()
+        self._feed(AuthAllowed())
 
     def deny(
         self, status: int, reason: str, client_reason: str, headers: tuple[tuple[str, str], ...]
     ) -> None:
         """[route.auth] refused the client: ``status`` with ``headers``; ``reason`` is logged."""
         self.refusal_headers = headers
-        self._refuse((status, reason), client_reason)
+        self._feed(AuthDenied(status, reason, client_reason))
+
+    def _do_CallHook(self, command: CallHook) -> None:
+        # The webhook's call is the first attempt: a client that leaves cancels it.
+        hooks = self.gateway.webhooks
+        assert hooks is not None, "service.py gives the gateway its webhooks"
+        hook = self.route.on_connect
+        assert hook is not None
+        call = hooks.on_connect(hook, self.describe(), self.request, self.target)
+        self._attempt = call  # before the callback, which may run at once and replace it
+        call.addCallback(self._connect_hook_answered)
 
     def _connect_hook_answered(self, verdict: dict[str, str] | tuple[int, str]) -> None:
         """The on_connect webhook allowed (headers to add) or refused (status, reason)."""
         self._attempt = None
-        if self.state != "CONNECTING":
-            return
         if isinstance(verdict, tuple):
-            self._refuse(verdict)
+            self._feed(HookAnswered(verdict))
         else:
-            self.added_headers = verdict
-            self._try_next(None)
+            if self.state == SessionState.CONNECTING:
+                self.added_headers = verdict
+            self._feed(HookAnswered(None))
 
-    def _try_next(self, failure: tuple[int, str] | None) -> None:
-        spec = self.upstream.spec
-        server = None
-        if len(self._tried) < spec.tries:
-            request = self.request
-            server = self.upstream.pick(
-                self._tried,
-                client=self.client_address,
-                headers=request.headers,
-                params=request.params,
-            )
-        if server is None:
-            self._refuse(failure or (503, "No backend server available"))
-            return
-        self._tried.append(server)
-        self._attempting = server
+    def _do_StartAttempt(self, command: StartAttempt) -> None:
+        server = command.server
         self.upstream.attempt_started(server)
         factory = _BackendRequest(self.client.factory.backend_legs, self, server)
-        self._attempt = self._connect(server.spec, factory, spec.connect_timeout)
-        self._attempt.addCallbacks(self._connected, self._connect_failed, errbackArgs=(server,))
+        attempt = self._attempt = self._connect(
+            server.spec, factory, self.upstream.spec.connect_timeout
+        )
+        attempt.addCallbacks(self._connected, self._connect_failed)
 
     def _connected(self, leg: BackendLeg) -> None:
         self._attempt = None
         self._pending = leg
+        self._feed(BackendConnected())
 
-    def _connect_failed(self, reason: Failure, server: Server) -> None:
+    def _connect_failed(self, reason: Failure) -> None:
         self._attempt = None
-        if self.state != "CONNECTING":
+        if self.state != SessionState.CONNECTING:
             return
         why = connect_failure_reason(reason)
         if reason.check(TimeoutError):
-            self._attempt_failed(server, (504, "backend connect timed out"), why)
+            self._feed(AttemptFailed(504, "backend connect timed out", why))
         else:
-            self._attempt_failed(
-                server, (502, f"backend connect failed: {reason.getErrorMessage()}"), why
+            message = f"backend connect failed: {reason.getErrorMessage()}"
+            self._feed(AttemptFailed(502, message, why))
+
+    def _do_EndAttempt(self, command: EndAttempt) -> None:
+        self.upstream.attempt_ended(command.server, command.ok)
+
+    def _do_BackendFailed(self, command: BackendFailed) -> None:
+        self.gateway.backend_failed(self.upstream.name, command.server.url, command.why)
+        if command.logged:
+            self.log.warn(
+                "backend_attempt_failed {session_id} server={server} status={status} "
+                "reason={reason}",
+                session_id=self.id,
+                server=command.server.url,
+                status=command.status,
+                reason=command.reason,
             )
 
-    def _end_attempt(self, ok: bool | None) -> None:
-        """Report the attempt in progress to the upstream: accepted, failed or abandoned (None)."""
-        if self._attempting is not None:
-            server, self._attempting = self._attempting, None
-            self.upstream.attempt_ended(server, ok)
-
-    def _attempt_failed(self, server: Server, failure: tuple[int, str], why: str) -> None:
-        self._end_attempt(False)
-        self.gateway.backend_failed(self.upstream.name, server.url, why)
-        self.log.warn(
-            "backend_attempt_failed {session_id} server={server} status={status} reason={reason}",
-            session_id=self.id,
-            server=server.url,
-            status=failure[0],
-            reason=failure[1],
-        )
-        self._try_next(failure)
-
-    def _try_timeout_passed(self) -> None:
-        self._timer = None
-        if self._attempting is not None:
-            self.gateway.backend_failed(self.upstream.name, self._attempting.url, "try_timeout")
-        self._abandon_attempt()
-        self._refuse((504, "No backend server answered in time"))
-
-    def _abandon_attempt(self) -> None:
-        """Stop the backend attempt in progress, if any."""
-        self._end_attempt(None)
-        if self._attempt is not None:
-            attempt, self._attempt = self._attempt, None
-            self.state = "ABANDONING"
+    def _do_CancelAttempt(self, command: CancelAttempt) -> None:
+        attempt, self._attempt = self._attempt, None
+        if attempt is not None:
             attempt.cancel()
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
+
+    def _do_AbortPending(self, command: AbortPending) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
             pending.transport.abortConnection()
 
-    def _refuse(self, failure: tuple[int, str], client_reason: str | None = None) -> None:
-        self.state = "REFUSED"
-        self._cancel_timer()
-        status, reason = failure
-        self.gateway.session_refused(self, status, reason)
+    def _do_Refuse(self, command: Refuse) -> None:
+        if command.record:
+            self.gateway.session_refused(self, command.status, command.reason)
         if self._handshake is not None:
             d, self._handshake = self._handshake, None
-            # The client gets a generic reason: backend names and TLS errors stay in the log.
-            client_reason = client_reason or _CLIENT_REASONS.get(
-                status, reason if status < 500 else "Bad Gateway"
-            )
-            d.errback(Failure(ConnectionDeny(status, client_reason)))
+            d.errback(Failure(ConnectionDeny(command.status, command.client_reason)))
 
     def backend_opened(self, leg: BackendLeg) -> None:
         """The backend accepted: answer the client's handshake with the backend's subprotocol and
         its answer to the client's permessage-deflate offer."""
-        self._pending = None
-        if self.state != "CONNECTING":
-            leg.sendCloseFrame(1001, b"client went away")
-            return
-        self._cancel_timer()
-        self._end_attempt(True)
-        self.state = "OPEN"
-        self.opened_at = self.gateway.clock.seconds()
+        self._pending = leg  # until the machine accepts or dismisses it
+        self._feed(BackendAccepted())
+
+    def _do_DismissBackend(self, command: DismissBackend) -> None:
+        leg, self._pending = self._pending, None
+        assert leg is not None
+        leg.sendCloseFrame(1001, b"client went away")
+
+    def _do_Accept(self, command: Accept) -> None:
+        leg, self._pending = self._pending, None
+        assert leg is not None and self.server is None
         self.backend = leg
-        assert self.server is None
-        self.server = self._tried[-1]
+        self.opened_at = self.gateway.clock.seconds()
+        self.server = command.server
         self.server.active += 1
         self.server.sessions_total += 1
         self.subprotocol = leg.websocket_protocol_in_use
@@ -696,23 +717,34 @@ class Session:
         if leg is not self._pending:
             return
         self._pending = None
-        if self.state != "CONNECTING":
+        if self.state != SessionState.CONNECTING:
             return
         if leg.timed_out:
-            failure = (504, "backend handshake timed out")
+            status, reason = 504, "backend handshake timed out"
         elif leg.refusal is not None:
-            failure = (502, f"backend refused the handshake: {leg.refusal}")
+            status, reason = 502, f"backend refused the handshake: {leg.refusal}"
         else:
-            failure = (502, f"backend connection lost during handshake: {leg.wasNotCleanReason}")
+            status, reason = (
+                502,
+                f"backend connection lost during handshake: {leg.wasNotCleanReason}",
+            )
         why = handshake_failure_reason(
             leg.timed_out, leg.refusal, getattr(leg, "http_status_line", None)
         )
-        self._attempt_failed(self._tried[-1], failure, why)
+        self._feed(AttemptFailed(status, reason, why))
 
     def client_opened(self) -> None:
+        """The client got its 101: the relays take both legs' bytes (:meth:`_do_OpenRelay`)."""
+        self._feed(ClientOpened())
+        if self.gateway.closing:
+            self.close(1001, "gateway shutting down")
+        self._feed(RelayStarted())
+        self.lifetime = start_lifetime(self)
+
+    def _do_OpenRelay(self, command: OpenRelay) -> None:
         """
-        The client got its 101: from now on each leg's bytes go to a :class:`Relay` and its frame
-        engine instead of Autobahn, including what Autobahn had already read past the handshake.
+        From now on each leg's bytes go to a :class:`Relay` and its frame engine instead of
+        Autobahn, including what Autobahn had already read past the handshake.
         """
         client, backend = self.client, self.backend
         assert backend is not None
@@ -742,17 +774,10 @@ class Session:
         )
         client.transport.registerProducer(self.throttles[0], True)
         backend.transport.registerProducer(self.throttles[1], True)
-        _write_eagerly(client.transport)
-        _write_eagerly(backend.transport)
+        write_eagerly(client.transport)
+        write_eagerly(backend.transport)
         for leg, relay in ((client, up), (backend, down)):
-            leg.dataReceived = relay.dataReceived  # type: ignore[method-assign]
-            autobahn: Any = leg
-            # Autobahn neither decodes, sends nor fires events on this leg any more: free its
-            # handshake buffers, message state and observer tables (a few KiB a session).
-            autobahn.http_request_data = autobahn.http_response_data = None
-            autobahn.utf8validator = autobahn.trafficStats = autobahn.send_queue = None
-            autobahn._results = autobahn._valid_events = autobahn._transport_details = None
-            autobahn._perMessageCompress = None
+            hand_over(leg, relay.dataReceived)
         cast(Any, backend).http_headers = None  # the backend's parsed response headers
         self.gateway.handshake_result("ok")
         self.gateway.session_opened(self)
@@ -760,102 +785,66 @@ class Session:
             early, leg.data = leg.data, b""
             if early and not relay.engine.done:
                 relay.dataReceived(early)
-        if self.gateway.closing:
-            self.close(1001, "gateway shutting down")
-        if route.idle_timeout > 0:
-            self._timer = self.gateway.clock.callLater(route.idle_timeout, self._check_idle)
-        if route.ping_interval > 0:
-            self._ping_timer = self.gateway.clock.callLater(route.ping_interval, self._ping)
-        self.lifetime = start_lifetime(self)
 
     # -- relay events ---------------------------------------------------------------------------
 
     def relay_done(self, relay: Relay) -> None:
         """A direction's source sent a Close (already forwarded), or broke a rule or a limit."""
-        side = "client" if relay is self.up else "backend"
+        side: Side = "client" if relay is self.up else "backend"
         engine = relay.engine
         if engine.failed is not None:
-            self._violation(relay, side, *engine.failed)
+            self._feed(Violation(side, *engine.failed))
             return
         assert engine.closed is not None
         if engine.forwarded_close:
             relay.close_sent = 1005 if engine.closed[0] is None else engine.closed[0]
-        self._record_end(side, _describe_close("close", *engine.closed))
-        self._close_handshake_progress()
-
-    def _violation(self, relay: Relay, side: str, code: int, reason: str) -> None:
-        """A peer broke the frame rules or a limit: ``code`` to it, the policy's close to the other."""
-        self._warn_failed(side, code, reason)
-        self._record_end(side, _describe_close("failed", code, reason))
-        assert relay.partner is not None
-        relay.partner.send_close(code, reason)  # toward the peer at fault
-        relay.send_close(*partner_close(side, "failed", code, reason))
-        relay.source.loseConnection()
+        self._feed(CloseReceived(side, *engine.closed, engine.forwarded_close))
 
     def _client_stuck(self) -> None:
-        assert self.up is not None
-        self._slow_consumer(self.up, "client")
+        self._feed(Stuck("client"))
 
     def _backend_stuck(self) -> None:
-        assert self.down is not None
-        self._slow_consumer(self.down, "backend")
+        self._feed(Stuck("backend"))
 
-    def _slow_consumer(self, relay: Relay, side: str) -> None:
-        """A peer has not taken what the gate holds for it for send_timeout: close it 1013 (the
-        Close waits behind its data; the close timer drops it if it never reads)."""
-        if self.state == "OPEN":
-            timeout = self.gateway.config.limits.send_timeout
-            self._violation(relay, side, 1013, f"slow consumer: nothing read for {timeout:g}s")
+    def _relay_toward(self, side: Side) -> Relay | None:
+        """The relay that writes to ``side``'s peer."""
+        return self.down if side == "client" else self.up
 
-    def _close_handshake_progress(self) -> None:
-        """
-        Once the client has both sent and been sent a Close, the gate (its server) closes the TCP
-        connection, as RFC 6455 7.1.1 asks; the backend (the gate's server) closes its own.
-        """
-        up, down = self.up, self.down
-        assert up is not None and down is not None
-        if up.engine.closed is not None and not down.engine.sink_open:
-            self.client.transport.loseConnection()
+    def _leg(self, side: Side) -> Any:
+        return self.client if side == "client" else self.backend
 
-    def _warn_failed(self, side: str, code: int | None, reason: str) -> None:
+    def _do_WarnFailed(self, command: WarnFailed) -> None:
         """The gate failed one leg (protocol error, limit): logged, rate limited."""
         self.gateway.warnings.warn(
             "session_failed",
             "{session_id} {side} {client} code={code} reason={reason}",
             session_id=self.id,
-            side=side,
+            side=command.side,
             client=self.client_address,
-            code=code,
-            reason=reason,
+            code=command.code,
+            reason=command.reason,
         )
 
-    def _record_end(self, side: str, description: str) -> None:
-        self._closing()
-        self._arm_close_timeout()
-        if getattr(self, f"{side}_close") is None:
-            setattr(self, f"{side}_close", description)
-        if self.closed_by is None:
-            self.closed_by = side
+    def _do_SendClose(self, command: SendClose) -> None:
+        relay = self._relay_toward(command.side)
+        if relay is not None:
+            relay.send_close(command.code, command.reason)
 
-    def _ping(self) -> None:
-        """Ping both peers; one that has not answered the previous ping in ping_timeout is dropped."""
-        self._ping_seq += 1
-        payload = b"wsgate:%d" % self._ping_seq
+    def _do_LoseConnection(self, command: LoseConnection) -> None:
+        leg = self._leg(command.side)
+        if leg is not None and leg.transport is not None:
+            leg.transport.loseConnection()
+
+    def _do_AbortConnection(self, command: AbortConnection) -> None:
+        leg = self._leg(command.side)
+        if leg is not None and leg.transport is not None:
+            leg.transport.abortConnection()
+
+    def _do_SendPings(self, command: SendPings) -> None:
         for relay in (self.down, self.up):
             assert relay is not None
-            relay.ping(payload)
+            relay.ping(command.payload)
         self._ping_sent = self.gateway.clock.seconds()
-        self._ping_timer = self.gateway.clock.callLater(self.route.ping_timeout, self._pong_due)
-
-    def _pong_due(self) -> None:
-        for relay, leg in ((self.down, self.client), (self.up, self.backend)):
-            assert relay is not None and leg is not None
-            if relay.awaiting_pong:
-                self._backend_aborted = leg is self.backend
-                leg.transport.abortConnection()  # its partner is closed by leg_lost
-                return
-        wait = max(self.route.ping_interval - self.route.ping_timeout, 0.0)
-        self._ping_timer = self.gateway.clock.callLater(wait, self._ping)
 
     def pong_received(self, relay: Relay) -> None:
         """The peer ``relay`` reads from answered the gate's ping: keep the round trip (ms)."""
@@ -863,116 +852,67 @@ class Session:
         if leg is not None:
             leg.ping_rtt = round((self.gateway.clock.seconds() - self._ping_sent) * 1000)
 
+    # -- timers ---------------------------------------------------------------------------------
+
+    def _do_StartTimer(self, command: StartTimer) -> None:
+        self._timers[command.timer] = self.gateway.clock.callLater(
+            command.delay, self._timer_fired, command.timer
+        )
+
+    def _do_CancelTimer(self, command: CancelTimer) -> None:
+        call = self._timers.pop(command.timer, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _timer_fired(self, timer: Timer) -> None:
+        self._timers.pop(timer, None)
+        if timer == Timer.IDLE:
+            assert self.up is not None and self.down is not None
+            last = max(self.up.last, self.down.last)
+            self._feed(IdleChecked(last, self.gateway.clock.seconds()))
+        elif timer == Timer.PONG:
+            silent: Side | None = None
+            for side, relay in (("client", self.down), ("backend", self.up)):
+                assert relay is not None
+                if relay.awaiting_pong:
+                    silent = cast(Side, side)
+                    break
+            self._feed(PongChecked(silent))
+        else:
+            self._feed(TimerFired(timer))
+
     # -- closing ------------------------------------------------------------------------------
 
     def push(self, payload: bytes, binary: bool) -> bool:
         """Send the client a message of the gate's own (see :meth:`Relay.push`)."""
-        if self.state != "OPEN" or self.down is None:
+        if self.state != SessionState.OPEN or self.down is None:
             raise ValueError(f"session {self.id} is not open ({self.state})")
         return self.down.push(payload, binary)
 
     def close(self, code: int = 1001, reason: str = "", by: str = "gate") -> None:
         """Close both legs: ``code`` and ``reason`` to the client, 1001 and ``reason`` to the backend."""
-        if self.state == "CLOSED" or self.up is None or self.down is None:
-            return  # e.g. a spread shutdown reaching a session that ended meanwhile
-        if self.closed_by is None:
-            self.closed_by = by
-        self._closing()
-        self.down.send_close(code, reason)
-        self.up.send_close(1001, reason)
-        self._arm_close_timeout()
-        self._close_handshake_progress()
-
-    def _check_idle(self) -> None:
-        assert self.up is not None and self.down is not None
-        last = max(self.up.last, self.down.last)
-        remaining = last + self.route.idle_timeout - self.gateway.clock.seconds()
-        if remaining > 0:
-            self._timer = self.gateway.clock.callLater(remaining, self._check_idle)
-        else:
-            self._timer = None
-            self.close(1001, "idle timeout", by="gate (idle timeout)")
+        self._feed(CloseRequested(code, reason, by))
 
     def leg_lost(self, leg: WebSocketProtocol) -> None:
         """The connection of ``leg`` is gone."""
-        side = "client" if leg is self.client else "backend"
-        if self.state in ("CONNECTING", "ABANDONING") and side == "client":
-            self.closed_by = "client"
-            self.client_close = "left during handshake"
-            self._abandon_attempt()
-            self.state = "REFUSED"
-            self._cancel_timer()
-        if self.state == "REFUSED":
-            self._finish_refused()
-            return
-        self._record_end(side, "dropped")
-        self._lost.add(side)
-        if len(self._lost) == 2:
-            self._finish()
-            return
-        down = self.down
-        assert down is not None
-        if (
-            side == "backend"
-            and self.route.mode == "tunnel"
-            and not (self._backend_aborted or down.engine.done)
-        ):
-            # Tunnel mode: the backend went away without a Close, so does the client's
-            # connection, once what was relayed to it is written, as on a direct connection (and
-            # through NGINX); the backend is the endpoint that checks UTF-8 here, and an endpoint
-            # may drop a peer that sends invalid text.  Message mode speaks for the backend: 1011.
-            self.client.transport.loseConnection()
-            return
-        # Tell the survivor (a Close unless one went already) and let it answer: the client's
-        # answer makes the gate close its connection (_close_handshake_progress), the backend
-        # closes its own; the close timer bounds both.
-        toward = self.up if side == "client" else self.down
-        assert toward is not None
-        toward.send_close(*partner_close(side, "dropped", None, ""))
-        self._close_handshake_progress()
+        self._feed(LegLost("client" if leg is self.client else "backend"))
 
-    def _closing(self) -> None:
-        if self.state == "OPEN":
-            self.state = "CLOSING"
-
-    def _arm_close_timeout(self) -> None:
-        """
-        Tunnel mode has no Autobahn to time out a close handshake: once a close has started,
-        both connections are aborted if the session has not ended within the close timeout (a
-        peer that never answers, or a kick's Close waiting behind a frame that never completes).
-        """
-        if self._close_timer is None:
-            self._cancel_timer()  # the idle timer has nothing left to do
-            self._close_timer = self.gateway.clock.callLater(
-                self.gateway.config.limits.close_timeout, self._abort_legs
-            )
-
-    def _abort_legs(self) -> None:
-        self._close_timer = None
-        for leg in (self.client, self.backend):
-            if leg is not None and leg.transport is not None:
-                leg.transport.abortConnection()
-
-    def _finish(self) -> None:
-        self.state = "CLOSED"
-        self._release()
-        self._cancel_timer()
-        for timer in (self._ping_timer, self._close_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
+    def _do_Release(self, command: Release) -> None:
+        """The session is over: its admission slot and the helpers the machine does not time."""
+        if self._admitted:
+            self._admitted = False
+            self.gateway.admission.release(self.client_address)
         for throttle in self.throttles or ():
             throttle.cancel()
         if self.lifetime is not None:
             self.lifetime.cancel()
-        if self.server is not None:
-            self.server.active -= 1
-        self.gateway.session_closed(self)
         self.gateway.clock.callLater(0, self._forget)
 
-    def _finish_refused(self) -> None:
-        self.state = "CLOSED"
-        self._release()
-        self.gateway.clock.callLater(0, self._forget)
+    def _do_Record(self, command: Record) -> None:
+        if command.kind == "closed":
+            if self.server is not None:
+                self.server.active -= 1
+            self.gateway.session_closed(self.record())
 
     def _forget(self) -> None:
         """
@@ -986,31 +926,12 @@ class Session:
             if relay is not None:
                 relay.partner = relay.session = None  # type: ignore[assignment]
         for leg in (self.client, self.backend):
-            if leg is None:
-                continue
-            leg.__dict__.pop("dataReceived", None)  # the relay's bound method (client_opened)
-            if leg.is_closed is not None and leg.is_closed.called:
-                leg.is_closed = None  # Autobahn resolved it with the leg itself
-            if leg.transport is not None:
-                leg.transport.__dict__.pop("write", None)  # _write_eagerly's closure
+            if leg is not None:
+                release_leg(leg)
         self.client.session = None
         if self.backend is not None:
             self.backend.factory.session = None
-            transport = self.backend.transport
-            transport = getattr(transport, "transport", transport)  # under TLS, the TCP one
-            connector = getattr(transport, "connector", None)
-            if connector is not None:  # Twisted's Connector and its connection refer to each other
-                connector.transport = connector.factory = None
-
-    def _release(self) -> None:
-        if self._admitted:
-            self._admitted = False
-            self.gateway.admission.release(self.client_address)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+            release_connector(self.backend.transport)
 
     # -- what the registry, access log and console show -----------------------------------------
 
@@ -1024,6 +945,25 @@ class Session:
             code = up.engine.closed[0]
             return 1005 if code is None else code
         return 1006 if down.close_sent is None else down.close_sent
+
+    def record(self) -> SessionRecord:
+        """The frozen record of a finished session that the gateway keeps figures and logs of."""
+        up, down = self.up, self.down
+        upstream = getattr(self, "upstream", None)
+        return SessionRecord(
+            id=self.id,
+            route=getattr(self, "route", None),
+            route_path=self.route_path,
+            upstream=upstream.name if upstream is not None else "",
+            server=self.server.url if self.server is not None else "",
+            started=self.started,
+            client_code=self.client_close_code(),
+            messages_up=up.messages if up else 0,
+            bytes_up=up.bytes if up else 0,
+            messages_down=down.messages if down else 0,
+            bytes_down=down.bytes if down else 0,
+            row=self.describe(),
+        )
 
     def describe(self) -> dict[str, Any]:
         """
@@ -1044,7 +984,7 @@ class Session:
             "route": self.route_path,
             "upstream": upstream.name if upstream is not None else None,
             "server": self.server.url if self.server else None,
-            "tried": [server.url for server in self._tried],
+            "tried": [server.url for server in self.machine.tried],
             "path": redact_target(self.target, self.gateway.config.log),
             "request_id": self.request_id,
             "subprotocol": self.subprotocol,
@@ -1086,52 +1026,6 @@ class Session:
         return headers
 
 
-# Twisted reads at most this much from a TCP connection at a time (``Connection.bufferSize``).
-READ_SIZE = tcp.Connection.bufferSize
-_LARGE_READ_SIZE = 4 * READ_SIZE
-
-
-def read_more(transport: Any) -> None:
-    """
-    Let a TCP connection whose last read filled Twisted's 64 KiB buffer read 256 KiB at a time: it
-    carries large messages, and fewer, larger reads relay them faster (64 KiB messages on one
-    core: tunnel mode 990 -> 1,760 MB/s, message mode 360 -> 470 MB/s).  Only then, because
-    ``recv`` allocates the whole buffer on every call, which small messages would pay for.
-    """
-    if isinstance(transport, tcp.Connection) and transport.bufferSize < _LARGE_READ_SIZE:
-        transport.bufferSize = _LARGE_READ_SIZE
-
-
-def _write_eagerly(transport: Any) -> None:
-    """
-    Make a plain TCP transport send at once when nothing is queued, instead of queueing every
-    write and asking epoll to wake it when the socket is writable: for small relayed messages the
-    send buffer is nearly always empty, and Twisted's queue-then-wait costs two ``epoll_ctl`` calls
-    and a loop pass per write.  Whatever the socket does not take at once is queued the usual way,
-    so buffering, backpressure (producer pausing) and error handling stay Twisted's.
-
-    Measured (64 B echo, 64 connections, gate on one core): tunnel mode 33.5k -> 52k msg/s with
-    it.  Both modes write once per read now (the frame engine's output), so both use it.
-    """
-    if not isinstance(transport, tcp.Connection):
-        return  # TLS and other transports keep their own write path
-    queue = transport.write
-    send = transport.socket.send
-
-    def write(data: bytes) -> None:
-        if transport._tempDataLen or transport.offset != len(transport.dataBuffer):
-            queue(data)  # keep order behind what is already queued
-            return
-        try:
-            sent = send(data)
-        except OSError:
-            sent = 0  # EAGAIN, or an error the queued write will report as connection loss
-        if sent < len(data):
-            queue(data[sent:])
-
-    transport.write = write  # type: ignore[method-assign]
-
-
 def deflate_offers(header: str) -> str:
     """
     The permessage-deflate offers of a client's ``Sec-WebSocket-Extensions``, with their
@@ -1140,27 +1034,6 @@ def deflate_offers(header: str) -> str:
     """
     offers = [o.strip() for o in header.split(",")]
     return ", ".join(o for o in offers if o.split(";", 1)[0].strip() == "permessage-deflate")
-
-
-def _describe_close(kind: str, code: int | None, reason: str) -> str:
-    if kind == "dropped":
-        return "dropped"
-    text = "empty" if code is None else str(code)
-    if reason:
-        text += f" {reason!r}"
-    return f"{text} (gate)" if kind == "failed" else text
-
-
-def _send_data(leg: Any, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
-    """
-    The legs' ``sendData``: Autobahn's, minus the debug-log arguments and traffic statistics it
-    computes on every write even with debug logging off (the gate keeps its own counters).
-    Queued writes (sync, chopped) keep Autobahn's path.
-    """
-    if sync or chopsize or leg.send_queue:
-        WebSocketProtocol.sendData(leg, data, sync, chopsize)
-    else:
-        leg.transport.write(data)
 
 
 def _cancel_handshake_timer(leg: Any) -> None:
@@ -1195,7 +1068,7 @@ class ClientLeg(WebSocketServerProtocol):
 
     __slots__ = (*AUTOBAHN_STATE, *AUTOBAHN_SERVER_STATE)
     log = _QuietLog()
-    sendData = _send_data
+    sendData = send_data
     session: Session | None = None
     transport: Any
     http: Any = None  # an httpproxy.HttpExchange once a plain HTTP request was handed over
@@ -1261,7 +1134,7 @@ class ClientLeg(WebSocketServerProtocol):
         else:
             if len(data) == READ_SIZE:
                 read_more(self.transport)
-            self._dataReceived(data)  # Autobahn's, without its per-read debug-log arguments
+            autobahn_receive(self, data)  # Autobahn's, without its per-read debug-log arguments
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
         if code in (405, 426) and self.http is None and self.session is None:
@@ -1286,8 +1159,9 @@ class ClientLeg(WebSocketServerProtocol):
         if session is None:
             headers = getattr(self, "http_headers", None) or {}
             gateway.handshake_refused(code, reason, peer, target, headers)
-        elif session.state != "REFUSED":
+        elif session.state != SessionState.REFUSED:
             gateway.session_refused(session, code, reason)
+            session.machine.handle(HandshakeFailed())
         if code >= 500 or code in (400, 429, 431):
             gateway.warnings.warn(
                 f"handshake_{code}",
@@ -1380,12 +1254,12 @@ class BackendLeg(WebSocketClientProtocol):
 
     __slots__ = (*AUTOBAHN_STATE, *AUTOBAHN_CLIENT_STATE, "refusal", "timed_out")
     log = _QuietLog()
-    sendData = _send_data
+    sendData = send_data
 
     def dataReceived(self, data: bytes) -> None:
         if len(data) == READ_SIZE:
             read_more(self.transport)
-        self._dataReceived(data)  # Autobahn's, without its per-read debug-log arguments
+        autobahn_receive(self, data)  # Autobahn's, without its per-read debug-log arguments
 
     transport: Any
     ping_rtt: int | None = None  # the last round trip of the gate's ping (ms)

@@ -81,7 +81,7 @@ def session_row(session: Session) -> dict[str, Any]:
         "bytes_down": row["bytes_down"],
         "subprotocol": row["subprotocol"],
         "tls": row["tls"],
-        "state": session.state,
+        "state": str(session.state),
     }
 
 
