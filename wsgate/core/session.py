@@ -10,22 +10,22 @@ it events and carries its commands out.
 
 States::
 
-    CONNECTING --BackendAccepted--> OPEN --close, violation, loss, kick--> CLOSING --both legs lost--> CLOSED
-        |   |                                                                          ^
-        |   +--refused (route, auth, webhook, no server, every try failed, try_timeout)--> REFUSED
-        |                                                                   |          |
-        +--client lost or try_timeout while an attempt runs--> ABANDONING --+          |
-                                                                (its cancel        client's
-                                                                 is ignored)   connection lost
+    CONNECTING --BackendAccepted--> OPEN --Close, violation, loss, kick--> CLOSING --both lost--> CLOSED
+      |  |                                                                                     ^
+      |  +--route, auth, webhook, servers or try_timeout refuse--> REFUSED --client lost--------+
+      |                                                            ^
+      +--client lost, or try_timeout, during an attempt--> ABANDONING (while it is cancelled)
 
-A client that leaves during the opening moves CONNECTING (or ABANDONING) to REFUSED, and the loss
-of the client's connection moves REFUSED to CLOSED.  Every event the machine does not expect in
-its state is ignored (a late answer of a cancelled attempt, a timer that fired as it was cancelled).
+A client that leaves during the opening, or that the front door refuses (``HandshakeFailed``:
+Autobahn's own checks), moves CONNECTING (or ABANDONING) to REFUSED, and the loss of the client's
+connection moves REFUSED to CLOSED.  Every event the machine does not expect in its state is
+ignored (a late answer of a cancelled attempt, a timer that fired as it was cancelled).
 
 The close policy (:func:`partner_close`) is in the table of ``bridge.py``'s docstring.  Timers are
 named (:class:`Timer`); the machine knows which run, and cancels each on every way out.  Each
-session ends with exactly one :class:`Record` (refused, closed, or abandoned: a client that left
-before any answer, which writes no access-log line today).
+session has exactly one access record: its :class:`Refuse`, the front door's refusal, its
+``Record("closed")``, or ``Record("abandoned")`` for a client that left before any answer (which
+writes no access-log line, as before the machine).
 """
 
 from __future__ import annotations
@@ -300,7 +300,6 @@ class Refuse:
     status: int
     reason: str  # logged
     client_reason: str  # sent to the client
-    record: bool = True  # the access-log line (False: the front door wrote it already)
 
 
 @dataclass(frozen=True)
@@ -421,7 +420,7 @@ class SessionMachine:
     recorded: bool = False
     _pick: Callable[[list[Any]], Any] | None = None
     _attempting: Any = None  # the server of the attempt in progress
-    _attempt: str | None = None  # "hook", "connecting" or "handshaking"
+    _attempt: str | None = None  # what the opening waits for: "auth", "hook", "connecting", ...
     _relaying: bool = False
     _received: set[str] = field(default_factory=set)  # sides whose Close came (valid)
     _sent: set[str] = field(default_factory=set)  # sides sent a Close
@@ -439,7 +438,10 @@ class SessionMachine:
 
     def _on_Routed(self, event: Routed) -> list[object]:
         self.policy, self._pick = event.policy, event.pick
-        return [] if event.policy.auth else self._open_backend()
+        if event.policy.auth:
+            self._attempt = "auth"
+            return []
+        return self._open_backend()
 
     def _open_backend(self) -> list[object]:
         commands: list[object] = [self._start(Timer.TRY, self.policy.try_timeout)]
@@ -448,20 +450,24 @@ class SessionMachine:
             return [*commands, CallHook()]
         return commands + self._try_next(None)
 
+    def _expecting(self, attempt: str) -> bool:
+        """Whether the opening waits for ``attempt`` ("auth", "hook", "connecting",
+        "handshaking"): its answer is taken (and cleared) only then."""
+        if self.state != SessionState.CONNECTING or self._attempt != attempt:
+            return False
+        self._attempt = None
+        return True
+
     def _on_AuthAllowed(self, event: AuthAllowed) -> list[object]:
-        if self.state != SessionState.CONNECTING:
-            return []
-        return self._open_backend()
+        return self._open_backend() if self._expecting("auth") else []
 
     def _on_AuthDenied(self, event: AuthDenied) -> list[object]:
-        if self.state != SessionState.CONNECTING:
+        if not self._expecting("auth"):
             return []
         return self._refuse((event.status, event.reason), event.client_reason)
 
     def _on_HookAnswered(self, event: HookAnswered) -> list[object]:
-        if self._attempt == "hook":
-            self._attempt = None
-        if self.state != SessionState.CONNECTING:
+        if not self._expecting("hook"):
             return []
         if event.refusal is not None:
             return self._refuse(event.refusal)
@@ -486,9 +492,7 @@ class SessionMachine:
         return []
 
     def _on_AttemptFailed(self, event: AttemptFailed) -> list[object]:
-        if self._attempt in ("connecting", "handshaking"):
-            self._attempt = None
-        if self.state != SessionState.CONNECTING:
+        if not (self._expecting("connecting") or self._expecting("handshaking")):
             return []
         server, self._attempting = self._attempting, None
         failure = (event.status, event.reason)
@@ -499,16 +503,19 @@ class SessionMachine:
         ]
 
     def _on_BackendAccepted(self, event: BackendAccepted) -> list[object]:
-        if self._attempt == "handshaking":
-            self._attempt = None
         if self.state != SessionState.CONNECTING:
             return [DismissBackend()]
+        if not self._expecting("handshaking"):
+            return []
         server, self._attempting = self._attempting, None
         self.state = SessionState.OPEN
         self.server = self.tried[-1]
+        self._pick = None  # the opening is over (and the driver's method must not be kept)
         return [*self._cancel(Timer.TRY), EndAttempt(server, True), Accept(self.server)]
 
     def _on_ClientOpened(self, event: ClientOpened) -> list[object]:
+        if self.state != SessionState.OPEN or self._relaying:
+            return []
         self._relaying = True
         return [OpenRelay()]
 
@@ -523,9 +530,14 @@ class SessionMachine:
         return commands
 
     def _on_HandshakeFailed(self, event: HandshakeFailed) -> list[object]:
-        """The front door refused the client and wrote its access-log line."""
+        """The front door refused the client and wrote its access-log line: an attempt in
+        progress is abandoned, so that no backend's 101 can follow the refusal."""
+        if self.state != SessionState.CONNECTING:
+            return []
         self.recorded = True
-        return []
+        commands = self._abandon()
+        self.state, self._pick = SessionState.REFUSED, None
+        return commands + self._cancel(Timer.TRY)
 
     def _abandon(self) -> list[object]:
         """Stop the attempt in progress, if any."""
@@ -543,11 +555,12 @@ class SessionMachine:
 
     def _refuse(self, failure: tuple[int, str], client_reason: str | None = None) -> list[object]:
         self.state = SessionState.REFUSED
+        self._pick = None
         status, reason = failure
         if client_reason is None:
             client_reason = CLIENT_REASONS.get(status, reason if status < 500 else "Bad Gateway")
-        record, self.recorded = not self.recorded, True
-        return [*self._cancel(Timer.TRY), Refuse(status, reason, client_reason, record)]
+        self.recorded = True
+        return [*self._cancel(Timer.TRY), Refuse(status, reason, client_reason)]
 
     # -- timers ---------------------------------------------------------------------------------
 
@@ -656,7 +669,7 @@ class SessionMachine:
             self.closed_by = "client"
             self.client_close = "left during handshake"
             commands += self._abandon()
-            self.state = SessionState.REFUSED
+            self.state, self._pick = SessionState.REFUSED, None
             commands += self._cancel(Timer.TRY)
         if self.state == SessionState.REFUSED:
             self.state = SessionState.CLOSED

@@ -11,16 +11,18 @@ Three objects make a session:
   from one shared :class:`BackendLegFactory`; each session connects through a small
   :class:`_BackendRequest` view of it (its request, subprotocols and timeouts), because an
   Autobahn client factory is costly to make.
-- :class:`Session`: owns both legs, pairs their handshakes, relays messages and closes both.
+- :class:`Session`: owns both legs; the driver of a
+  :class:`~wsgate.core.session.SessionMachine`, which decides (pairing the handshakes, the
+  tries, the close policy, the timers, teardown): the Session feeds it what the legs, relays
+  and timers report and carries out the commands it returns.
 
-States of a session::
+States of a session (:class:`~wsgate.core.session.SessionState`)::
 
     CONNECTING --backend accepted--> OPEN --either side closes--> CLOSING --both legs gone--> CLOSED
-        |
-        +--route/servers/timeouts fail--> REFUSED (the client got an HTTP error, never a 101)
-        |
-        +--client left or try_timeout--> ABANDONING (the backend attempt is being cancelled)
-                                          --> REFUSED
+      |  |                                                                                   ^
+      |  +--route, auth, webhook, servers or try_timeout fail--> REFUSED --client gone--------+
+      |                                                          ^   (an HTTP error, never a 101)
+      +--client left, or try_timeout, during an attempt--> ABANDONING (the attempt is cancelled)
 
 Opening (``CONNECTING``).  Autobahn parses the client's upgrade request and calls
 ``ClientLeg.onConnect``, which does not answer yet: the :class:`Session` matches a route (no route:
@@ -678,8 +680,7 @@ class Session:
             pending.transport.abortConnection()
 
     def _do_Refuse(self, command: Refuse) -> None:
-        if command.record:
-            self.gateway.session_refused(self, command.status, command.reason)
+        self.gateway.session_refused(self, command.status, command.reason)
         if self._handshake is not None:
             d, self._handshake = self._handshake, None
             d.errback(Failure(ConnectionDeny(command.status, command.client_reason)))
