@@ -21,6 +21,10 @@ Autobahn's own checks), moves CONNECTING (or ABANDONING) to REFUSED, and the los
 connection moves REFUSED to CLOSED.  Every event the machine does not expect in its state is
 ignored (a late answer of a cancelled attempt, a timer that fired as it was cancelled).
 
+Over 500 lines because the machine's vocabulary, about 45 events and commands that are each a
+small frozen dataclass, sits beside the machine, so that a reader sees every input and output of
+one decision in one file.
+
 The close policy (:func:`partner_close`) is in the table of ``bridge.py``'s docstring.  Timers are
 named (:class:`Timer`); the machine knows which run, and cancels each on every way out.  Each
 session has exactly one access record: its :class:`Refuse`, the front door's refusal, its
