@@ -697,3 +697,29 @@ SessionInvariants.TestCase.settings = settings(
 
 class SessionInvariantTests(SessionInvariants.TestCase):  # type: ignore[name-defined,misc]
     """Hypothesis explores the event orders."""
+
+
+class DriverTests(SynchronousTestCase):
+    """The driver (``wsgate/dataplane/session.py``) carries out what the machine decides."""
+
+    def test_front_door_refusal_abandons_the_attempt(self) -> None:
+        """A client refused by the front door (too much data before its handshake completed)
+        while the backend connect is pending: the connect is cancelled, the client gets the 400,
+        and the session leaves nothing behind."""
+        from tests.helpers import Network, make_config, upgrade_request
+
+        url = "ws://a.test:1"
+        net = Network(make_config([url]), {url: "hang"})
+        raw = net.raw(upgrade_request())
+        self.assertEqual(len(net.hanging), 1)
+        leg = net.pumps[0].server
+        leg.dataReceived(b"x" * (net.gateway.config.limits.max_header_size + 1))
+        # At once, not only when the client's connection is gone: no 101 can follow now.
+        self.assertEqual(leg.session.state, SessionState.REFUSED)
+        self.assertEqual(net.cancelled, net.hanging)
+        net.flush()
+        self.assertEqual(raw.status, 400)
+        self.assertEqual(net.gateway.counters["handshakes.400"], 1)
+        net.advance(60)  # no try_timeout fires later: its timer went with the attempt
+        self.assertEqual(net.gateway.counters["handshakes.504"], 0)
+        self.assertEqual(net.gateway.sessions, {})

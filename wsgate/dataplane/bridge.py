@@ -124,7 +124,6 @@ from twisted.internet.defer import Deferred
 
 from wsgate.core.redact import redact_text
 from wsgate.core.session import (
-    HandshakeFailed,
     SessionState,
     partner_close,
 )
@@ -281,7 +280,7 @@ class ClientLeg(WebSocketServerProtocol):
         if responseHeaders is None and self.session is not None:
             responseHeaders = list(self.session.refusal_headers)  # [route.auth]'s challenge
         gateway.handshake_result(str(code))
-        # One access-log line per refusal; a session refused by _refuse has written its own.
+        # One access-log line per refusal; a session the machine refused has written its own.
         session = self.session
         target = _request_target(self)
         peer = self.transport.getPeer()
@@ -290,7 +289,7 @@ class ClientLeg(WebSocketServerProtocol):
             gateway.handshake_refused(code, reason, peer, target, headers)
         elif session.state != SessionState.REFUSED:
             gateway.session_refused(session, code, reason)
-            session.machine.handle(HandshakeFailed())
+            session.refused_at_front_door()
         if code >= 500 or code in (400, 429, 431):
             gateway.warnings.warn(
                 f"handshake_{code}",

@@ -48,6 +48,7 @@ from wsgate.core.session import (
     CloseRequested,
     DismissBackend,
     EndAttempt,
+    HandshakeFailed,
     HookAnswered,
     IdleChecked,
     LegLost,
@@ -235,6 +236,11 @@ class Session:
         """[route.auth] refused the client: ``status`` with ``headers``; ``reason`` is logged."""
         self.refusal_headers = headers
         self._feed(AuthDenied(status, reason, client_reason))
+
+    def refused_at_front_door(self) -> None:
+        """Autobahn failed the client's handshake (its log line is written): the attempt in
+        progress, if any, is abandoned, so that no backend's 101 can follow."""
+        self._feed(HandshakeFailed())
 
     def _do_CallHook(self, command: CallHook) -> None:
         # The webhook's call is the first attempt: a client that leaves cancels it.
