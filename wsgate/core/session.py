@@ -578,8 +578,9 @@ class SessionMachine:
         return [CancelTimer(t) for t in running]
 
     def _on_TimerFired(self, event: TimerFired) -> list[object]:
-        """The try and close timers (the idle and pong timers come with their facts)."""
-        if event.timer not in self.timers:
+        """The try, ping and close timers (the idle and pong timers come with their facts, as
+        IdleChecked and PongChecked)."""
+        if event.timer not in self.timers or event.timer in (Timer.IDLE, Timer.PONG):
             return []
         self.timers.discard(event.timer)
         if event.timer == Timer.TRY:
@@ -593,10 +594,8 @@ class SessionMachine:
             return commands + self._refuse((504, "No backend server answered in time"))
         if event.timer == Timer.CLOSE:
             return [AbortConnection("client"), AbortConnection("backend")]
-        if event.timer == Timer.PING:
-            self._ping_seq += 1
-            return [SendPings(b"wsgate:%d" % self._ping_seq), self._pong_timer()]
-        return []
+        self._ping_seq += 1  # Timer.PING: ping both peers, their pongs are due in ping_timeout
+        return [SendPings(b"wsgate:%d" % self._ping_seq), self._pong_timer()]
 
     def _pong_timer(self) -> StartTimer:
         return self._start(Timer.PONG, self.policy.ping_timeout)
