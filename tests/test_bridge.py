@@ -11,7 +11,8 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import BackendFactory, Network, make_config, upgrade_request
-from wsgate.dataplane.bridge import Session, _ReadThrottle, partner_close
+from wsgate.dataplane.bridge import Session, partner_close
+from wsgate.dataplane.relay import ReadThrottle as _ReadThrottle
 
 A = "ws://a.test:1"
 B = "ws://b.test:2"

@@ -5,15 +5,29 @@ release changes what it relies on.
 
 from __future__ import annotations
 
+import inspect
 import socket
 from typing import Any
 
-from twisted.internet import epollreactor
+from autobahn.twisted.websocket import WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet import base, epollreactor, protocol, tcp
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import BackendFactory, Network, make_config
-from wsgate.dataplane._compat import dispatch_directly
+from wsgate.dataplane._compat import (
+    READ_SIZE,
+    autobahn_receive,
+    dispatch_directly,
+    hand_over,
+    read_more,
+    release_connector,
+    release_leg,
+    send_data,
+    write_eagerly,
+)
 from wsgate.dataplane.bridge import BackendLeg, ClientLeg
 
 
@@ -128,3 +142,135 @@ class QuietPoolTests(SynchronousTestCase):
         self.assertIsInstance(pool, HTTPConnectionPool)
         self.assertFalse(pool._factory.noisy)
         self.assertTrue(HTTPConnectionPool._factory.noisy)  # the class itself is left alone
+
+
+class _Collect(protocol.Protocol):
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+
+
+def _tcp_pair(test: SynchronousTestCase) -> tuple[tcp.Connection, socket.socket, _Collect]:
+    """A Twisted TCP connection over one end of a socket pair (never added to a reactor)."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    test.addCleanup(ours.close)
+    test.addCleanup(theirs.close)
+    collect = _Collect()
+    connection = tcp.Connection(ours, collect, MemoryReactorClock())
+    return connection, theirs, collect
+
+
+class ConnectionReachInTests(SynchronousTestCase):
+    """Twisted's TCP connection: its read size and its write queue."""
+
+    def test_read_size(self) -> None:
+        """doRead reads at most ``bufferSize`` bytes (READ_SIZE by default), and read_more's
+        larger value is what the next read asks for."""
+        connection, peer, collect = _tcp_pair(self)
+        self.assertEqual(connection.bufferSize, READ_SIZE)
+        connection.bufferSize = 3
+        peer.sendall(b"abcdef")
+        connection.doRead()
+        self.assertEqual(collect.received, [b"abc"])
+        connection.bufferSize = READ_SIZE
+        read_more(connection)
+        self.assertEqual(connection.bufferSize, 4 * READ_SIZE)
+
+    def test_write_eagerly(self) -> None:
+        """An empty queue: the bytes go out at once.  Queued bytes (``_tempDataLen``,
+        ``dataBuffer`` and ``offset``, FileDescriptor's queue): the next write waits behind
+        them, in order."""
+        connection, peer, _ = _tcp_pair(self)
+        connection.connected = True
+        for name in ("_tempDataLen", "offset", "dataBuffer", "socket"):
+            self.assertTrue(hasattr(connection, name), name)
+        write_eagerly(connection)
+        connection.write(b"now")
+        self.assertEqual(peer.recv(100), b"now")
+        connection._tempDataLen = 1  # as if something were queued
+        connection._tempDataBuffer = [b"1"]
+        connection.write(b"2")
+        self.assertEqual(connection._tempDataBuffer, [b"1", b"2"])
+
+    def test_connector_fields(self) -> None:
+        """A client connection keeps its ``connector``; the connector its ``factory`` and
+        ``transport``: release_connector cuts the connector's side of the cycle."""
+        self.assertIn("connector", inspect.signature(tcp.Client.__init__).parameters)
+        factory = protocol.ClientFactory()
+        connector = tcp.Connector("127.0.0.1", 1, factory, 30, None, MemoryReactorClock())
+        self.assertIs(connector.factory, factory)
+        self.assertIn("self.transport", inspect.getsource(base.BaseConnector.connect))
+
+        class Transport:
+            pass
+
+        transport = Transport()
+        transport.connector = connector  # type: ignore[attr-defined]
+        connector.transport = transport  # type: ignore[assignment]
+        release_connector(transport)
+        self.assertIsNone(connector.factory)
+        self.assertIsNone(connector.transport)
+
+
+class AutobahnReachInTests(SynchronousTestCase):
+    """What the legs rely on in Autobahn's protocol."""
+
+    def test_data_received_is_autobahn_receive(self) -> None:
+        """Autobahn's Twisted dataReceived hands the bytes to ``_dataReceived``, which the legs
+        call directly (without its per-read debug-log arguments)."""
+        self.assertIs(autobahn_receive, WebSocketProtocol._dataReceived)
+        calls: list[bytes] = []
+
+        class Probe(ClientLeg):
+            __slots__ = ()
+
+        leg = Probe()
+        leg._dataReceived = calls.append  # type: ignore[method-assign]
+        WebSocketServerProtocol.dataReceived(leg, b"GET")
+        self.assertEqual(calls, [b"GET"])
+
+    def test_send_data_signature(self) -> None:
+        """The legs' sendData replaces Autobahn's, with the same arguments."""
+        self.assertEqual(
+            list(inspect.signature(WebSocketProtocol.sendData).parameters)[1:],
+            list(inspect.signature(send_data).parameters)[1:],
+        )
+        leg: Any = type("Leg", (), {})()
+        leg.send_queue = []
+        leg.transport = StringTransport()
+        send_data(leg, b"frame")
+        self.assertEqual(leg.transport.value(), b"frame")
+
+    def test_hand_over_frees_what_autobahn_set(self) -> None:
+        """A fresh leg carries txaio's observer tables (``_results``, ``_valid_events``) and
+        ``_transport_details``; hand_over frees them and makes the relay its reader."""
+        leg = ClientLeg()
+        for name in ("_results", "_valid_events", "_transport_details"):
+            self.assertTrue(hasattr(leg, name), name)
+        received: list[bytes] = []
+        hand_over(leg, received.append)
+        self.assertIsNone(leg._results)
+        self.assertIsNone(leg._valid_events)
+        leg.dataReceived(b"x")
+        self.assertEqual(received, [b"x"])
+
+    def test_is_closed_resolves_with_the_leg(self) -> None:
+        """Autobahn resolves a protocol's ``is_closed`` with the protocol itself (a cycle that
+        release_leg cuts, with the relay's reader)."""
+        net = Network(make_config(["ws://a.test:1"]), {"ws://a.test:1": BackendFactory()})
+        client = net.client("/")
+        net.flush()
+        session = next(iter(net.gateway.sessions.values()))
+        leg = session.client
+        results: list[object] = []
+        leg.is_closed.addCallback(results.append)
+        client.proto.sendClose(1000)
+        net.flush()
+        net.clock.advance(1)
+        self.assertEqual(results, [leg])
+        release_leg(leg)
+        self.assertIsNone(leg.is_closed)
+        self.assertNotIn("dataReceived", vars(leg))

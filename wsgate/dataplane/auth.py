@@ -10,10 +10,10 @@ cache per route) and turns the outcome into an :class:`~wsgate.core.auth.Identit
 client before its JWT expires, close the session with 1008 "credential expired" when it does,
 and close it with 1001 once it is older than the route's ``max_session_age``.
 
-How a session uses it (``bridge.py``): ``Session.start`` calls :func:`authenticate` after the
+How a session uses it (``session.py``): ``Session.start`` calls :func:`authenticate` after the
 route, origin, subprotocol and admission checks and before any backend is contacted; it calls
 back ``Session.authenticated`` or ``Session.deny``.  ``Session.client_opened`` starts a
-:class:`Lifetime`, ``Session._finish`` cancels it.  Every timer runs on the gateway's clock.
+:class:`Lifetime`, the end of the session cancels it.  Every timer runs on the gateway's clock.
 
 Must not decide anything itself (``core/auth.py`` does) nor log a token.
 """
@@ -50,12 +50,13 @@ from wsgate.core.auth import (
     www_authenticate,
 )
 from wsgate.core.frames import control_frame
+from wsgate.core.session import SessionState
 from wsgate.dataplane._compat import quiet_pool
 from wsgate.dataplane.httpclient import read_body
 
 if TYPE_CHECKING:
-    from wsgate.dataplane.bridge import Session
     from wsgate.dataplane.gateway import Gateway
+    from wsgate.dataplane.session import Session
 
 __all__ = [
     "Authenticator",
@@ -88,7 +89,7 @@ def authenticate(session: Session, authenticator: Authenticator) -> None:
     """
 
     def done(result: Identity | Failure) -> None:
-        if session.state != "CONNECTING":
+        if session.state != SessionState.CONNECTING:
             return
         if isinstance(result, Identity):
             session.authenticated(result)

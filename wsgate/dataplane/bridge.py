@@ -6,21 +6,24 @@ Theory of operation
 
 Three objects make a session:
 
-- :class:`ClientLeg`: an Autobahn server protocol, one per accepted client connection.
-- :class:`BackendLeg`: an Autobahn client protocol, one per backend connection.  All of them come
-  from one shared :class:`BackendLegFactory`; each session connects through a small
-  :class:`_BackendRequest` view of it (its request, subprotocols and timeouts), because an
-  Autobahn client factory is costly to make.
-- :class:`Session`: owns both legs, pairs their handshakes, relays messages and closes both.
+- :class:`ClientLeg` (here): an Autobahn server protocol, one per accepted client connection.
+- :class:`BackendLeg` (here): an Autobahn client protocol, one per backend connection.  All of
+  them come from one shared :class:`BackendLegFactory`; each session connects through a small
+  ``_BackendRequest`` view of it (its request, subprotocols and timeouts), because an Autobahn
+  client factory is costly to make.
+- :class:`~wsgate.dataplane.session.Session`: owns both legs; the driver of a
+  :class:`~wsgate.core.session.SessionMachine`, which decides (pairing the handshakes, the
+  tries, the close policy, the timers, teardown): the Session feeds it what the legs, relays
+  (:class:`~wsgate.dataplane.relay.Relay`) and timers report and carries out the commands it
+  returns.  This module keeps the legs and the theory of operation of all three.
 
-States of a session::
+States of a session (:class:`~wsgate.core.session.SessionState`)::
 
     CONNECTING --backend accepted--> OPEN --either side closes--> CLOSING --both legs gone--> CLOSED
-        |
-        +--route/servers/timeouts fail--> REFUSED (the client got an HTTP error, never a 101)
-        |
-        +--client left or try_timeout--> ABANDONING (the backend attempt is being cancelled)
-                                          --> REFUSED
+      |  |                                                                                   ^
+      |  +--route, auth, webhook, servers or try_timeout fail--> REFUSED --client gone--------+
+      |                                                          ^   (an HTTP error, never a 101)
+      +--client left, or try_timeout, during an attempt--> ABANDONING (the attempt is cancelled)
 
 Opening (``CONNECTING``).  Autobahn parses the client's upgrade request and calls
 ``ClientLeg.onConnect``, which does not answer yet: the :class:`Session` matches a route (no route:
@@ -55,7 +58,7 @@ Pushed messages (the control API's, :meth:`Session.push`) go to the client betwe
 messages, in both modes: while a fragmented message is in flight they wait in a small bounded queue
 and follow its final fragment.
 
-Backpressure: each leg's transport has a :class:`_ReadThrottle` registered as its producer, which
+Backpressure: each leg's transport has a :class:`ReadThrottle` registered as its producer, which
 pauses reading on the *other* leg while this leg's send buffer is full.  Everything the gate
 queues toward a peer (relayed frames, the far endpoint's pongs, Closes) comes from the other leg,
 so one bound per leg (Twisted's buffer size, at most 256 KiB) holds whatever a peer does.
@@ -105,10 +108,8 @@ the ``connect`` callable it receives opens backend connections).
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any
 
 import txaio
 from autobahn.twisted.websocket import (
@@ -118,1018 +119,39 @@ from autobahn.twisted.websocket import (
     WebSocketServerProtocol,
 )
 from autobahn.websocket.compress import PerMessageDeflateResponseAccept
-from autobahn.websocket.protocol import WebSocketProtocol
-from autobahn.websocket.types import ConnectingRequest, ConnectionDeny, ConnectionRequest
-from twisted.internet import tcp
+from autobahn.websocket.types import ConnectingRequest, ConnectionRequest
 from twisted.internet.defer import Deferred
-from twisted.internet.error import TimeoutError
-from twisted.internet.interfaces import IPushProducer, ISSLTransport
-from twisted.logger import Logger
-from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from wsgate.config import ServerSpec
-from wsgate.core.auth import Identity, backend_view
-from wsgate.core.frames import PING, FrameEngine, close_frame, control_frame, message_frame
-from wsgate.core.limits import MessageRate, client_address
-from wsgate.core.redact import new_request_id, redact_target, redact_text, sanitize_request_id
-from wsgate.core.upstream import Server
-from wsgate.dataplane._compat import AUTOBAHN_CLIENT_STATE, AUTOBAHN_SERVER_STATE, AUTOBAHN_STATE
-from wsgate.dataplane.auth import Authenticator, Lifetime, authenticate, start_lifetime
-from wsgate.dataplane.backend_failures import connect_failure_reason, handshake_failure_reason
+from wsgate.core.redact import redact_text
+from wsgate.core.session import (
+    SessionState,
+    partner_close,
+)
+from wsgate.dataplane._compat import (
+    AUTOBAHN_CLIENT_STATE,
+    AUTOBAHN_SERVER_STATE,
+    AUTOBAHN_STATE,
+    READ_SIZE,
+    autobahn_receive,
+    read_more,
+    send_data,
+)
+from wsgate.dataplane.auth import Authenticator
 from wsgate.dataplane.gateway import Gateway
 from wsgate.dataplane.httpproxy import start_http
+from wsgate.dataplane.relay import PUSH_QUEUE, Relay
+from wsgate.dataplane.session import Connect, Session
 
 __all__ = [
     "BackendLeg",
     "ClientLeg",
     "ClientLegFactory",
     "Connect",
+    "PUSH_QUEUE",
     "Relay",
     "Session",
     "partner_close",
 ]
-
-_OPEN = WebSocketProtocol.STATE_OPEN
-# A single-frame message up to this size is relayed as one message; larger or fragmented ones stream.
-_WHOLE_FRAME = 128 * 1024
-# Messages up to this size are framed (and masked toward a backend) by the relay itself.
-_SMALL_MESSAGE = 4096
-# Pushed messages (and their bytes) that may wait per session for a fragmented message to end.
-PUSH_QUEUE = 64
-PUSH_QUEUE_BYTES = 4 * 1024 * 1024
-# How much of a message the console's tap sees.
-_TAP_PREVIEW = 64
-
-Connect = Callable[[ServerSpec, Any, float], Deferred]
-"""Opens a connection to a backend server with a protocol factory and a connect timeout."""
-
-_FORWARDED_AS_IS = ("cookie", "authorization")
-_CLIENT_REASONS = {
-    502: "No backend server accepted the session",
-    503: "No backend server available",
-    504: "No backend server answered in time",
-}
-
-
-def partner_close(side: str, kind: str, code: int | None, reason: str) -> tuple[int | None, str]:
-    """
-    The close code and reason to send to the partner of the leg on ``side`` (``"client"`` or
-    ``"backend"``) that ended in the way ``kind`` says:
-
-    - ``"close"``: its peer sent a Close with ``code`` (None for an empty Close) and ``reason``;
-    - ``"failed"``: the gate failed that leg itself with ``code`` (protocol error, invalid UTF-8,
-      message too big);
-    - ``"dropped"``: the connection went away without a Close (in tunnel mode a backend that
-      goes away by itself takes the client's connection with it instead, see
-      ``Session.leg_lost``).
-
-    See the table in this module's docstring.
-    """
-    if kind == "close":
-        return code, reason
-    if side == "client":
-        if kind == "failed":
-            return 1001, f"client error {code}: {reason}"
-        return 1001, "client went away"
-    if kind == "failed":
-        return 1011, f"backend error {code}: {reason}"
-    return 1011, "backend connection lost"
-
-
-@implementer(IPushProducer)
-class _ReadThrottle:
-    """
-    Registered as the producer of one leg's transport: pauses and resumes reading on the other
-    leg's transport while this leg's send buffer is over its bound.  When the consuming transport
-    goes away, reading resumes instead of the other connection being closed (Twisted would call
-    ``stopProducing``): the Session closes it properly, with a Close frame, and it must be able to
-    read its peer's answer.  A leg whose buffer stays over the bound for ``send_timeout`` seconds
-    is a slow consumer: ``stuck()`` is called (NGINX's ``proxy_send_timeout``).
-    """
-
-    __slots__ = ("_transport", "_stuck", "_clock", "_timeout", "_timer", "paused", "pauses")
-
-    def __init__(
-        self,
-        transport: Any,
-        stuck: Callable[[], None] | None = None,
-        clock: Any = None,
-        timeout: float = 0.0,
-    ) -> None:
-        self._transport = transport
-        self._stuck = stuck
-        self._clock = clock
-        self._timeout = timeout
-        self._timer: Any = None
-        self.paused = False
-        self.pauses = 0
-
-    def pauseProducing(self) -> None:
-        if not self.paused:
-            self.paused = True
-            self.pauses += 1
-            self._transport.pauseProducing()
-            if self._timeout > 0 and self._stuck is not None:
-                self._timer = self._clock.callLater(self._timeout, self._stuck)
-
-    def resumeProducing(self) -> None:
-        if self.paused:
-            self.paused = False
-            self._transport.resumeProducing()
-            timer, self._timer = self._timer, None
-            if timer is not None and timer.active():
-                timer.cancel()
-
-    def stopProducing(self) -> None:
-        self.resumeProducing()
-
-    def cancel(self) -> None:
-        """No more slow-consumer checks: the session is over (and must not be kept alive)."""
-        self._stuck = None
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
-
-
-class Relay:
-    """
-    One direction of an open session, in either mode: the source leg's bytes go through a
-    :class:`~wsgate.core.frames.FrameEngine` and what it returns is written to the sink leg.  It
-    is the source's ``dataReceived`` from both 101s on, and the way the gate writes its own frames
-    (Close, Ping) toward the sink: always between two reads, where the engine's output ends at a
-    frame boundary.
-
-    ``messages``, ``bytes`` (data payload bytes), ``last`` (time of the last complete message) and
-    ``tap`` are read by the registry, the access log, the idle timer and the console.
-    """
-
-    __slots__ = (
-        "engine", "source", "sink", "session", "partner", "last", "rate", "_clock", "_now",
-        "_tap", "_masked", "_pinged", "close_sent", "_pushed", "__weakref__",
-    )  # fmt: skip
-
-    def __init__(
-        self,
-        engine: FrameEngine,
-        source: Any,
-        sink: Any,
-        session: Session,
-        now: Callable[[], float],
-    ) -> None:
-        self.engine = engine
-        self.source = source  # the transport read from
-        self.sink = sink  # the transport written to
-        self.session = session
-        self.partner: Relay | None = None  # the other direction: answers to our pings come there
-        self._now = now
-        self.last = now()
-        self.rate: MessageRate | None = None
-        self._clock: Any = None
-        self.close_sent: int | None = (
-            None  # the code of the Close written to the sink (1005: empty)
-        )
-        # Called with (is_binary, size, first bytes) after each message while someone taps the
-        # session (the console's tap); None otherwise.
-        self._tap: Callable[[bool, int, bytes], None] | None = None
-        self._masked = engine.from_client  # frames toward a backend are masked
-        self._pinged = False  # the gate pinged this relay's source and awaits its pong
-        # Pushed messages waiting for the end of the message in flight (see push); None: none.
-        self._pushed: deque[bytes] | None = None
-
-    @property
-    def tap(self) -> Callable[[bool, int, bytes], None] | None:
-        return self._tap
-
-    @tap.setter
-    def tap(self, listener: Callable[[bool, int, bytes], None] | None) -> None:
-        self._tap = listener
-        self.engine.tap = None if listener is None else []
-
-    def limit_rate(self, route: Any, clock: Any) -> None:
-        """Hold this direction to the route's messages/s and bytes/s (control frames count too):
-        over the budget, pause reading until the second is over (``throttle = true``) or close
-        the source with 1008.  The message budget holds to the message (the engine's quota);
-        the byte budget to the read."""
-        self.rate = MessageRate(
-            route.max_messages_per_second, route.max_bytes_per_second, self._now
-        )
-        self.engine.hold = route.throttle
-        self._clock = clock
-
-    def dataReceived(self, data: bytes) -> None:
-        if len(data) == READ_SIZE:
-            read_more(self.source)
-        engine = self.engine
-        rate = self.rate
-        if rate is not None:
-            engine.quota = rate.remaining()
-        messages, controls, spent = engine.messages, engine.controls, engine.bytes
-        out = engine.receive(data)
-        if out:
-            self.sink.write(out)
-        if self._pushed is not None and not engine.in_message:
-            self._write_pushed()
-        count = engine.messages - messages + engine.controls - controls
-        if count:
-            if engine.messages != messages:  # idle means no message: pings do not count
-                self.last = self._now()
-            if self._pinged and engine.expect_pong is None:
-                self._pinged = False
-                self.session.pong_received(self)
-            if engine.tap:
-                self._tell_tap()
-            if rate is not None:
-                self._spend(rate, count, engine.bytes - spent)
-        if engine.held:
-            assert rate is not None
-            self._pause(rate.wait())
-        if engine.done:
-            self.session.relay_done(self)
-
-    def _tell_tap(self) -> None:
-        tapped, self.engine.tap = self.engine.tap or [], []
-        for binary, size, first in tapped:
-            if self._tap is not None:
-                self._tap(binary, size, first)
-
-    def _spend(self, rate: MessageRate, count: int, size: int) -> None:
-        wait = rate.spend(size, count)
-        engine = self.engine
-        if not wait or engine.done or engine.held:
-            return
-        if engine.hold:
-            self._pause(wait)
-        else:
-            engine.done = True
-            engine.failed = (1008, "byte rate limit exceeded")
-
-    def _pause(self, wait: float) -> None:
-        """Stop reading the source until the rate's window is over, then go on where it stopped."""
-        self.source.pauseProducing()
-        self._clock.callLater(wait, self._resume)
-
-    def _resume(self) -> None:
-        if not self.engine.done:
-            self.source.resumeProducing()
-            self.dataReceived(b"")
-
-    # -- the gate's own frames toward the sink -------------------------------------------------------
-
-    def send_close(self, code: int | None, reason: str) -> None:
-        """Send the sink a Close (once; nothing more goes to it afterwards)."""
-        if self.engine.sink_open:
-            self.engine.sink_open = False
-            self.close_sent = 1005 if code is None else code
-            self.sink.write(close_frame(code, reason, self._masked))
-
-    def push(self, payload: bytes, binary: bool) -> bool:
-        """
-        Send the sink a whole message of the gate's own (the control API's push), in either mode:
-        now when the relayed stream is between two messages (True), else queued until the
-        fragmented message in flight ends (False), since a data frame in the middle of another
-        message would break it.  ValueError when the sink is closing; OverflowError when
-        :data:`PUSH_QUEUE` messages or :data:`PUSH_QUEUE_BYTES` already wait.
-        """
-        if not self.engine.sink_open:
-            raise ValueError("the session is closing")
-        frame = message_frame(payload, binary, self._masked)
-        if self._pushed is None and not self.engine.in_message:
-            self.sink.write(frame)
-            return True
-        pushed = self._pushed if self._pushed is not None else deque()
-        if len(pushed) >= PUSH_QUEUE or sum(map(len, pushed)) + len(frame) > PUSH_QUEUE_BYTES:
-            raise OverflowError("too many pushed messages wait for the message in flight")
-        pushed.append(frame)
-        self._pushed = pushed
-        return False
-
-    def _write_pushed(self) -> None:
-        pushed, self._pushed = self._pushed or (), None
-        if self.engine.sink_open:
-            self.sink.write(b"".join(pushed))
-
-    def ping(self, payload: bytes) -> None:
-        """Ping the sink; its answer comes through the partner and is consumed there."""
-        if self.engine.sink_open and self.partner is not None:
-            self.partner.engine.expect_pong = payload
-            self.partner._pinged = True
-            self.sink.write(control_frame(PING, payload, self._masked))
-
-    @property
-    def awaiting_pong(self) -> bool:
-        """Whether the sink has not yet answered the gate's last ping (and can still be sent to)."""
-        partner = self.partner
-        return (
-            partner is not None
-            and partner.engine.expect_pong is not None
-            and self.engine.sink_open
-            and not partner.engine.done
-        )
-
-    @property
-    def messages(self) -> int:
-        return self.engine.messages
-
-    @property
-    def bytes(self) -> int:  # last in the class: the name would shadow the type in annotations
-        return self.engine.bytes
-
-
-class Session:
-    """
-    One client session and its backend session: the handshake pairing, the relay in both
-    directions and the close of both legs.  See the module docstring for the states.
-    """
-
-    log = Logger()
-    __slots__ = (
-        "id", "gateway", "client", "request", "backend", "server", "route_path", "subprotocol",
-        "state", "started", "opened_at", "up", "down", "throttles", "client_close",
-        "backend_close", "closed_by", "_connect", "_tried", "_attempting", "_attempt", "_pending",
-        "_handshake", "_timer", "_lost", "extensions", "_ping_timer", "_close_timer", "_ping_seq",
-        "_ping_sent", "_backend_aborted",
-        "peer_address", "client_address", "client_port", "_admitted", "tls", "target", "route",
-        "upstream", "request_id", "__weakref__",
-        "added_headers", "auth", "lifetime", "refusal_headers",
-    )  # fmt: skip
-
-    def __init__(
-        self, gateway: Gateway, connect: Connect, client: ClientLeg, request: ConnectionRequest
-    ) -> None:
-        self.id = gateway.new_session_id()
-        self.gateway = gateway
-        self.client = client
-        self.request = request
-        self.backend: BackendLeg | None = None
-        self.server: Server | None = None
-        self.route_path = ""
-        self.subprotocol: str | None = None
-        self.state = "CONNECTING"
-        self.started = gateway.clock.seconds()
-        self.opened_at: float | None = (
-            None  # when the backend accepted (connect time = this - started)
-        )
-        # client -> backend and backend -> client, from both 101s on
-        self.up: Relay | None = None
-        self.down: Relay | None = None
-        self.throttles: tuple[_ReadThrottle, _ReadThrottle] | None = None
-        self.client_close: str | None = None
-        self.backend_close: str | None = None
-        self.closed_by: str | None = None
-        self._connect = connect
-        self._tried: list[Server] = []
-        self._attempting: Server | None = None  # the server of the attempt in progress
-        self._attempt: Deferred | None = None
-        self._pending: BackendLeg | None = None
-        self._handshake: Deferred | None = None
-        self._timer: Any = None
-        self._lost: set[str] = set()
-        self.extensions: str | None = None  # the backend's Sec-WebSocket-Extensions answer
-        self._ping_sent = 0.0
-        self._backend_aborted = False  # the gate itself dropped the backend (ping timeout)
-        self._ping_timer: Any = None
-        self._close_timer: Any = None
-        self._ping_seq = 0
-        peer = client.transport.getPeer()
-        self.peer_address = str(getattr(peer, "host", peer))
-        self.client_address = client_address(
-            self.peer_address, request.headers.get("x-forwarded-for"), gateway.config.limits
-        )
-        self.client_port = getattr(peer, "port", None)
-        self._admitted = False
-        self.tls = ISSLTransport.providedBy(client.transport)
-        self.target = client.http_request_uri
-        self.request_id = (
-            sanitize_request_id(request.headers.get("x-request-id")) or new_request_id()
-        )
-        self.added_headers: dict[str, str] | None = None  # by the on_connect webhook
-        self.auth: Identity | None = None  # who [route.auth] found the client to be
-        self.lifetime: Lifetime | None = None  # credential expiry and max_session_age timers
-        self.refusal_headers: tuple[tuple[str, str], ...] = ()  # e.g. WWW-Authenticate
-
-    # -- opening ------------------------------------------------------------------------------
-
-    def start(self) -> Deferred:
-        """Route the request and start the first backend attempt; the Deferred fires with the
-        backend's subprotocol, or fails with ``ConnectionDeny``."""
-        gateway = self.gateway
-        if gateway.closing:
-            raise ConnectionDeny(503, "The gateway is shutting down")
-        route = gateway.router.match(self.request.host, self.request.path)
-        if route is None:
-            raise ConnectionDeny(404, "No route for this path")
-        if route.allowed_origins and self.request.origin not in route.allowed_origins:
-            raise ConnectionDeny(403, "Origin not allowed")
-        if route.required_subprotocol and route.required_subprotocol not in self.request.protocols:
-            raise ConnectionDeny(400, f"Subprotocol {route.required_subprotocol} required")
-        refusal = gateway.admission.admit(self.client_address)
-        if refusal is not None:
-            raise ConnectionDeny(*refusal)
-        self._admitted = True
-        self.route = route
-        self.route_path = route.path
-        self.upstream = self.gateway.upstreams[route.upstream]
-        handshake = self._handshake = Deferred()
-        if route.auth is not None:  # calls back authenticated() or deny()
-            authenticate(self, self.client.factory.auth)
-        else:
-            self._open_backend()
-        return handshake
-
-    def _open_backend(self) -> None:
-        """The client may go on (authenticated, or no [route.auth]): the on_connect webhook, if
-        any, then the backend attempts, all within the upstream's try_timeout."""
-        self._timer = self.gateway.clock.callLater(
-            self.upstream.spec.try_timeout, self._try_timeout_passed
-        )
-        hook = self.route.on_connect
-        if hook is not None:
-            # The webhook's call is the first attempt: a client that leaves cancels it.
-            hooks = self.gateway.webhooks
-            assert hooks is not None, "service.py gives the gateway its webhooks"
-            call = hooks.on_connect(hook, self.describe(), self.request, self.target)
-            self._attempt = call  # before the callback, which may run at once and replace it
-            call.addCallback(self._connect_hook_answered)
-            return
-        self._try_next(None)  # may already have refused the client, when every try fails at once
-
-    def authenticated(self, identity: Identity) -> None:
-        """[route.auth] accepted the client: the backend gets the identity's headers (and the
-        credential only with forward_token)."""
-        self.auth = identity
-        if not identity.forward:
-            self.target = backend_view(identity.source, {}, self.target or "/")[1]
-        self._open_backend()
-
-    def deny(
-        self, status: int, reason: str, client_reason: str, headers: tuple[tuple[str, str], ...]
-    ) -> None:
-        """[route.auth] refused the client: ``status`` with ``headers``; ``reason`` is logged."""
-        self.refusal_headers = headers
-        self._refuse((status, reason), client_reason)
-
-    def _connect_hook_answered(self, verdict: dict[str, str] | tuple[int, str]) -> None:
-        """The on_connect webhook allowed (headers to add) or refused (status, reason)."""
-        self._attempt = None
-        if self.state != "CONNECTING":
-            return
-        if isinstance(verdict, tuple):
-            self._refuse(verdict)
-        else:
-            self.added_headers = verdict
-            self._try_next(None)
-
-    def _try_next(self, failure: tuple[int, str] | None) -> None:
-        spec = self.upstream.spec
-        server = None
-        if len(self._tried) < spec.tries:
-            request = self.request
-            server = self.upstream.pick(
-                self._tried,
-                client=self.client_address,
-                headers=request.headers,
-                params=request.params,
-            )
-        if server is None:
-            self._refuse(failure or (503, "No backend server available"))
-            return
-        self._tried.append(server)
-        self._attempting = server
-        self.upstream.attempt_started(server)
-        factory = _BackendRequest(self.client.factory.backend_legs, self, server)
-        self._attempt = self._connect(server.spec, factory, spec.connect_timeout)
-        self._attempt.addCallbacks(self._connected, self._connect_failed, errbackArgs=(server,))
-
-    def _connected(self, leg: BackendLeg) -> None:
-        self._attempt = None
-        self._pending = leg
-
-    def _connect_failed(self, reason: Failure, server: Server) -> None:
-        self._attempt = None
-        if self.state != "CONNECTING":
-            return
-        why = connect_failure_reason(reason)
-        if reason.check(TimeoutError):
-            self._attempt_failed(server, (504, "backend connect timed out"), why)
-        else:
-            self._attempt_failed(
-                server, (502, f"backend connect failed: {reason.getErrorMessage()}"), why
-            )
-
-    def _end_attempt(self, ok: bool | None) -> None:
-        """Report the attempt in progress to the upstream: accepted, failed or abandoned (None)."""
-        if self._attempting is not None:
-            server, self._attempting = self._attempting, None
-            self.upstream.attempt_ended(server, ok)
-
-    def _attempt_failed(self, server: Server, failure: tuple[int, str], why: str) -> None:
-        self._end_attempt(False)
-        self.gateway.backend_failed(self.upstream.name, server.url, why)
-        self.log.warn(
-            "backend_attempt_failed {session_id} server={server} status={status} reason={reason}",
-            session_id=self.id,
-            server=server.url,
-            status=failure[0],
-            reason=failure[1],
-        )
-        self._try_next(failure)
-
-    def _try_timeout_passed(self) -> None:
-        self._timer = None
-        if self._attempting is not None:
-            self.gateway.backend_failed(self.upstream.name, self._attempting.url, "try_timeout")
-        self._abandon_attempt()
-        self._refuse((504, "No backend server answered in time"))
-
-    def _abandon_attempt(self) -> None:
-        """Stop the backend attempt in progress, if any."""
-        self._end_attempt(None)
-        if self._attempt is not None:
-            attempt, self._attempt = self._attempt, None
-            self.state = "ABANDONING"
-            attempt.cancel()
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.transport.abortConnection()
-
-    def _refuse(self, failure: tuple[int, str], client_reason: str | None = None) -> None:
-        self.state = "REFUSED"
-        self._cancel_timer()
-        status, reason = failure
-        self.gateway.session_refused(self, status, reason)
-        if self._handshake is not None:
-            d, self._handshake = self._handshake, None
-            # The client gets a generic reason: backend names and TLS errors stay in the log.
-            client_reason = client_reason or _CLIENT_REASONS.get(
-                status, reason if status < 500 else "Bad Gateway"
-            )
-            d.errback(Failure(ConnectionDeny(status, client_reason)))
-
-    def backend_opened(self, leg: BackendLeg) -> None:
-        """The backend accepted: answer the client's handshake with the backend's subprotocol and
-        its answer to the client's permessage-deflate offer."""
-        self._pending = None
-        if self.state != "CONNECTING":
-            leg.sendCloseFrame(1001, b"client went away")
-            return
-        self._cancel_timer()
-        self._end_attempt(True)
-        self.state = "OPEN"
-        self.opened_at = self.gateway.clock.seconds()
-        self.backend = leg
-        assert self.server is None
-        self.server = self._tried[-1]
-        self.server.active += 1
-        self.server.sessions_total += 1
-        self.subprotocol = leg.websocket_protocol_in_use
-        self.extensions = leg.extensions_answer
-        d, self._handshake = self._handshake, None
-        assert d is not None
-        if self.extensions:
-            d.callback((self.subprotocol, {"Sec-WebSocket-Extensions": self.extensions}))
-        else:
-            d.callback(self.subprotocol)
-
-    def backend_handshake_failed(self, leg: BackendLeg) -> None:
-        """A backend connection ended before its handshake completed."""
-        if leg is not self._pending:
-            return
-        self._pending = None
-        if self.state != "CONNECTING":
-            return
-        if leg.timed_out:
-            failure = (504, "backend handshake timed out")
-        elif leg.refusal is not None:
-            failure = (502, f"backend refused the handshake: {leg.refusal}")
-        else:
-            failure = (502, f"backend connection lost during handshake: {leg.wasNotCleanReason}")
-        why = handshake_failure_reason(
-            leg.timed_out, leg.refusal, getattr(leg, "http_status_line", None)
-        )
-        self._attempt_failed(self._tried[-1], failure, why)
-
-    def client_opened(self) -> None:
-        """
-        The client got its 101: from now on each leg's bytes go to a :class:`Relay` and its frame
-        engine instead of Autobahn, including what Autobahn had already read past the handshake.
-        """
-        client, backend = self.client, self.backend
-        assert backend is not None
-        route = self.route
-        now = self.gateway.clock.seconds
-        deflate = "permessage-deflate" in (self.extensions or "")
-        engines = [
-            FrameEngine(
-                from_client,
-                validate_utf8=route.mode == "message",
-                deflate=deflate,
-                max_message=route.max_message_size,
-                max_frame=route.max_frame_size,
-            )
-            for from_client in (True, False)
-        ]
-        up = Relay(engines[0], client.transport, backend.transport, self, now)
-        down = Relay(engines[1], backend.transport, client.transport, self, now)
-        up.partner, down.partner = down, up
-        self.up, self.down = up, down
-        if route.max_messages_per_second or route.max_bytes_per_second:
-            up.limit_rate(route, self.gateway.clock)
-        clock, send_timeout = self.gateway.clock, self.gateway.config.limits.send_timeout
-        self.throttles = (
-            _ReadThrottle(backend.transport, self._client_stuck, clock, send_timeout),
-            _ReadThrottle(client.transport, self._backend_stuck, clock, send_timeout),
-        )
-        client.transport.registerProducer(self.throttles[0], True)
-        backend.transport.registerProducer(self.throttles[1], True)
-        _write_eagerly(client.transport)
-        _write_eagerly(backend.transport)
-        for leg, relay in ((client, up), (backend, down)):
-            leg.dataReceived = relay.dataReceived  # type: ignore[method-assign]
-            autobahn: Any = leg
-            # Autobahn neither decodes, sends nor fires events on this leg any more: free its
-            # handshake buffers, message state and observer tables (a few KiB a session).
-            autobahn.http_request_data = autobahn.http_response_data = None
-            autobahn.utf8validator = autobahn.trafficStats = autobahn.send_queue = None
-            autobahn._results = autobahn._valid_events = autobahn._transport_details = None
-            autobahn._perMessageCompress = None
-        cast(Any, backend).http_headers = None  # the backend's parsed response headers
-        self.gateway.handshake_result("ok")
-        self.gateway.session_opened(self)
-        for leg, relay in ((client, up), (backend, down)):
-            early, leg.data = leg.data, b""
-            if early and not relay.engine.done:
-                relay.dataReceived(early)
-        if self.gateway.closing:
-            self.close(1001, "gateway shutting down")
-        if route.idle_timeout > 0:
-            self._timer = self.gateway.clock.callLater(route.idle_timeout, self._check_idle)
-        if route.ping_interval > 0:
-            self._ping_timer = self.gateway.clock.callLater(route.ping_interval, self._ping)
-        self.lifetime = start_lifetime(self)
-
-    # -- relay events ---------------------------------------------------------------------------
-
-    def relay_done(self, relay: Relay) -> None:
-        """A direction's source sent a Close (already forwarded), or broke a rule or a limit."""
-        side = "client" if relay is self.up else "backend"
-        engine = relay.engine
-        if engine.failed is not None:
-            self._violation(relay, side, *engine.failed)
-            return
-        assert engine.closed is not None
-        if engine.forwarded_close:
-            relay.close_sent = 1005 if engine.closed[0] is None else engine.closed[0]
-        self._record_end(side, _describe_close("close", *engine.closed))
-        self._close_handshake_progress()
-
-    def _violation(self, relay: Relay, side: str, code: int, reason: str) -> None:
-        """A peer broke the frame rules or a limit: ``code`` to it, the policy's close to the other."""
-        self._warn_failed(side, code, reason)
-        self._record_end(side, _describe_close("failed", code, reason))
-        assert relay.partner is not None
-        relay.partner.send_close(code, reason)  # toward the peer at fault
-        relay.send_close(*partner_close(side, "failed", code, reason))
-        relay.source.loseConnection()
-
-    def _client_stuck(self) -> None:
-        assert self.up is not None
-        self._slow_consumer(self.up, "client")
-
-    def _backend_stuck(self) -> None:
-        assert self.down is not None
-        self._slow_consumer(self.down, "backend")
-
-    def _slow_consumer(self, relay: Relay, side: str) -> None:
-        """A peer has not taken what the gate holds for it for send_timeout: close it 1013 (the
-        Close waits behind its data; the close timer drops it if it never reads)."""
-        if self.state == "OPEN":
-            timeout = self.gateway.config.limits.send_timeout
-            self._violation(relay, side, 1013, f"slow consumer: nothing read for {timeout:g}s")
-
-    def _close_handshake_progress(self) -> None:
-        """
-        Once the client has both sent and been sent a Close, the gate (its server) closes the TCP
-        connection, as RFC 6455 7.1.1 asks; the backend (the gate's server) closes its own.
-        """
-        up, down = self.up, self.down
-        assert up is not None and down is not None
-        if up.engine.closed is not None and not down.engine.sink_open:
-            self.client.transport.loseConnection()
-
-    def _warn_failed(self, side: str, code: int | None, reason: str) -> None:
-        """The gate failed one leg (protocol error, limit): logged, rate limited."""
-        self.gateway.warnings.warn(
-            "session_failed",
-            "{session_id} {side} {client} code={code} reason={reason}",
-            session_id=self.id,
-            side=side,
-            client=self.client_address,
-            code=code,
-            reason=reason,
-        )
-
-    def _record_end(self, side: str, description: str) -> None:
-        self._closing()
-        self._arm_close_timeout()
-        if getattr(self, f"{side}_close") is None:
-            setattr(self, f"{side}_close", description)
-        if self.closed_by is None:
-            self.closed_by = side
-
-    def _ping(self) -> None:
-        """Ping both peers; one that has not answered the previous ping in ping_timeout is dropped."""
-        self._ping_seq += 1
-        payload = b"wsgate:%d" % self._ping_seq
-        for relay in (self.down, self.up):
-            assert relay is not None
-            relay.ping(payload)
-        self._ping_sent = self.gateway.clock.seconds()
-        self._ping_timer = self.gateway.clock.callLater(self.route.ping_timeout, self._pong_due)
-
-    def _pong_due(self) -> None:
-        for relay, leg in ((self.down, self.client), (self.up, self.backend)):
-            assert relay is not None and leg is not None
-            if relay.awaiting_pong:
-                self._backend_aborted = leg is self.backend
-                leg.transport.abortConnection()  # its partner is closed by leg_lost
-                return
-        wait = max(self.route.ping_interval - self.route.ping_timeout, 0.0)
-        self._ping_timer = self.gateway.clock.callLater(wait, self._ping)
-
-    def pong_received(self, relay: Relay) -> None:
-        """The peer ``relay`` reads from answered the gate's ping: keep the round trip (ms)."""
-        leg = self.client if relay is self.up else self.backend
-        if leg is not None:
-            leg.ping_rtt = round((self.gateway.clock.seconds() - self._ping_sent) * 1000)
-
-    # -- closing ------------------------------------------------------------------------------
-
-    def push(self, payload: bytes, binary: bool) -> bool:
-        """Send the client a message of the gate's own (see :meth:`Relay.push`)."""
-        if self.state != "OPEN" or self.down is None:
-            raise ValueError(f"session {self.id} is not open ({self.state})")
-        return self.down.push(payload, binary)
-
-    def close(self, code: int = 1001, reason: str = "", by: str = "gate") -> None:
-        """Close both legs: ``code`` and ``reason`` to the client, 1001 and ``reason`` to the backend."""
-        if self.state == "CLOSED" or self.up is None or self.down is None:
-            return  # e.g. a spread shutdown reaching a session that ended meanwhile
-        if self.closed_by is None:
-            self.closed_by = by
-        self._closing()
-        self.down.send_close(code, reason)
-        self.up.send_close(1001, reason)
-        self._arm_close_timeout()
-        self._close_handshake_progress()
-
-    def _check_idle(self) -> None:
-        assert self.up is not None and self.down is not None
-        last = max(self.up.last, self.down.last)
-        remaining = last + self.route.idle_timeout - self.gateway.clock.seconds()
-        if remaining > 0:
-            self._timer = self.gateway.clock.callLater(remaining, self._check_idle)
-        else:
-            self._timer = None
-            self.close(1001, "idle timeout", by="gate (idle timeout)")
-
-    def leg_lost(self, leg: WebSocketProtocol) -> None:
-        """The connection of ``leg`` is gone."""
-        side = "client" if leg is self.client else "backend"
-        if self.state in ("CONNECTING", "ABANDONING") and side == "client":
-            self.closed_by = "client"
-            self.client_close = "left during handshake"
-            self._abandon_attempt()
-            self.state = "REFUSED"
-            self._cancel_timer()
-        if self.state == "REFUSED":
-            self._finish_refused()
-            return
-        self._record_end(side, "dropped")
-        self._lost.add(side)
-        if len(self._lost) == 2:
-            self._finish()
-            return
-        down = self.down
-        assert down is not None
-        if (
-            side == "backend"
-            and self.route.mode == "tunnel"
-            and not (self._backend_aborted or down.engine.done)
-        ):
-            # Tunnel mode: the backend went away without a Close, so does the client's
-            # connection, once what was relayed to it is written, as on a direct connection (and
-            # through NGINX); the backend is the endpoint that checks UTF-8 here, and an endpoint
-            # may drop a peer that sends invalid text.  Message mode speaks for the backend: 1011.
-            self.client.transport.loseConnection()
-            return
-        # Tell the survivor (a Close unless one went already) and let it answer: the client's
-        # answer makes the gate close its connection (_close_handshake_progress), the backend
-        # closes its own; the close timer bounds both.
-        toward = self.up if side == "client" else self.down
-        assert toward is not None
-        toward.send_close(*partner_close(side, "dropped", None, ""))
-        self._close_handshake_progress()
-
-    def _closing(self) -> None:
-        if self.state == "OPEN":
-            self.state = "CLOSING"
-
-    def _arm_close_timeout(self) -> None:
-        """
-        Tunnel mode has no Autobahn to time out a close handshake: once a close has started,
-        both connections are aborted if the session has not ended within the close timeout (a
-        peer that never answers, or a kick's Close waiting behind a frame that never completes).
-        """
-        if self._close_timer is None:
-            self._cancel_timer()  # the idle timer has nothing left to do
-            self._close_timer = self.gateway.clock.callLater(
-                self.gateway.config.limits.close_timeout, self._abort_legs
-            )
-
-    def _abort_legs(self) -> None:
-        self._close_timer = None
-        for leg in (self.client, self.backend):
-            if leg is not None and leg.transport is not None:
-                leg.transport.abortConnection()
-
-    def _finish(self) -> None:
-        self.state = "CLOSED"
-        self._release()
-        self._cancel_timer()
-        for timer in (self._ping_timer, self._close_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
-        for throttle in self.throttles or ():
-            throttle.cancel()
-        if self.lifetime is not None:
-            self.lifetime.cancel()
-        if self.server is not None:
-            self.server.active -= 1
-        self.gateway.session_closed(self)
-        self.gateway.clock.callLater(0, self._forget)
-
-    def _finish_refused(self) -> None:
-        self.state = "CLOSED"
-        self._release()
-        self.gateway.clock.callLater(0, self._forget)
-
-    def _forget(self) -> None:
-        """
-        Break the reference cycles of a finished session, so that reference counting frees it and
-        both its connections at once.  Left to the cycle collector, every session would be freed
-        only by a full collection, whose pause grows with the number of live sessions.  Runs a
-        reactor turn after the end, once no connectionLost of either leg is still on the stack;
-        the Session itself keeps what the registry and the console read.
-        """
-        for relay in (self.up, self.down):
-            if relay is not None:
-                relay.partner = relay.session = None  # type: ignore[assignment]
-        for leg in (self.client, self.backend):
-            if leg is None:
-                continue
-            leg.__dict__.pop("dataReceived", None)  # the relay's bound method (client_opened)
-            if leg.is_closed is not None and leg.is_closed.called:
-                leg.is_closed = None  # Autobahn resolved it with the leg itself
-            if leg.transport is not None:
-                leg.transport.__dict__.pop("write", None)  # _write_eagerly's closure
-        self.client.session = None
-        if self.backend is not None:
-            self.backend.factory.session = None
-            transport = self.backend.transport
-            transport = getattr(transport, "transport", transport)  # under TLS, the TCP one
-            connector = getattr(transport, "connector", None)
-            if connector is not None:  # Twisted's Connector and its connection refer to each other
-                connector.transport = connector.factory = None
-
-    def _release(self) -> None:
-        if self._admitted:
-            self._admitted = False
-            self.gateway.admission.release(self.client_address)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    # -- what the registry, access log and console show -----------------------------------------
-
-    def client_close_code(self) -> int:
-        """The close code the client saw: its own when it closed first, else the one it was sent
-        (1005 for an empty Close), 1006 when neither side's Close reached it."""
-        up, down = self.up, self.down
-        if up is None or down is None:
-            return 1006
-        if self.closed_by == "client" and up.engine.closed is not None:
-            code = up.engine.closed[0]
-            return 1005 if code is None else code
-        return 1006 if down.close_sent is None else down.close_sent
-
-    def describe(self) -> dict[str, Any]:
-        """
-        The fields the access log, the registry and the console show (the query string redacted
-        as ``[log]`` says).  ``client_code``/``client_reason`` (``backend_...``): the Close that
-        ended that leg, its peer's own or the one the gate failed it with; None when it dropped
-        (and the code None for an empty Close).
-        """
-        now = self.gateway.clock.seconds()
-        up, down = self.up, self.down
-        client_end = (up.engine.failed or up.engine.closed) if up else None
-        backend_end = (down.engine.failed or down.engine.closed) if down else None
-        upstream = getattr(self, "upstream", None)
-        return {
-            "session_id": self.id,
-            "client": self.client_address,
-            "client_port": self.client_port,
-            "route": self.route_path,
-            "upstream": upstream.name if upstream is not None else None,
-            "server": self.server.url if self.server else None,
-            "tried": [server.url for server in self._tried],
-            "path": redact_target(self.target, self.gateway.config.log),
-            "request_id": self.request_id,
-            "subprotocol": self.subprotocol,
-            "extensions": self.extensions,
-            "tls": self.tls,
-            "started": self.started,
-            "duration": now - self.started,
-            "idle": now - max(up.last, down.last) if up and down else 0.0,
-            "messages_up": up.messages if up else 0,
-            "bytes_up": up.bytes if up else 0,
-            "messages_down": down.messages if down else 0,
-            "bytes_down": down.bytes if down else 0,
-            "client_close": self.client_close,
-            "client_code": client_end[0] if client_end else None,
-            "client_reason": client_end[1] if client_end else None,
-            "backend_close": self.backend_close,
-            "backend_code": backend_end[0] if backend_end else None,
-            "backend_reason": backend_end[1] if backend_end else None,
-            "closed_by": self.closed_by,
-        }
-
-    def forwarded_headers(self) -> dict[str, str]:
-        """The headers the backend handshake carries on behalf of the client (module docstring)."""
-        incoming = self.request.headers
-        headers = {name.title(): incoming[name] for name in _FORWARDED_AS_IS if name in incoming}
-        xff = incoming.get("x-forwarded-for")
-        peer = self.peer_address
-        headers["X-Forwarded-For"] = f"{xff}, {peer}" if xff else peer
-        headers["X-Forwarded-Proto"] = "https" if self.tls else "http"
-        headers["X-Forwarded-Host"] = incoming.get("host", "")
-        headers["X-Real-IP"] = self.client_address
-        headers["X-Request-ID"] = self.request_id
-        if self.auth is not None:
-            if not self.auth.forward:
-                headers = backend_view(self.auth.source, headers, "")[0]
-            headers.update(self.auth.headers)
-        if self.added_headers:
-            headers.update(self.added_headers)
-        return headers
-
-
-# Twisted reads at most this much from a TCP connection at a time (``Connection.bufferSize``).
-READ_SIZE = tcp.Connection.bufferSize
-_LARGE_READ_SIZE = 4 * READ_SIZE
-
-
-def read_more(transport: Any) -> None:
-    """
-    Let a TCP connection whose last read filled Twisted's 64 KiB buffer read 256 KiB at a time: it
-    carries large messages, and fewer, larger reads relay them faster (64 KiB messages on one
-    core: tunnel mode 990 -> 1,760 MB/s, message mode 360 -> 470 MB/s).  Only then, because
-    ``recv`` allocates the whole buffer on every call, which small messages would pay for.
-    """
-    if isinstance(transport, tcp.Connection) and transport.bufferSize < _LARGE_READ_SIZE:
-        transport.bufferSize = _LARGE_READ_SIZE
-
-
-def _write_eagerly(transport: Any) -> None:
-    """
-    Make a plain TCP transport send at once when nothing is queued, instead of queueing every
-    write and asking epoll to wake it when the socket is writable: for small relayed messages the
-    send buffer is nearly always empty, and Twisted's queue-then-wait costs two ``epoll_ctl`` calls
-    and a loop pass per write.  Whatever the socket does not take at once is queued the usual way,
-    so buffering, backpressure (producer pausing) and error handling stay Twisted's.
-
-    Measured (64 B echo, 64 connections, gate on one core): tunnel mode 33.5k -> 52k msg/s with
-    it.  Both modes write once per read now (the frame engine's output), so both use it.
-    """
-    if not isinstance(transport, tcp.Connection):
-        return  # TLS and other transports keep their own write path
-    queue = transport.write
-    send = transport.socket.send
-
-    def write(data: bytes) -> None:
-        if transport._tempDataLen or transport.offset != len(transport.dataBuffer):
-            queue(data)  # keep order behind what is already queued
-            return
-        try:
-            sent = send(data)
-        except OSError:
-            sent = 0  # EAGAIN, or an error the queued write will report as connection loss
-        if sent < len(data):
-            queue(data[sent:])
-
-    transport.write = write  # type: ignore[method-assign]
 
 
 def deflate_offers(header: str) -> str:
@@ -1140,27 +162,6 @@ def deflate_offers(header: str) -> str:
     """
     offers = [o.strip() for o in header.split(",")]
     return ", ".join(o for o in offers if o.split(";", 1)[0].strip() == "permessage-deflate")
-
-
-def _describe_close(kind: str, code: int | None, reason: str) -> str:
-    if kind == "dropped":
-        return "dropped"
-    text = "empty" if code is None else str(code)
-    if reason:
-        text += f" {reason!r}"
-    return f"{text} (gate)" if kind == "failed" else text
-
-
-def _send_data(leg: Any, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
-    """
-    The legs' ``sendData``: Autobahn's, minus the debug-log arguments and traffic statistics it
-    computes on every write even with debug logging off (the gate keeps its own counters).
-    Queued writes (sync, chopped) keep Autobahn's path.
-    """
-    if sync or chopsize or leg.send_queue:
-        WebSocketProtocol.sendData(leg, data, sync, chopsize)
-    else:
-        leg.transport.write(data)
 
 
 def _cancel_handshake_timer(leg: Any) -> None:
@@ -1195,7 +196,7 @@ class ClientLeg(WebSocketServerProtocol):
 
     __slots__ = (*AUTOBAHN_STATE, *AUTOBAHN_SERVER_STATE)
     log = _QuietLog()
-    sendData = _send_data
+    sendData = send_data
     session: Session | None = None
     transport: Any
     http: Any = None  # an httpproxy.HttpExchange once a plain HTTP request was handed over
@@ -1261,7 +262,7 @@ class ClientLeg(WebSocketServerProtocol):
         else:
             if len(data) == READ_SIZE:
                 read_more(self.transport)
-            self._dataReceived(data)  # Autobahn's, without its per-read debug-log arguments
+            autobahn_receive(self, data)  # Autobahn's, without its per-read debug-log arguments
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
         if code in (405, 426) and self.http is None and self.session is None:
@@ -1279,15 +280,16 @@ class ClientLeg(WebSocketServerProtocol):
         if responseHeaders is None and self.session is not None:
             responseHeaders = list(self.session.refusal_headers)  # [route.auth]'s challenge
         gateway.handshake_result(str(code))
-        # One access-log line per refusal; a session refused by _refuse has written its own.
+        # One access-log line per refusal; a session the machine refused has written its own.
         session = self.session
         target = _request_target(self)
         peer = self.transport.getPeer()
         if session is None:
             headers = getattr(self, "http_headers", None) or {}
             gateway.handshake_refused(code, reason, peer, target, headers)
-        elif session.state != "REFUSED":
+        elif session.state != SessionState.REFUSED:
             gateway.session_refused(session, code, reason)
+            session.refused_at_front_door()
         if code >= 500 or code in (400, 429, 431):
             gateway.warnings.warn(
                 f"handshake_{code}",
@@ -1380,12 +382,12 @@ class BackendLeg(WebSocketClientProtocol):
 
     __slots__ = (*AUTOBAHN_STATE, *AUTOBAHN_CLIENT_STATE, "refusal", "timed_out")
     log = _QuietLog()
-    sendData = _send_data
+    sendData = send_data
 
     def dataReceived(self, data: bytes) -> None:
         if len(data) == READ_SIZE:
             read_more(self.transport)
-        self._dataReceived(data)  # Autobahn's, without its per-read debug-log arguments
+        autobahn_receive(self, data)  # Autobahn's, without its per-read debug-log arguments
 
     transport: Any
     ping_rtt: int | None = None  # the last round trip of the gate's ping (ms)
@@ -1478,34 +480,3 @@ class BackendLegFactory(WebSocketClientFactory):
     def setProtocolOptions(self, **options: Any) -> None:  # type: ignore[override]
         super().setProtocolOptions(**options)
         self.protocol = _options_on_class(BackendLeg, self)
-
-
-class _BackendRequest:
-    """
-    The factory one session connects to one server through: ``buildProtocol`` makes a BackendLeg
-    whose ``factory`` is this view, so Autobahn reads the session's subprotocols and timeouts here
-    (the handshake request itself comes from ``BackendLeg.onConnecting``) and everything else from
-    the shared :class:`BackendLegFactory`.
-    """
-
-    isServer = False
-
-    def __init__(self, shared: BackendLegFactory, session: Session, server: Server) -> None:
-        self._shared = shared
-        self.session = session
-        self.server = server.spec
-        self.protocols = session.request.protocols
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._shared, name)
-
-    def buildProtocol(self, addr: Any) -> BackendLeg:
-        leg: BackendLeg = self._shared.protocol()
-        leg.factory = self
-        return leg
-
-    def doStart(self) -> None:
-        pass
-
-    def doStop(self) -> None:
-        pass

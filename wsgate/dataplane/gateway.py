@@ -3,7 +3,9 @@ The Gateway: the one runtime object of a running wsgate.
 
 Owns the current config, the router, the upstreams, the registry of live sessions and the counters
 that the access log, console and metrics share.  Must not do I/O itself: sessions (``bridge.py``)
-register and report here; listeners and connections are built by ``service.py``.
+register and report here; listeners and connections are built by ``service.py``.  Must not import
+``bridge.py``: it sees a live session through :class:`LiveSession` and a finished one as a frozen
+:class:`~wsgate.core.session.SessionRecord`.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ from wsgate.core.limits import Admission, WarningLimiter, client_address
 from wsgate.core.metrics import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram, Reloads
 from wsgate.core.redact import redact_target, redact_text, sanitize_request_id
 from wsgate.core.routing import Router
+from wsgate.core.session import SessionRecord, SessionState
 from wsgate.core.upstream import Server, Upstream, request_key, runtime_resets
 
 if TYPE_CHECKING:
-    from wsgate.dataplane.bridge import Session
     from wsgate.dataplane.webhooks import Webhooks
 
-__all__ = ["Clock", "Gateway"]
+__all__ = ["Clock", "Gateway", "LiveSession"]
 
 # The close reason of the sessions a drain deadline closes.
 _DRAINED = "server shutting down"
@@ -36,6 +38,30 @@ class Clock(Protocol):
     def seconds(self) -> float: ...
 
     def callLater(self, delay: float, f, *args, **kwargs): ...  # noqa: ANN001
+
+
+class LiveSession(Protocol):
+    """What the gateway reads of and does to a live session (``bridge.Session``)."""
+
+    id: int
+    server: Server | None
+    upstream: Upstream
+    request: Any  # the client's upgrade request: ``headers``, ``params``
+    client_address: str
+    started: float
+    opened_at: float | None
+
+    @property
+    def state(self) -> SessionState: ...
+
+    @property
+    def target(self) -> str | None: ...
+
+    def close(self, code: int = 1001, reason: str = "", by: str = "gate") -> None: ...
+
+    def push(self, payload: bytes, binary: bool) -> bool: ...
+
+    def describe(self) -> dict[str, Any]: ...
 
 
 class Gateway:
@@ -56,7 +82,9 @@ class Gateway:
 
     def __init__(self, config: Config, clock: Clock) -> None:
         self.clock = clock
-        self.sessions: dict[int, Session] = {}
+        # The live bridge.Session objects by id: the gateway uses them only as LiveSession; the
+        # operations layer (which may import the data plane) reads them whole.
+        self.sessions: dict[int, Any] = {}
         self.counters: Counter[str] = Counter()
         # Finished sessions by (route, upstream, server, close code the client saw), for metrics.
         self.closed: Counter[tuple[str, str, str, str]] = Counter()
@@ -185,8 +213,10 @@ class Gateway:
             raise LookupError(f"{url} is in upstreams {names}: name the upstream")
         return found[0]
 
-    def _sessions_on(self, server: Server) -> list[Session]:
-        return [s for s in self.sessions.values() if s.server is server and s.state == "OPEN"]
+    def _sessions_on(self, server: Server) -> list[LiveSession]:
+        return [
+            s for s in self.sessions.values() if s.server is server and s.state == SessionState.OPEN
+        ]
 
     def drain(
         self,
@@ -218,7 +248,7 @@ class Gateway:
             ]
         return len(self._sessions_on(server))
 
-    def _draining_sessions(self, server: Server) -> list[Session]:
+    def _draining_sessions(self, server: Server) -> list[LiveSession]:
         return self._sessions_on(server) if server.draining else []
 
     def _drain_spread(self, group: Upstream, server: Server, spread: float, end: float) -> None:
@@ -294,11 +324,11 @@ class Gateway:
         Returns how many sessions will be closed.
         """
         upstream = self.upstreams[upstream_name]
-        per_server: list[list[Session]] = []
+        per_server: list[list[LiveSession]] = []
         if upstream.spec.balance == "hash":
             moved = []
             for session in self.sessions.values():
-                if session.upstream is not upstream or session.state != "OPEN":
+                if session.upstream is not upstream or session.state != SessionState.OPEN:
                     continue
                 request = session.request
                 key = request_key(
@@ -324,7 +354,9 @@ class Gateway:
         self.close_spread(victims, 1012, "rebalancing, please reconnect", window)
         return len(victims)
 
-    def close_spread(self, sessions: list[Session], code: int, reason: str, window: float) -> None:
+    def close_spread(
+        self, sessions: list[LiveSession], code: int, reason: str, window: float
+    ) -> None:
         """Close ``sessions`` with ``code``, the first at once and the others spread over ``window``."""
         step = window / len(sessions) if sessions and window > 0 else 0.0
         for i, session in enumerate(sessions):
@@ -342,7 +374,7 @@ class Gateway:
         :data:`wsgate.core.metrics.BACKEND_FAILURE_REASONS`)."""
         self.backend_failures[(upstream, server, reason)] += 1
 
-    def session_opened(self, session: Session) -> None:
+    def session_opened(self, session: LiveSession) -> None:
         self.sessions[session.id] = session
         self.counters["sessions.opened"] += 1
         if session.opened_at is not None:
@@ -357,19 +389,19 @@ class Gateway:
                 **session.describe(),
             )
 
-    def session_closed(self, session: Session) -> None:
+    def session_closed(self, record: SessionRecord) -> None:
         """Forget a finished session and write its access-log line."""
-        if self.sessions.pop(session.id, None) is None:
+        if self.sessions.pop(record.id, None) is None:
             return
         if self.closing and not self.sessions:
             self._fire_drained()
         self.counters["sessions.closed"] += 1
-        self._count_closed(session)
-        row = session.describe()
+        self._count_closed(record)
+        row = record.row
         if self.webhooks is not None:
-            self.webhooks.session_closed(session.route, row)
+            self.webhooks.session_closed(record.route, row)
         for watcher in self.watchers:
-            watcher.session_closed(session)
+            watcher.session_closed(record)
         self.log.info(
             "session_closed session_id={session_id} client={client} client_port={client_port} "
             "route={route} upstream={upstream} server={server} path={path} "
@@ -382,7 +414,7 @@ class Gateway:
             **row,
         )
 
-    def session_refused(self, session: Session, status: int, reason: str) -> None:
+    def session_refused(self, session: LiveSession, status: int, reason: str) -> None:
         """The access-log line of a session whose client got an HTTP error instead of a 101."""
         row = session.describe()
         self.log.info(
@@ -428,21 +460,14 @@ class Gateway:
             reason=redact_text(reason, spec, target),
         )
 
-    def _count_closed(self, session: Session) -> None:
+    def _count_closed(self, record: SessionRecord) -> None:
         """Fold a finished session's figures into the totals that outlive it (metrics, stats)."""
-        for direction, relay in (("up", session.up), ("down", session.down)):
-            if relay is not None:
-                self.counters[f"messages.{direction}"] += relay.messages
-                self.counters[f"bytes.{direction}"] += relay.bytes
-        self.session_duration.observe(self.clock.seconds() - session.started)
-        code = session.client_close_code()
-        upstream = getattr(session, "upstream", None)
-        key = (
-            session.route_path,
-            upstream.name if upstream is not None else "",
-            session.server.url if session.server is not None else "",
-            str(code),
-        )
+        self.counters["messages.up"] += record.messages_up
+        self.counters["bytes.up"] += record.bytes_up
+        self.counters["messages.down"] += record.messages_down
+        self.counters["bytes.down"] += record.bytes_down
+        self.session_duration.observe(self.clock.seconds() - record.started)
+        key = (record.route_path, record.upstream, record.server, str(record.client_code))
         self.closed[key] += 1
 
 
@@ -493,7 +518,7 @@ def _route_name(key: tuple[str | None, str]) -> str:
     return f"{host or '*'}{path}"
 
 
-def _zip_longest(groups: list[list[Session]]) -> list[list[Session]]:
+def _zip_longest(groups: list[list[LiveSession]]) -> list[list[LiveSession]]:
     """[[a1, a2], [b1]] -> [[a1, b1], [a2]]."""
     rounds = max((len(g) for g in groups), default=0)
     return [[g[i] for g in groups if i < len(g)] for i in range(rounds)]

@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from wsgate.core.session import SessionState
+
 __all__ = ["TAP_QUEUE", "TAP_REFRESH", "SessionTap", "TapFanout", "Tapped"]
 
 # How many tapped messages wait for the screen between two refreshes; more are dropped, counted.
@@ -97,7 +99,7 @@ class SessionTap:
     def _tick(self) -> None:
         self._call = None
         self.flush()
-        if self.session.state == "CLOSED":
+        if self.session.state == SessionState.CLOSED:
             session = self.session
             self.stop()
             self.ended(f"closed: client {session.client_close}, backend {session.backend_close}")

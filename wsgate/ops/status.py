@@ -26,8 +26,8 @@ from wsgate.core.redact import redact_headers
 from wsgate.dataplane.auth import auth_detail
 
 if TYPE_CHECKING:
-    from wsgate.dataplane.bridge import Session
     from wsgate.dataplane.gateway import Clock
+    from wsgate.dataplane.session import Session
     from wsgate.ops.view import GateView
 
 __all__ = [
@@ -81,7 +81,7 @@ def session_row(session: Session) -> dict[str, Any]:
         "bytes_down": row["bytes_down"],
         "subprotocol": row["subprotocol"],
         "tls": row["tls"],
-        "state": session.state,
+        "state": str(session.state),
     }
 
 
