@@ -345,6 +345,8 @@ class AccessLogTests(SynchronousTestCase):
                 "subprotocol": "chat.v1",
                 "extensions": "",
                 "tls": "false",
+                "tls_version": "",
+                "sni": "",
                 "messages_up": "1",
                 "bytes_up": "5",
                 "messages_down": "1",

@@ -228,13 +228,16 @@ class BackendTLSTests(SynchronousTestCase):
         """A wss:// session through the gate to a verified wss:// backend; the backend sees
         X-Forwarded-Proto: https."""
         self.backend(self.certs, "localhost")
-        self.gate(ca=self.certs.ca_file)
+        gate = self.gate(ca=self.certs.ca_file)
         with wss_client(self.port, self.certs.ca_file) as ws:
             ws.send("hello")
             self.assertEqual(ws.recv(timeout=5), "echo: hello")
             ws.send("headers")
             headers = json.loads(ws.recv(timeout=5))
         self.assertEqual(headers["x-forwarded-proto"], "https")
+        # The access line says which TLS version and server name the client used.
+        line = gate.wait_for_output("session_closed")
+        self.assertRegex(line, r"session_closed .* tls=true tls_version=TLSv1\.3 sni=localhost ")
 
     def test_wrong_host(self) -> None:
         """A backend certificate for another name: 502, and the log says why."""

@@ -385,7 +385,8 @@ class Gateway:
             self.log.info(
                 "session_opened session_id={session_id} client={client} client_port={client_port} "
                 "route={route} upstream={upstream} server={server} path={path} "
-                "request_id={request_id} subprotocol={subprotocol} extensions={extensions} tls={tls}",
+                "request_id={request_id} subprotocol={subprotocol} extensions={extensions} tls={tls} "
+                "tls_version={tls_version} sni={sni}",
                 **session.describe(),
             )
 
@@ -406,7 +407,7 @@ class Gateway:
             "session_closed session_id={session_id} client={client} client_port={client_port} "
             "route={route} upstream={upstream} server={server} path={path} "
             "request_id={request_id} subprotocol={subprotocol} extensions={extensions} tls={tls} "
-            "duration={duration:.3f}s messages_up={messages_up} bytes_up={bytes_up} "
+            "tls_version={tls_version} sni={sni} duration={duration:.3f}s messages_up={messages_up} bytes_up={bytes_up} "
             "messages_down={messages_down} bytes_down={bytes_down} "
             "client_close={client_close} client_code={client_code} client_reason={client_reason} "
             "backend_close={backend_close} backend_code={backend_code} "

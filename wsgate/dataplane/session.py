@@ -81,6 +81,7 @@ from wsgate.dataplane.auth import Lifetime, authenticate, start_lifetime
 from wsgate.dataplane.backend_failures import connect_failure_reason, handshake_failure_reason
 from wsgate.dataplane.gateway import Gateway
 from wsgate.dataplane.relay import ReadThrottle, Relay
+from wsgate.net.tls import tls_facts
 
 if TYPE_CHECKING:
     from wsgate.dataplane.bridge import BackendLeg, BackendLegFactory, ClientLeg
@@ -105,7 +106,7 @@ class Session:
         "id", "gateway", "client", "request", "backend", "server", "route_path", "subprotocol",
         "machine", "started", "opened_at", "up", "down", "throttles", "_connect", "_attempt",
         "_pending", "_handshake", "_timers", "extensions", "_ping_sent",
-        "peer_address", "client_address", "client_port", "_admitted", "tls", "target", "route",
+        "peer_address", "client_address", "client_port", "_admitted", "tls", "tls_version", "sni", "target", "route",
         "upstream", "request_id", "__weakref__",
         "added_headers", "auth", "lifetime", "refusal_headers",
     )  # fmt: skip
@@ -145,6 +146,7 @@ class Session:
         self.client_port = getattr(peer, "port", None)
         self._admitted = False
         self.tls = ISSLTransport.providedBy(client.transport)
+        self.tls_version, self.sni = tls_facts(client.transport)
         self.target = client.http_request_uri
         self.request_id = (
             sanitize_request_id(request.headers.get("x-request-id")) or new_request_id()
@@ -624,6 +626,8 @@ class Session:
             "subprotocol": self.subprotocol,
             "extensions": self.extensions,
             "tls": self.tls,
+            "tls_version": self.tls_version,
+            "sni": self.sni,
             "started": self.started,
             "duration": now - self.started,
             "idle": now - max(up.last, down.last) if up and down else 0.0,

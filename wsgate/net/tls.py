@@ -82,6 +82,7 @@ __all__ = [
     "TLSLoadError",
     "certificate_rows",
     "redirect_site",
+    "tls_facts",
     "tls_server_factory",
     "unverified_servers",
 ]
@@ -526,3 +527,17 @@ def certificate_rows(
                     seen.add(key)
                     rows.append({**row, "not_after": when})
     return rows
+
+
+def tls_facts(transport: Any) -> tuple[str | None, str | None]:
+    """
+    A client connection's TLS version (``TLSv1.3``) and the SNI name it asked for, for the access
+    log; (None, None) on plain TCP.  Read once the request has arrived, so after the handshake.
+    """
+    if not ISSLTransport.providedBy(transport):
+        return None, None
+    connection = transport.getHandle()
+    name = connection.get_servername()
+    return connection.get_protocol_version_name(), (
+        name.decode("ascii", "replace") if name else None
+    )
