@@ -8,7 +8,9 @@ protocol), ``dataplane`` (legs, sessions, relay), ``control`` (health, discovery
 (``service``, ``cli``, the entry points).  ``core`` imports neither ``twisted.internet`` nor
 Autobahn (but its C XOR masker, a pure function).
 
-Every import counts, including those inside functions and under ``TYPE_CHECKING``.
+Every import counts, including those inside functions and under ``TYPE_CHECKING``.  Within a
+layer, the modules' imports (those inside functions too, not those for type checking only) form no
+cycle either.
 """
 
 from __future__ import annotations
@@ -93,3 +95,68 @@ def test_the_check_sees_violations(tmp_path: Path) -> None:
         "wsgate.core.fake (core) imports twisted.internet",
         "wsgate.core.fake (core) imports wsgate.dataplane",
     ]
+
+
+def runtime_imports(path: Path, package: Path = PACKAGE) -> set[str]:
+    """The wsgate modules ``path`` imports when it runs (inside functions too, not under
+    ``if TYPE_CHECKING:``); ``from wsgate.x import y`` counts as ``wsgate.x.y`` when that is a
+    module.  A package's imports of its own submodules do not count."""
+    tree = ast.parse(path.read_text(), str(path))
+    typing_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for inner in ast.walk(node)
+    }
+    known = {module_name(p, package) for p in package.rglob("*.py")}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only or not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level == 0 and node.module and node.module.split(".")[0] == "wsgate":
+            for alias in node.names:
+                child = f"{node.module}.{alias.name}"
+                found.add(child if child in known else node.module)
+    own = module_name(path, package)
+    return {name for name in found if name != own and not name.startswith(own + ".")}
+
+
+def cycles(package: Path = PACKAGE) -> list[list[str]]:
+    """Every import cycle among the modules of ``package`` (as runtime_imports sees them)."""
+    graph = {module_name(p, package): runtime_imports(p, package) for p in package.rglob("*.py")}
+    found: list[list[str]] = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                found.append([*stack[stack.index(target) :], target])
+            elif target not in state:
+                visit(target)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    return found
+
+
+def test_no_import_cycle() -> None:
+    assert cycles() == []
+
+
+def test_the_cycle_check_sees_a_cycle(tmp_path: Path) -> None:
+    package = tmp_path / "wsgate"
+    (package / "ops").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "ops" / "__init__.py").write_text("")
+    (package / "ops" / "a.py").write_text("from wsgate.ops import b\n")
+    (package / "ops" / "b.py").write_text("def f():\n    from wsgate.ops.a import x\n")
+    (package / "ops" / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from wsgate.ops import a\n"
+    )
+    assert cycles(package) == [["wsgate.ops.a", "wsgate.ops.b", "wsgate.ops.a"]]
