@@ -5,6 +5,9 @@ The only module that wires objects together: it reads the config, builds the :cl
 the backend connector and the listeners, and returns them as one ``MultiService``.  Listeners are
 ``strports`` services, so ports bind in ``privilegedStartService`` (before ``twistd --uid`` drops
 root) and a busy port fails at startup.  It must not hold logic of its own.
+
+Over 500 lines because it is the one place that shows everything a gate starts (listeners, TLS,
+console, admin, control API, health, discovery, webhooks, fleet, workers) and what a reload swaps.
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ path.
 Must not touch the data path: sessions are read through the Gateway and acted on through
 ``Session.close``, ``Session.push`` and ``Gateway.drain``.  The protocol's vocabulary (keys,
 records, envelopes) lives in :mod:`wsgate.core.fleet`; the connection in :mod:`wsgate.control.redis`.
+
+Over 500 lines because joining, the heartbeat, the session mirror, fleet-wide counts and the
+request/answer exchange all run on the same two Redis connections and the same up/down state.
 """
 
 from __future__ import annotations

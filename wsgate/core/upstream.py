@@ -38,6 +38,9 @@ through :meth:`Upstream.set_healthy`.  Every change of a server's state is logge
 ``server_down``/``server_up``/``server_draining``/``server_undrained`` event with the fields
 ``upstream``, ``server``, ``source`` and ``reason``, and counted in the counters given to the
 upstream (``servers.down``, ``servers.up``, ...).
+
+A little over 500 lines because the balancing methods, passive health and draining all change the
+same per-server state (:class:`Server`), which is clearer in one place than spread over modules.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ that the access log, console and metrics share.  Must not do I/O itself: session
 register and report here; listeners and connections are built by ``service.py``.  Must not import
 ``bridge.py``: it sees a live session through :class:`LiveSession` and a finished one as a frozen
 :class:`~wsgate.core.session.SessionRecord`.
+
+A little over 500 lines: the registry, the operator's verbs on servers and reload share the same
+state; the access-log lines are its largest part.
 """
 
 from __future__ import annotations

@@ -23,6 +23,10 @@ whose text says why (untrusted certificate, host name mismatch, ...).
 ``service_identity`` is imported here on purpose so that a missing install fails at startup
 instead of silently weakening hostname checks.  This module must not read the config file or
 decide routing; it receives specs from ``wsgate.config`` and is wired by ``service.py``.
+
+Over 500 lines because the server side (contexts, SNI, reload) and the backend side (verified
+connections) share the certificate loading and the failure texts; a split is the next step if
+either grows.
 """
 
 from __future__ import annotations
