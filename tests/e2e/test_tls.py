@@ -14,6 +14,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +175,26 @@ class FrontDoorTests(SynchronousTestCase):
         self.start("1.3")
         self.assertIn("alert protocol version", s_client(self.port, "-tls1_2"))
         self.assertIn("TLSv1.3", s_client(self.port, "-tls1_3", "-CAfile", self.certs.ca_file))
+
+    def test_failed_handshakes_are_a_warning_with_the_client(self) -> None:
+        """A client refused at the TLS handshake (an old protocol, plain HTTP on the TLS port) is
+        one warning naming its address and port, not an error line without them."""
+        gate = self.start("1.3")
+        s_client(self.port, "-tls1_2")
+        with socket.create_connection((LOOPBACK, self.port), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            sock.settimeout(5)
+            while sock.recv(4096):
+                pass
+        deadline = time.monotonic() + 5
+        while gate.stdout().count("tls_handshake_failed") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        out = gate.stdout()
+        lines = [line for line in out.splitlines() if "tls_handshake_failed" in line]
+        self.assertEqual(len(lines), 2, out)
+        for line in lines:
+            self.assertIn("#warn] tls_handshake_failed client=127.0.0.1 client_port=", line)
+        self.assertNotIn("#error]", out)
 
     def test_redirect(self) -> None:
         """The plain-HTTP listener answers 301 to the same URL over https."""

@@ -120,7 +120,11 @@ from autobahn.twisted.websocket import (
 )
 from autobahn.websocket.compress import PerMessageDeflateResponseAccept
 from autobahn.websocket.types import ConnectingRequest, ConnectionRequest
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 
 from wsgate.core.redact import redact_text
 from wsgate.core.session import (
@@ -248,6 +252,27 @@ class ClientLeg(WebSocketServerProtocol):
     def onOpen(self) -> None:
         assert self.session is not None
         self.session.client_opened()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: B008
+        """
+        A client whose TLS handshake failed (a plain HTTP request on the TLS port, an old
+        protocol, a scanner) is a bad client, not the gate's error: one rate-limited warning with
+        its address, instead of Autobahn's error-level line without it.
+        """
+        if isinstance(reason.value, SSL.Error):
+            gateway = self.factory.gateway
+            peer = self.transport.getPeer()
+            errors = reason.value.args[0] if reason.value.args else []
+            why = "; ".join(e[2] for e in errors if len(e) > 2) or "handshake failed"
+            gateway.warnings.warn(
+                "tls_handshake_failed",
+                "client={client} client_port={client_port} reason={reason}",
+                client=getattr(peer, "host", peer),
+                client_port=getattr(peer, "port", None),
+                reason=why,
+            )
+            reason = Failure(ConnectionLost(f"TLS handshake failed: {why}"))
+        super().connectionLost(reason)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.cancel_handshake_timer()
