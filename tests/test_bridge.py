@@ -374,3 +374,19 @@ class StateTests(SynchronousTestCase):
         net.flush()
         self.assertEqual(session.state, "CLOSED")
         self.assertEqual(client.close, (4000, "bye"))
+
+
+class TLSReasonTests(SynchronousTestCase):
+    def test_reasons_of_a_pyopenssl_error(self) -> None:
+        """The warning for a failed client TLS handshake names OpenSSL's reasons, and survives
+        errors without them (a SysCallError's args are (errno, text), not a list)."""
+        from OpenSSL import SSL
+
+        from wsgate.dataplane.bridge import _tls_reason
+
+        error = SSL.Error([("SSL routines", "", "http request"), ("SSL routines", "", "x")])
+        self.assertEqual(_tls_reason(error), "http request; x")
+        self.assertEqual(
+            _tls_reason(SSL.SysCallError(-1, "Unexpected EOF")), "(-1, 'Unexpected EOF')"
+        )
+        self.assertEqual(_tls_reason(SSL.Error()), "Error")

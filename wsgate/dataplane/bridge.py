@@ -195,6 +195,16 @@ def _ignore(*args: Any, **kwargs: Any) -> None:
     pass
 
 
+def _tls_reason(error: SSL.Error) -> str:
+    """OpenSSL's reasons in a pyOpenSSL error (``[(lib, func, reason), ...]``), or its text."""
+    errors = error.args[0] if error.args else None
+    if isinstance(errors, list):
+        reasons = [e[2] for e in errors if isinstance(e, tuple) and len(e) > 2 and e[2]]
+        if reasons:
+            return "; ".join(reasons)
+    return str(error) or type(error).__name__
+
+
 class ClientLeg(WebSocketServerProtocol):
     """The client side of a session: accepts the upgrade only once the backend has accepted."""
 
@@ -262,8 +272,7 @@ class ClientLeg(WebSocketServerProtocol):
         if isinstance(reason.value, SSL.Error):
             gateway = self.factory.gateway
             peer = self.transport.getPeer()
-            errors = reason.value.args[0] if reason.value.args else []
-            why = "; ".join(e[2] for e in errors if len(e) > 2) or "handshake failed"
+            why = _tls_reason(reason.value)
             gateway.warnings.warn(
                 "tls_handshake_failed",
                 "client={client} client_port={client_port} reason={reason}",
