@@ -5,7 +5,7 @@ Owns the decisions of a session's opening (routing admitted, auth, the on_connec
 backend attempts with their tries and ``try_timeout``, pairing the backend's 101 with the
 client's) and of its closing (who is sent which Close, when a connection is dropped, the idle,
 ping and close timers, teardown).  Must not do I/O, hold a socket, a Deferred or a timer handle,
-nor import Twisted or Autobahn: :class:`wsgate.dataplane.bridge.Session` is the driver that feeds
+nor import Twisted or Autobahn: :class:`wsgate.dataplane.session.Session` is the driver that feeds
 it events and carries its commands out.
 
 States::

@@ -69,7 +69,7 @@ def connect_facts(
 ) -> dict[str, Any]:
     """
     The JSON object an ``on_connect`` call sends: the session's identity (``session``: the
-    :meth:`~wsgate.dataplane.bridge.Session.describe` row so far), the request's host, path,
+    :meth:`~wsgate.dataplane.session.Session.describe` row so far), the request's host, path,
     origin and subprotocols, the query string when ``spec.query`` is on, and the client headers
     ``spec.headers`` names (those the client sent).
     """

@@ -44,7 +44,7 @@ class Clock(Protocol):
 
 
 class LiveSession(Protocol):
-    """What the gateway reads of and does to a live session (``bridge.Session``)."""
+    """What the gateway reads of and does to a live session (``dataplane.session.Session``)."""
 
     id: int
     server: Server | None
@@ -78,14 +78,14 @@ class Gateway:
     ``backend_failures`` counts failed backend attempts by upstream, server and reason,
     ``reloads`` the reload results (``service.py`` records them) and ``certificates()`` lists the
     certificates in use with their expiry (``service.py`` sets it; none by default).
-    Figures of live sessions live on each :class:`~wsgate.dataplane.bridge.Session`.
+    Figures of live sessions live on each :class:`~wsgate.dataplane.session.Session`.
     """
 
     log = Logger()
 
     def __init__(self, config: Config, clock: Clock) -> None:
         self.clock = clock
-        # The live bridge.Session objects by id: the gateway uses them only as LiveSession; the
+        # The live Session objects by id: the gateway uses them only as LiveSession; the
         # operations layer (which may import the data plane) reads them whole.
         self.sessions: dict[int, Any] = {}
         self.counters: Counter[str] = Counter()
