@@ -1,9 +1,12 @@
 """
-What a handshake with JWT authentication costs: one gate process, the benchmark's C echo backend
-and C load generator (``bench/build/wsecho``, ``bench/build/wsload``), and two routes of the same
-upstream, ``/open`` (no auth) and ``/jwt`` (``[route.auth] type = "jwt"``, an RS256 or ES256
-token in the ``access_token`` query parameter, stripped before the backend).  Rounds alternate
-between the routes against the same gate, so both see the same build, machine and warm-up.
+What a handshake with authentication costs: one gate process, the benchmark's C echo backend
+and C load generator (``bench/build/wsecho``, ``bench/build/wsload``), and routes of the same
+upstream: ``/open`` (no auth), ``/jwt`` (``[route.auth] type = "jwt"``, an RS256 or ES256 token
+in the ``access_token`` query parameter, stripped before the backend), ``/forward`` and
+``/forward-cached`` (``type = "forward"`` to a local auth service answering 204, without and
+with ``cache``).  Rounds alternate between the routes against the same gate, so all see the same
+build, machine and warm-up.  The auth service runs in this process (a threaded ``http.server``),
+so for forward auth the gate's CPU per handshake is the figure to read, not the rate.
 
     python -m bench.auth_cost [--build bench/build] [--sessions 2000] [--rounds 3]
 
@@ -21,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -53,6 +57,26 @@ def _wait_port(port: int, timeout: float = 10.0) -> None:
     raise SystemExit(f"nothing listens on port {port}")
 
 
+def _auth_service(port: int) -> Any:
+    """An auth service that allows everyone (204), served from a thread until the run ends."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Allow(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Allow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--build", default=str(REPO / "bench" / "build"))
@@ -72,13 +96,18 @@ def main() -> None:
         "rs": jwt.encode({"sub": "bench", "exp": exp}, keys["rs"], "RS256", {"kid": "rs"}),
         "es": jwt.encode({"sub": "bench", "exp": exp}, keys["es"], "ES256", {"kid": "es"}),
     }
-    gate_port, echo_port = free_ports(2)
+    gate_port, echo_port, auth_port = free_ports(3)
+    auth = _auth_service(auth_port)
     (directory / "wsgate.toml").write_text(
         f'[[listen]]\nendpoint = "tcp:{gate_port}:interface=127.0.0.1"\n\n'
         '[[route]]\npath = "/open"\nupstream = "u"\n\n'
         '[[route]]\npath = "/jwt"\nupstream = "u"\n[route.auth]\ntype = "jwt"\n'
         f'keys = "{directory / "jwks.json"}"\nalgorithms = ["RS256", "ES256"]\n'
         'token = ["query:access_token"]\nforward_token = false\n\n'
+        '[[route]]\npath = "/forward"\nupstream = "u"\n[route.auth]\ntype = "forward"\n'
+        f'url = "http://127.0.0.1:{auth_port}/auth"\n\n'
+        '[[route]]\npath = "/forward-cached"\nupstream = "u"\n[route.auth]\ntype = "forward"\n'
+        f'url = "http://127.0.0.1:{auth_port}/auth"\ncache = "60s"\n\n'
         f'[upstream.u]\nservers = [{{ url = "ws://127.0.0.1:{echo_port}" }}]\n'
     )
     twistd = str(Path(sys.executable).with_name("twistd"))
@@ -95,6 +124,8 @@ def main() -> None:
             "none": "/open",
             "jwt RS256": f"/jwt?access_token={tokens['rs']}",
             "jwt ES256": f"/jwt?access_token={tokens['es']}",
+            "forward": "/forward",
+            "forward cached": "/forward-cached",
         }
         results: dict[str, list[float]] = {name: [] for name in paths}
         cpu: dict[str, list[float]] = {name: [] for name in paths}
@@ -141,6 +172,7 @@ def main() -> None:
         for process in (gate, echo):
             process.terminate()
             process.wait(10)
+        auth.shutdown()
 
 
 if __name__ == "__main__":
