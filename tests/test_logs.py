@@ -417,6 +417,28 @@ class RefusalTests(SynchronousTestCase):
         ]
         return raw.status, access, captured.out.getvalue()
 
+    def test_client_gone_before_an_answer(self) -> None:
+        """A client that leaves while its backend attempt is pending gets no answer, and still one
+        line: session_refused with status 499 (NGINX's "client closed request")."""
+        net = Network(gate_config(), {A: "hang"})
+        captured = Captured(self, lambda: net.gateway.config.log)
+        raw = net.raw(upgrade_request(f"/?token={TOKEN}", "X-Request-ID: rid-9\r\n"))
+        raw.transport.loseConnection()
+        net.flush()
+        self.assertEqual(raw.data, b"")
+        self.assertEqual(net.cancelled, net.hanging)
+        access = [
+            f
+            for name, f in (text_fields(li) for li in captured.lines())
+            if name == "session_refused"
+        ]
+        self.assertEqual(len(access), 1, captured.out.getvalue())
+        self.assertEqual(
+            (access[0]["status"], access[0]["request_id"], access[0]["path"]),
+            ("499", "rid-9", "/?token=REDACTED"),
+        )
+        self.assertEqual(access[0]["reason"], "client left before the backend answered")
+
     def test_every_status(self) -> None:
         """403, 404, 405, 426, 429, 431, 400, 505, 502, 503 and 504: one line each, with status,
         client, port, redacted path and the request id when the request had one."""

@@ -28,8 +28,8 @@ one decision in one file.
 The close policy (:func:`partner_close`) is in the table of ``bridge.py``'s docstring.  Timers are
 named (:class:`Timer`); the machine knows which run, and cancels each on every way out.  Each
 session has exactly one access record: its :class:`Refuse`, the front door's refusal, its
-``Record("closed")``, or ``Record("abandoned")`` for a client that left before any answer (which
-writes no access-log line, as before the machine).
+``Record("closed")``, or ``Record("abandoned")`` for a client that left before any answer (the
+driver writes it as a ``session_refused`` line with status 499, NGINX's "client closed request").
 """
 
 from __future__ import annotations

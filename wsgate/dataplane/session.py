@@ -549,6 +549,8 @@ class Session:
             if self.server is not None:
                 self.server.active -= 1
             self.gateway.session_closed(self.record())
+        elif command.kind == "abandoned":  # NGINX's 499: every admitted request has its line
+            self.gateway.session_refused(self, 499, "client left before the backend answered")
 
     def _forget(self) -> None:
         """
