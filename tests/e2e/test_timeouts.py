@@ -299,6 +299,9 @@ class ClientHandshakeTimeoutTests(TestCase):
             self.assertIn(how, ("closed", "reset"), report)
             self.assertGreaterEqual(elapsed, low, f"dropped early: {report}")
             self.assertLessEqual(elapsed, high, f"dropped late: {report}")
+        # Each drop is a warning naming the client (rate limited: 5 fit the burst of 10).
+        drops = gate.wait_for_output("handshake_timeout client=").count("handshake_timeout client=")
+        self.assertEqual(drops, 5, gate.stdout())
         self.assertEqual(backend.accepted, 0, "an incomplete request reached the backend")
 
 

@@ -228,8 +228,18 @@ class ClientLeg(WebSocketServerProtocol):
             self.handshake_timer = gateway.clock.callLater(timeout, self._handshake_timed_out)
 
     def _handshake_timed_out(self) -> None:
+        """No complete request within handshake_timeout: a rate-limited warning (a slowloris
+        is a bad client, and an operator needs to see it), then the connection is dropped."""
         self.handshake_timer = None
         self.wasOpenHandshakeTimeout = True
+        peer = self.transport.getPeer()
+        self.factory.gateway.warnings.warn(
+            "handshake_timeout",
+            "client={client} client_port={client_port} received={received}",
+            client=getattr(peer, "host", peer),
+            client_port=getattr(peer, "port", None),
+            received=len(self.data or b""),
+        )
         self.dropConnection(abort=True)
 
     # The request is complete: from here on the backend attempts' own timeouts apply.
