@@ -55,7 +55,7 @@ __all__ = [
 LOOPBACK = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
 NODE_FIXTURES = REPO / "tests" / "fixtures" / "node"
-_INSTALL_HINT = "run scripts/install-test-deps.sh (as root) to install the end-to-end test peers"
+INSTALL_HINT = "run scripts/install-test-deps.sh (as root) to install the end-to-end test peers"
 
 # Bounds for every wait in this module.
 _POLL_INTERVAL = 0.05
@@ -242,7 +242,7 @@ def node_command() -> str:
     """The ``node`` executable; fail (not skip) when it is missing."""
     node = shutil.which("node")
     if node is None:
-        raise AssertionError(f"node is not installed: {_INSTALL_HINT}")
+        raise AssertionError(f"node is not installed: {INSTALL_HINT}")
     return node
 
 
@@ -251,7 +251,7 @@ def wscat_command() -> str:
     node_command()
     wscat = NODE_FIXTURES / "node_modules" / ".bin" / "wscat"
     if not os.access(wscat, os.X_OK):
-        raise AssertionError(f"{wscat} is missing: {_INSTALL_HINT}")
+        raise AssertionError(f"{wscat} is missing: {INSTALL_HINT}")
     return str(wscat)
 
 
@@ -263,7 +263,7 @@ def start_node_backend(
     (answered to ``__name__``), and wait until it accepts connections and printed "Server started".
     """
     if not (NODE_FIXTURES / "node_modules" / "ws").is_dir():
-        raise AssertionError(f"the ws package is missing from {NODE_FIXTURES}: {_INSTALL_HINT}")
+        raise AssertionError(f"the ws package is missing from {NODE_FIXTURES}: {INSTALL_HINT}")
     if port is None:
         port = free_port()
     argv = [node_command(), str(NODE_FIXTURES / "server.js"), str(port)]
@@ -342,7 +342,7 @@ def start_redis(case: _Case, port: int, directory: Path) -> Process:
     """
     server = shutil.which("redis-server") or "/usr/bin/redis-server"
     if not os.access(server, os.X_OK):
-        raise AssertionError(f"redis-server is not installed: {_INSTALL_HINT}")
+        raise AssertionError(f"redis-server is not installed: {INSTALL_HINT}")
     argv = [
         server,
         "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no",

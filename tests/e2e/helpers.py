@@ -27,6 +27,7 @@ from twisted.trial.unittest import TestCase
 from websockets.sync.client import ClientConnection, connect
 
 from tests.procs import (
+    INSTALL_HINT,
     LOOPBACK,
     REPO,
     Process,
@@ -96,9 +97,6 @@ PASSWORD = "correct horse battery staple"
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1bc")
 
 
-_INSTALL_HINT = "run scripts/install-test-deps.sh (as root) to install the end-to-end test peers"
-
-
 def plain(text: str) -> str:
     return _ANSI.sub("", text).replace("\r", "")
 
@@ -107,7 +105,7 @@ def command_of(name: str) -> str:
     """An external program the tests drive; fail (not skip) when it is missing."""
     path = shutil.which(name)
     if path is None:
-        raise AssertionError(f"{name} is not installed: {_INSTALL_HINT}")
+        raise AssertionError(f"{name} is not installed: {INSTALL_HINT}")
     return path
 
 

@@ -43,6 +43,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from tests.procs import (
     CHROMIUM_FLAGS,
+    INSTALL_HINT,
     LOOPBACK,
     NODE_FIXTURES,
     Process,
@@ -53,7 +54,6 @@ from tests.procs import (
 )
 
 DEFLATE_SERVER = NODE_FIXTURES / "deflate_server.js"
-_INSTALL_HINT = "run scripts/install-test-deps.sh (as root) to install the end-to-end test peers"
 
 TEXT = "h\u00e9llo \u20ac"  # "héllo €"
 LARGE_REPEAT = 2048  # the large text is TEXT + " " repeated this often (16 KiB of UTF-16)
@@ -127,7 +127,7 @@ def chromium_command() -> str:
     """The ``chromium`` executable; fail (not skip) when it is missing."""
     path = shutil.which("chromium")
     if path is None:
-        raise AssertionError(f"chromium is not installed: {_INSTALL_HINT}")
+        raise AssertionError(f"chromium is not installed: {INSTALL_HINT}")
     return path
 
 
@@ -282,7 +282,7 @@ class Browser:
 def start_deflate_backend(case: TestCase) -> Process:
     """tests/fixtures/node/deflate_server.js on a free loopback port (``process.port``)."""
     if not (NODE_FIXTURES / "node_modules" / "ws").is_dir():
-        raise AssertionError(f"the ws package is missing from {NODE_FIXTURES}: {_INSTALL_HINT}")
+        raise AssertionError(f"the ws package is missing from {NODE_FIXTURES}: {INSTALL_HINT}")
     port = free_port()
     argv = [node_command(), str(DEFLATE_SERVER), str(port)]
     process = start_process(case, argv, ready_port=port, cwd=NODE_FIXTURES)

@@ -28,6 +28,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from tests.procs import (
+    INSTALL_HINT,
     LOOPBACK,
     REPO,
     Process,
@@ -40,7 +41,6 @@ from wsgate import config as configmod
 
 HAPROXY_CFG = REPO / "etc" / "haproxy.cfg"
 KUBERNETES_YAML = REPO / "etc" / "kubernetes.yaml"
-_INSTALL_HINT = "run scripts/install-test-deps.sh (as root) to install the end-to-end test peers"
 # Client source addresses: loopback, but not HAProxy's own 127.0.0.1.
 SOURCES = [f"127.0.0.{i}" for i in range(2, 10)]
 ROOMS = [f"room-{i}" for i in range(24)]
@@ -50,7 +50,7 @@ def haproxy_command() -> str:
     """Debian's haproxy (in /usr/sbin, which a non-root PATH may lack); fail when missing."""
     path = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/sbin")
     if path is None:
-        raise AssertionError(f"haproxy is not installed: {_INSTALL_HINT}")
+        raise AssertionError(f"haproxy is not installed: {INSTALL_HINT}")
     return path
 
 
