@@ -408,7 +408,7 @@ class SessionAuthTests(SynchronousTestCase):
 class ConsoleDetailTests(SynchronousTestCase):
     def test_session_detail_shows_auth_and_closes(self) -> None:
         """The console's session detail names the subject and when the gate will close it."""
-        from wsgate.ops.status import session_detail
+        from wsgate.ops.rows import session_detail
 
         directory = tempfile.mkdtemp()
         path = os.path.join(directory, "jwks.json")

@@ -20,7 +20,7 @@ from wsgate import config as configmod
 from wsgate.core import metrics
 from wsgate.ops import status
 from wsgate.ops.console import Console
-from wsgate.ops.status import qualified_id, split_id
+from wsgate.ops.rows import qualified_id, split_id
 from wsgate.ops.view import find_server
 from wsgate.process.channel import Channel, RemoteError
 from wsgate.process.pool import WorkerPool

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.application import service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
@@ -55,11 +55,15 @@ from wsgate.dataplane._compat import quiet_pool
 from wsgate.dataplane.httpclient import read_body
 
 if TYPE_CHECKING:
+    from autobahn.websocket.types import ConnectionRequest
+
+    from wsgate.config import Route
     from wsgate.dataplane.gateway import Gateway
-    from wsgate.dataplane.session import Session
+    from wsgate.dataplane.relay import Relay
 
 __all__ = [
     "Authenticator",
+    "Guarded",
     "Lifetime",
     "UNKNOWN_KID_INTERVAL",
     "auth_detail",
@@ -81,7 +85,35 @@ CLIENT_REASONS = {
 }
 
 
-def authenticate(session: Session, authenticator: Authenticator) -> None:
+class Guarded(Protocol):
+    """
+    What authentication reads of a session and calls back (:class:`wsgate.dataplane.session.
+    Session` is one): an interface rather than the class, because the session drives this module.
+    """
+
+    id: int
+    gateway: Gateway
+    request: ConnectionRequest
+    route: Route
+    target: str
+    auth: Identity | None
+    down: Relay | None
+
+    @property
+    def state(self) -> SessionState: ...
+
+    def forwarded_headers(self) -> dict[str, str]: ...
+
+    def authenticated(self, identity: Identity) -> None: ...
+
+    def deny(
+        self, status: int, reason: str, client_reason: str, headers: tuple[tuple[str, str], ...]
+    ) -> None: ...
+
+    def close(self, code: int = 1001, reason: str = "", by: str = "gate") -> None: ...
+
+
+def authenticate(session: Guarded, authenticator: Authenticator) -> None:
     """
     Check the credential of ``session`` for its route's ``auth``; then call
     ``session.authenticated(identity)`` or ``session.deny(status, reason, client_reason,
@@ -255,7 +287,7 @@ class Authenticator(service.Service):
             source = self._sources[place] = _KeySource(spec, self.reactor, self._get)
         return source
 
-    def check(self, session: Session) -> Deferred:
+    def check(self, session: Guarded) -> Deferred:
         """A Deferred of the session's Identity; fails with AuthFailure."""
         self._prune()
         spec = session.route.auth
@@ -266,7 +298,7 @@ class Authenticator(service.Service):
 
     # -- jwt ---------------------------------------------------------------------------------
 
-    def _check_jwt(self, spec: AuthSpec, session: Session) -> Deferred:
+    def _check_jwt(self, spec: AuthSpec, session: Guarded) -> Deferred:
         request = session.request
         token, source = find_token(spec.token, request.headers, request.params)
         if token is None:
@@ -297,7 +329,7 @@ class Authenticator(service.Service):
 
     # -- forward -----------------------------------------------------------------------------
 
-    def _check_forward(self, spec: AuthSpec, session: Session) -> Deferred:
+    def _check_forward(self, spec: AuthSpec, session: Guarded) -> Deferred:
         incoming = session.request.headers
         cache = self._caches.get(spec)
         if cache is None and spec.cache > 0:
@@ -387,7 +419,7 @@ class Lifetime:
 
     RETRY = 0.5  # a warning that met a message being relayed tries again this much later
 
-    def __init__(self, session: Session, expires: float | None, opened: float) -> None:
+    def __init__(self, session: Guarded, expires: float | None, opened: float) -> None:
         route = session.route
         warning = route.auth.expiry_warning if route.auth is not None else 0.0
         self.session = session
@@ -442,7 +474,7 @@ class Lifetime:
         }
 
 
-def auth_detail(session: Session, now: float) -> dict[str, Any]:
+def auth_detail(session: Guarded, now: float) -> dict[str, Any]:
     """What the console's session detail shows of authentication and lifetime."""
     identity = getattr(session, "auth", None)
     lifetime = getattr(session, "lifetime", None)
@@ -456,7 +488,7 @@ def auth_detail(session: Session, now: float) -> dict[str, Any]:
     return detail
 
 
-def start_lifetime(session: Session) -> Lifetime | None:
+def start_lifetime(session: Guarded) -> Lifetime | None:
     """The lifetime timers of a session that just opened, if its route or credential has any."""
     identity = session.auth
     expires = identity.expires if identity is not None else None

@@ -16,7 +16,7 @@ it drives; split by concern, they would all reach into the same per-session stat
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
@@ -84,12 +84,63 @@ from wsgate.dataplane.relay import ReadThrottle, Relay
 from wsgate.net.tls import tls_facts
 
 if TYPE_CHECKING:
-    from wsgate.dataplane.bridge import BackendLeg, BackendLegFactory, ClientLeg
+    from wsgate.dataplane.auth import Authenticator
 
-__all__ = ["Connect", "Session"]
+__all__ = ["BackendSide", "ClientSide", "Connect", "Session"]
 
 Connect = Callable[[ServerSpec, Any, float], Deferred]
 """Opens a connection to a backend server with a protocol factory and a connect timeout."""
+
+# What a session uses of its two legs and of the front door's factory.  The legs
+# (:mod:`wsgate.dataplane.bridge`) build sessions, so this module names interfaces, not classes.
+
+
+class _Leg(Protocol):
+    transport: Any
+    data: bytes  # what Autobahn had read past the handshake
+    ping_rtt: int | None
+
+    @property
+    def wasNotCleanReason(self) -> str | None: ...
+
+
+class BackendSide(_Leg, Protocol):
+    """A backend connection whose handshake this session runs (bridge.py's ``BackendLeg``)."""
+
+    factory: _BackendRequest
+
+    @property
+    def refusal(self) -> str | None: ...
+
+    @property
+    def timed_out(self) -> bool: ...
+
+    @property
+    def websocket_protocol_in_use(self) -> str | None: ...
+
+    @property
+    def extensions_answer(self) -> str | None: ...
+
+    def sendCloseFrame(self, code: int | None = None, reasonUtf8: bytes | None = None) -> None: ...
+
+
+class _FrontDoor(Protocol):
+    auth: Authenticator
+    backend_legs: _LegMaker
+
+
+class _LegMaker(Protocol):
+    def protocol(self) -> BackendSide:
+        """A new backend leg."""
+
+
+class ClientSide(_Leg, Protocol):
+    """The client's connection (bridge.py's ``ClientLeg``)."""
+
+    factory: _FrontDoor
+    http_request_uri: str
+    session: Session | None
+
 
 _FORWARDED_AS_IS = ("cookie", "authorization")
 
@@ -112,13 +163,13 @@ class Session:
     )  # fmt: skip
 
     def __init__(
-        self, gateway: Gateway, connect: Connect, client: ClientLeg, request: ConnectionRequest
+        self, gateway: Gateway, connect: Connect, client: ClientSide, request: ConnectionRequest
     ) -> None:
         self.id = gateway.new_session_id()
         self.gateway = gateway
         self.client = client
         self.request = request
-        self.backend: BackendLeg | None = None
+        self.backend: BackendSide | None = None
         self.server: Server | None = None
         self.route_path = ""
         self.subprotocol: str | None = None
@@ -133,7 +184,7 @@ class Session:
         self.throttles: tuple[ReadThrottle, ReadThrottle] | None = None
         self._connect = connect
         self._attempt: Deferred | None = None  # the connect or webhook call in progress
-        self._pending: BackendLeg | None = None  # the backend leg whose handshake runs
+        self._pending: BackendSide | None = None  # the backend leg whose handshake runs
         self._handshake: Deferred | None = None
         self._timers: dict[Timer, Any] = {}
         self.extensions: str | None = None  # the backend's Sec-WebSocket-Extensions answer
@@ -273,7 +324,7 @@ class Session:
         )
         attempt.addCallbacks(self._connected, self._connect_failed)
 
-    def _connected(self, leg: BackendLeg) -> None:
+    def _connected(self, leg: BackendSide) -> None:
         self._attempt = None
         self._pending = leg
         self._feed(BackendConnected())
@@ -320,7 +371,7 @@ class Session:
             d, self._handshake = self._handshake, None
             d.errback(Failure(ConnectionDeny(command.status, command.client_reason)))
 
-    def backend_opened(self, leg: BackendLeg) -> None:
+    def backend_opened(self, leg: BackendSide) -> None:
         """The backend accepted: answer the client's handshake with the backend's subprotocol and
         its answer to the client's permessage-deflate offer."""
         self._pending = leg  # until the machine accepts or dismisses it
@@ -348,7 +399,7 @@ class Session:
         else:
             d.callback(self.subprotocol)
 
-    def backend_handshake_failed(self, leg: BackendLeg) -> None:
+    def backend_handshake_failed(self, leg: BackendSide) -> None:
         """A backend connection ended before its handshake completed."""
         if leg is not self._pending:
             return
@@ -529,7 +580,7 @@ class Session:
         """Close both legs: ``code`` and ``reason`` to the client, 1001 and ``reason`` to the backend."""
         self._feed(CloseRequested(code, reason, by))
 
-    def leg_lost(self, leg: ClientLeg | BackendLeg) -> None:
+    def leg_lost(self, leg: ClientSide | BackendSide) -> None:
         """The connection of ``leg`` is gone."""
         self._feed(LegLost("client" if leg is self.client else "backend"))
 
@@ -676,17 +727,17 @@ class _BackendRequest:
 
     isServer = False
 
-    def __init__(self, shared: BackendLegFactory, session: Session, server: Server) -> None:
+    def __init__(self, shared: _LegMaker, session: Session, server: Server) -> None:
         self._shared = shared
-        self.session = session
+        self.session: Session | None = session
         self.server = server.spec
         self.protocols = session.request.protocols
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._shared, name)
 
-    def buildProtocol(self, addr: Any) -> BackendLeg:
-        leg: BackendLeg = self._shared.protocol()
+    def buildProtocol(self, addr: Any) -> BackendSide:
+        leg: BackendSide = self._shared.protocol()
         leg.factory = self
         return leg
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from twisted.internet import defer
 
 from wsgate.dataplane.tap import SessionTap, Tapped
-from wsgate.ops import status
+from wsgate.ops import rows
 from wsgate.ops.process_metrics import Process, gate_processes
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ class GateView(Protocol):
         """The fleet of gates this gate is in (``[cluster]``), or None."""
 
     def session_rows(self) -> list[dict[str, Any]]:
-        """Every live session's row (:func:`wsgate.ops.status.session_row`), oldest first."""
+        """Every live session's row (:func:`wsgate.ops.rows.session_row`), oldest first."""
 
     def session_count(self) -> int: ...
 
@@ -114,7 +114,7 @@ class GateView(Protocol):
         """Messages and bytes each way since start, live sessions included."""
 
     def session(self, id: object) -> defer.Deferred:
-        """Everything about one session (:func:`wsgate.ops.status.session_detail`)."""
+        """Everything about one session (:func:`wsgate.ops.rows.session_detail`)."""
 
     def kick(self, id: object, code: int, reason: str, by: str) -> defer.Deferred:
         """Close a session: ``code`` and ``reason`` to the client, 1001 to the backend."""
@@ -173,11 +173,11 @@ def find_server(view: GateView, text: str, upstream: str | None = None) -> tuple
     finds ``ws://h:8011``), in ``upstream`` when given.  A LookupError names the candidates when
     there are several (the same URL in two upstreams included) or none.
     """
-    rows = [r for r in view.server_rows(0.0) if upstream in (None, r["upstream"])]
+    servers = [r for r in view.server_rows(0.0) if upstream in (None, r["upstream"])]
     if upstream is not None and upstream not in view.config.upstreams:
         raise LookupError(f"no upstream {upstream}")
-    found = [(r["upstream"], r["server"]) for r in rows if r["server"] == text.rstrip("/")]
-    found = found or sorted({(r["upstream"], r["server"]) for r in rows if text in r["server"]})
+    found = [(r["upstream"], r["server"]) for r in servers if r["server"] == text.rstrip("/")]
+    found = found or sorted({(r["upstream"], r["server"]) for r in servers if text in r["server"]})
     if len(found) == 1:
         return found[0]
     if not found:
@@ -244,21 +244,21 @@ class LocalView:
         return self.gateway.fleet
 
     def session_rows(self) -> list[dict[str, Any]]:
-        return [status.session_row(s) for s in list(self.gateway.sessions.values())]
+        return [rows.session_row(s) for s in list(self.gateway.sessions.values())]
 
     def session_count(self) -> int:
         return len(self.gateway.sessions)
 
     def server_rows(self, now: float) -> list[dict[str, Any]]:
         return [
-            status.server_row(name, server, now)
+            rows.server_row(name, server, now)
             for name, upstream in self.gateway.upstreams.items()
             for server in upstream.servers
         ]
 
     def totals(self) -> dict[str, int]:
         gateway = self.gateway
-        totals = {key: gateway.counters[key.replace("_", ".")] for key in status.TOTALS}
+        totals = {key: gateway.counters[key.replace("_", ".")] for key in rows.TOTALS}
         for session in list(gateway.sessions.values()):
             for direction, relay in (("up", session.up), ("down", session.down)):
                 if relay is not None:
@@ -276,7 +276,7 @@ class LocalView:
         return session
 
     def session(self, id: object) -> defer.Deferred:
-        return defer.execute(lambda: status.session_detail(self._find(id)))
+        return defer.execute(lambda: rows.session_detail(self._find(id)))
 
     def kick(self, id: object, code: int, reason: str, by: str) -> defer.Deferred:
         def kick() -> dict[str, Any]:

@@ -27,7 +27,7 @@ from wsgate import config as configmod
 from wsgate.core.metrics import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram, Reloads
 from wsgate.dataplane.gateway import Clock
 from wsgate.ops.process_metrics import Process, gate_processes
-from wsgate.ops.status import TOTALS, qualified_id, split_id
+from wsgate.ops.rows import TOTALS, qualified_id, split_id
 from wsgate.ops.view import check_kick, check_push
 
 __all__ = ["Aggregate"]

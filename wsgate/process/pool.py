@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from wsgate import config as configmod
 from wsgate.control.sighup import reload_on_sighup
 from wsgate.dataplane.gateway import config_changes
-from wsgate.ops.status import qualified_id
+from wsgate.ops.rows import qualified_id
 from wsgate.process.aggregate import Aggregate
 from wsgate.process.channel import Channel
 from wsgate.process.sockets import RefuseConnections, address_family

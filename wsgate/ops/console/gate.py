@@ -4,7 +4,8 @@ the gate's operations view, the sampler for rates, the clock) and :class:`Gate`,
 readable tables (``sessions``, ``upstreams``, ``stats``), one session in full, verbs that act
 (``kick``, ``drain``, ``undrain``, ``weight``, ``reload``, the fleet's; each logged with the
 console user's name) and the two live views (``tap``, ``top``, in :mod:`.live`), written to a
-:class:`_Screen` (the interactive terminal or the output of an exec, in :mod:`.screens`).
+:class:`_Screen` (the interactive terminal or the output of an exec, in :mod:`.screens`; its
+interface is :mod:`.live`'s).
 
 Must not hold business logic: commands read and act through the gate's operations view
 (:mod:`wsgate.ops.view`, the same for one process and for workers, and the same the control API
@@ -13,8 +14,8 @@ uses) and format what they get back; the figures come from :mod:`wsgate.ops.stat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -23,7 +24,7 @@ from twisted.python.failure import Failure
 from wsgate.config import ConfigError, parse_duration
 from wsgate.core.limits import WarningLimiter
 from wsgate.ops import status
-from wsgate.ops.console.live import _Tap, _Top
+from wsgate.ops.console.live import _Screen, _Tap, _Top
 from wsgate.ops.console.text import (
     Text,
     _age,
@@ -39,7 +40,6 @@ from wsgate.ops.console.text import (
 from wsgate.ops.view import check_kick, find_server
 
 if TYPE_CHECKING:
-    from wsgate.ops.console.live import _LiveView
     from wsgate.ops.view import GateView
 
 __all__ = ["Console", "Gate"]
@@ -60,20 +60,6 @@ class Console:
         # Refused logins are logged at most 10 a minute (the rest counted), so that a password
         # guesser cannot flood the log.
         self.refusals = WarningLimiter(clock.seconds)
-
-
-class _Screen(Protocol):
-    """Where the ``gate`` commands and live views write: a terminal, or the output of an exec."""
-
-    live: _LiveView | None
-    width: int
-    height: int
-
-    def write_lines(self, lines: Iterable[str]) -> None: ...
-
-    def redraw(self, text: str) -> None: ...
-
-    def end_live(self, summary: str) -> None: ...
 
 
 def _settled(d: defer.Deferred, show: Callable[[Any], Any]) -> Any:
@@ -390,7 +376,7 @@ class Gate:
         """Stream one session's messages (direction, type, size, preview) until Ctrl-C."""
         if self._terminal.live is not None:
             return Text("a live view is already running")
-        tap = _Tap(self, id)
+        tap = _Tap(self.view, self._console.clock, self._terminal, id)
         tap.start()
         row = next((r for r in self.view.session_rows() if str(r["id"]) == str(id)), {})
         self._logged("tap", f"session={id} client={row.get('client')}")
@@ -403,7 +389,7 @@ class Gate:
         """A live view of the busiest sessions and the servers until Ctrl-C."""
         if self._terminal.live is not None:
             return
-        _Top(self).start()
+        _Top(self.view, self._console.clock, self._terminal, self._console.sampler).start()
 
     # -- helpers -------------------------------------------------------------------------------
 

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from wsgate.dataplane.tap import TAP_QUEUE, TAP_REFRESH, Tapped
 from wsgate.ops import status
 from wsgate.ops.console.text import _age, _preview, _rate, _size, _upstream_table, table
 
 if TYPE_CHECKING:
-    from wsgate.ops.console.gate import Gate
+    from wsgate.ops.view import GateView
 
 __all__ = ["TAP_LINES_PER_REFRESH", "TOP_REFRESH"]
 
@@ -29,22 +30,38 @@ TAP_LINES_PER_REFRESH = 200
 TOP_REFRESH = 1.0
 
 
+class _Screen(Protocol):
+    """Where the ``gate`` commands and live views write: a terminal, or the output of an exec."""
+
+    live: _LiveView | None
+    width: int
+    height: int
+
+    def write_lines(self, lines: Iterable[str]) -> None: ...
+
+    def redraw(self, text: str) -> None: ...
+
+    def end_live(self, summary: str) -> None: ...
+
+
 class _LiveView:
     """A view that owns the screen until Ctrl-C (or its end): a tap or top."""
 
-    def __init__(self, gate: Gate, interval: float) -> None:
-        self.gate = gate
+    def __init__(self, view: GateView, clock: Any, screen: _Screen, interval: float) -> None:
+        self.view = view
+        self.clock = clock
+        self.screen = screen
         self.interval = interval
         self._call: Any = None
 
     def start(self) -> None:
-        self.gate._terminal.live = self
-        self._call = self.gate._console.clock.callLater(self.interval, self._tick)
+        self.screen.live = self
+        self._call = self.clock.callLater(self.interval, self._tick)
 
     def _tick(self) -> None:
         self._call = None
         if self.refresh():
-            self._call = self.gate._console.clock.callLater(self.interval, self._tick)
+            self._call = self.clock.callLater(self.interval, self._tick)
 
     def refresh(self) -> bool:
         """Update the screen; False when the view has ended by itself."""
@@ -55,7 +72,7 @@ class _LiveView:
             self._call.cancel()
         self._call = None
         self.finish()
-        self.gate._terminal.end_live(self.summary(why))
+        self.screen.end_live(self.summary(why))
 
     def finish(self) -> None:
         pass
@@ -71,8 +88,8 @@ class _Tap(_LiveView):
     and says once why it ended (the session closed, its worker is gone).
     """
 
-    def __init__(self, gate: Gate, id: object) -> None:
-        super().__init__(gate, TAP_REFRESH)
+    def __init__(self, view: GateView, clock: Any, screen: _Screen, id: object) -> None:
+        super().__init__(view, clock, screen, TAP_REFRESH)
         self.id = id
         self.queue: deque[Tapped] = deque()
         self.shown = 0
@@ -83,7 +100,7 @@ class _Tap(_LiveView):
 
     def start(self) -> None:
         """Tap the session (a LookupError when there is none), then own the screen."""
-        self.number, answer = self.gate.view.tap(self.id, self)
+        self.number, answer = self.view.tap(self.id, self)
         answer.addErrback(self._failed)
         super().start()
 
@@ -104,7 +121,7 @@ class _Tap(_LiveView):
             self._ended = f"session {self.id} {why}"
 
     def refresh(self) -> bool:
-        width = max(20, self.gate._terminal.width - 40)
+        width = max(20, self.screen.width - 40)
         out = []
         for _ in range(min(len(self.queue), TAP_LINES_PER_REFRESH)):
             when, direction, is_binary, size, first = self.queue.popleft()
@@ -121,7 +138,7 @@ class _Tap(_LiveView):
             )
             self._reported_drops = self.dropped
         if out:
-            self.gate._terminal.write_lines(out)
+            self.screen.write_lines(out)
         if self._ended is not None and not self.queue:
             self.stop(self._ended)
             return False
@@ -130,7 +147,7 @@ class _Tap(_LiveView):
     def finish(self) -> None:
         number, self.number = self.number, None
         if number is not None:
-            self.gate.view.untap(number)
+            self.view.untap(number)
 
     def summary(self, why: str) -> str:
         return f"tap of session {self.id} {why}: {self.shown} shown, {self.dropped} dropped"
@@ -139,8 +156,11 @@ class _Tap(_LiveView):
 class _Top(_LiveView):
     """A refreshing screen of the busiest sessions (by messages per second) and the servers."""
 
-    def __init__(self, gate: Gate) -> None:
-        super().__init__(gate, TOP_REFRESH)
+    def __init__(
+        self, view: GateView, clock: Any, screen: _Screen, sampler: status.Sampler | None
+    ) -> None:
+        super().__init__(view, clock, screen, TOP_REFRESH)
+        self.sampler = sampler
         self._previous: dict[object, tuple[float, int]] = {}
         self.frames = 0
 
@@ -149,9 +169,8 @@ class _Top(_LiveView):
         self.refresh()
 
     def refresh(self) -> bool:
-        console = self.gate._console
-        view = console.view
-        now = console.clock.seconds()
+        view = self.view
+        now = self.clock.seconds()
         rows = []
         previous = self._previous
         self._previous = {}
@@ -162,9 +181,9 @@ class _Top(_LiveView):
             self._previous[row["id"]] = (now, messages)
             rows.append((rate, row))
         rows.sort(key=lambda r: (r[0], r[1]["messages_up"] + r[1]["messages_down"]), reverse=True)
-        stats = status.stats(view, console.sampler)
+        stats = status.stats(view, self.sampler)
         rates = stats["rates"]
-        term = self.gate._terminal
+        term = self.screen
         servers = status.upstreams(view, now)
         room = max(3, term.height - len(servers) - 9)
         lines = [
