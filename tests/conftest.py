@@ -17,3 +17,9 @@ def _restore_txaio_loop() -> Iterator[None]:
     loop = txaio.config.loop
     yield
     txaio.config.loop = loop
+
+
+def pytest_report_header() -> str:
+    from wsgate.dataplane import _compat
+
+    return f"wsgate fast paths: {'on' if _compat.FAST_PATHS else 'off (WSGATE_FAST_PATHS=0)'}"

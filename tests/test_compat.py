@@ -1,27 +1,35 @@
 """
 The reach-ins of ``wsgate/dataplane/_compat.py`` against the installed Twisted and Autobahn: each fails when an upstream
-release changes what it relies on.
+release changes what it relies on.  The fast paths' own tests switch them on, whatever
+``WSGATE_FAST_PATHS`` says (the suite runs with them off too).
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 import socket
+import subprocess
+import sys
 from typing import Any
 
-from autobahn.twisted.websocket import WebSocketServerProtocol
+from autobahn.twisted.websocket import WebSocketAdapterProtocol, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
-from twisted.internet import base, epollreactor, protocol, tcp
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import base, defer, epollreactor, protocol, tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import BackendFactory, Network, make_config
+from wsgate.dataplane import _compat
 from wsgate.dataplane._compat import (
     READ_SIZE,
+    adopt_port,
     autobahn_receive,
     dispatch_directly,
     hand_over,
+    raise_listen_errors,
     read_more,
     release_connector,
     release_leg,
@@ -52,8 +60,16 @@ class _Reader(FileDescriptor):
         self.lost.append(reason)
 
 
-class DispatchDirectlyTests(SynchronousTestCase):
+class FastPathTestCase(SynchronousTestCase):
+    """Tests of a fast path: it is on here, whatever the environment says."""
+
     def setUp(self) -> None:
+        self.patch(_compat, "FAST_PATHS", True)
+
+
+class DispatchDirectlyTests(FastPathTestCase):
+    def setUp(self) -> None:
+        super().setUp()
         self.reactor = epollreactor.EPollReactor()
         self.addCleanup(self.reactor._poller.close)
         self.left, self.right = socket.socketpair()
@@ -163,7 +179,7 @@ def _tcp_pair(test: SynchronousTestCase) -> tuple[tcp.Connection, socket.socket,
     return connection, theirs, collect
 
 
-class ConnectionReachInTests(SynchronousTestCase):
+class ConnectionReachInTests(FastPathTestCase):
     """Twisted's TCP connection: its read size and its write queue."""
 
     def test_read_size(self) -> None:
@@ -215,13 +231,12 @@ class ConnectionReachInTests(SynchronousTestCase):
         self.assertIsNone(connector.transport)
 
 
-class AutobahnReachInTests(SynchronousTestCase):
+class AutobahnReachInTests(FastPathTestCase):
     """What the legs rely on in Autobahn's protocol."""
 
     def test_data_received_is_autobahn_receive(self) -> None:
-        """Autobahn's Twisted dataReceived hands the bytes to ``_dataReceived``, which the legs
-        call directly (without its per-read debug-log arguments)."""
-        self.assertIs(autobahn_receive, WebSocketProtocol._dataReceived)
+        """Autobahn's Twisted dataReceived hands the bytes to ``_dataReceived``, which
+        autobahn_receive calls directly (without its per-read debug-log arguments)."""
         calls: list[bytes] = []
 
         class Probe(ClientLeg):
@@ -231,6 +246,11 @@ class AutobahnReachInTests(SynchronousTestCase):
         leg._dataReceived = calls.append  # type: ignore[method-assign]
         WebSocketServerProtocol.dataReceived(leg, b"GET")
         self.assertEqual(calls, [b"GET"])
+        wrapped: list[bytes] = []
+        self.patch(WebSocketProtocol, "_dataReceived", lambda leg, data: calls.append(data))
+        self.patch(WebSocketAdapterProtocol, "dataReceived", lambda leg, data: wrapped.append(data))
+        autobahn_receive(Probe(), b"Host")
+        self.assertEqual((calls, wrapped), ([b"GET", b"Host"], []))
 
     def test_send_data_signature(self) -> None:
         """The legs' sendData replaces Autobahn's, with the same arguments."""
@@ -274,3 +294,79 @@ class AutobahnReachInTests(SynchronousTestCase):
         release_leg(leg)
         self.assertIsNone(leg.is_closed)
         self.assertNotIn("dataReceived", vars(leg))
+
+
+class FastPathSwitchTests(SynchronousTestCase):
+    """``WSGATE_FAST_PATHS=0``: every fast path leaves Twisted's and Autobahn's own code."""
+
+    def setUp(self) -> None:
+        self.patch(_compat, "FAST_PATHS", False)
+
+    def test_the_environment_switches_them(self) -> None:
+        code = "from wsgate.dataplane import _compat; print(_compat.FAST_PATHS)"
+        for value, expected in (("0", "False"), ("1", "True"), (None, "True")):
+            env = {k: v for k, v in os.environ.items() if k != "WSGATE_FAST_PATHS"}
+            if value is not None:
+                env["WSGATE_FAST_PATHS"] = value
+            out = subprocess.run(
+                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+            )
+            self.assertEqual(out.stdout.strip(), expected, value)
+
+    def test_transports_and_reactor_keep_their_own(self) -> None:
+        connection, peer, _ = _tcp_pair(self)
+        write_eagerly(connection)
+        read_more(connection)
+        self.assertNotIn("write", vars(connection))
+        self.assertEqual(connection.bufferSize, READ_SIZE)
+        reactor = epollreactor.EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        self.assertFalse(dispatch_directly(reactor))
+        self.assertNotIn("doIteration", vars(reactor))
+
+    def test_legs_use_autobahn_entry_points(self) -> None:
+        """Reads go through Autobahn's dataReceived, writes through its sendData."""
+        reads: list[bytes] = []
+        writes: list[bytes] = []
+        self.patch(WebSocketAdapterProtocol, "dataReceived", lambda leg, data: reads.append(data))
+        self.patch(WebSocketProtocol, "sendData", lambda leg, data, *_: writes.append(data))
+        leg: Any = type("Leg", (), {})()
+        leg.send_queue = []
+        leg.transport = StringTransport()
+        autobahn_receive(leg, b"GET")
+        send_data(leg, b"frame")
+        self.assertEqual((reads, writes, leg.transport.value()), ([b"GET"], [b"frame"], b""))
+
+
+class ListenerReachInTests(SynchronousTestCase):
+    def test_a_failed_bind_raises_from_the_start(self) -> None:
+        """With raise_listen_errors, a listener whose endpoint fails at once raises from
+        privilegedStartService; without, Twisted only logs it."""
+
+        class Busy:
+            def listen(self, factory: object) -> defer.Deferred:
+                return defer.fail(OSError("address in use"))
+
+        listener = raise_listen_errors(StreamServerEndpointService(Busy(), protocol.Factory()))
+        self.assertRaises(OSError, listener.privilegedStartService)
+        StreamServerEndpointService(Busy(), protocol.Factory()).privilegedStartService()
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+    def test_adopt_port_makes_our_port_class(self) -> None:
+        """adopt_port listens on an inherited socket with a tcp.Port subclass."""
+
+        class Ours(tcp.Port):
+            pass
+
+        listening = socket.socket()
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        listening.setblocking(False)
+        reactor = MemoryReactorClock()
+        port = adopt_port(Ours, reactor, listening.fileno(), socket.AF_INET, protocol.Factory())
+        self.assertIsInstance(port, Ours)
+        port.startListening()
+        self.addCleanup(port.socket.close)
+        self.assertEqual(port.getHost().port, listening.getsockname()[1])
+        self.assertIn("numberAccepts", inspect.getsource(tcp.Port.doRead))  # _TakeTurnsPort's

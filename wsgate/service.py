@@ -32,7 +32,7 @@ from wsgate.control.discovery import DnsDiscovery
 from wsgate.control.health import AutoRebalance, HealthChecker, Probes
 from wsgate.control.sighup import reload_on_sighup
 from wsgate.core.redact import redact_target
-from wsgate.dataplane._compat import dispatch_directly
+from wsgate.dataplane._compat import dispatch_directly, raise_listen_errors
 from wsgate.dataplane.bridge import ClientLegFactory
 from wsgate.dataplane.gateway import Gateway
 from wsgate.dataplane.webhooks import Webhooks
@@ -343,9 +343,7 @@ def _listening(reactor: Any, listener: configmod.Listener, endpoint: Any = None)
 
 def _listener_service(endpoint: Any, factory: Any) -> StreamServerEndpointService:
     """A listener's service: binds in privilegedStartService; a busy port fails the start."""
-    listener = StreamServerEndpointService(endpoint, factory)
-    listener._raiseSynchronously = True  # as strports.service does
-    return listener
+    return raise_listen_errors(StreamServerEndpointService(endpoint, factory))
 
 
 def _add_monitoring(

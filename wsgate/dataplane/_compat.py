@@ -3,34 +3,51 @@ Reach-ins into Twisted's and Autobahn's private names, each with the reason and 
 (``tests/test_compat.py``) that fails when an upstream release changes the assumption.
 
 This module must not hold policy: it only adapts a library object, and says what it relies on.
-(``service.py`` still has its own few; the data plane's are all here.)
+Every reach-in of the package is here.
+
+Some of them only make the gate faster: the *fast paths* (:func:`dispatch_directly`,
+:func:`read_more`, :func:`write_eagerly`, :func:`send_data`, :func:`autobahn_receive`).
+``WSGATE_FAST_PATHS=0`` in the gate's environment switches them off, so the gate runs on Twisted's
+and Autobahn's own code paths, slower and otherwise the same: a way to tell whether a fault seen
+after upgrading either library comes from one of them.  The in-memory test suite runs both ways
+(``scripts/test.sh``).  The rest are needed either way (the legs' hand-over to the relay, and
+the cycles cut when a session ends) or only change what is logged.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 from typing import Any
 
+from autobahn.twisted.websocket import WebSocketAdapterProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import tcp
 from twisted.internet.epollreactor import EPollReactor
 from twisted.web.client import HTTPConnectionPool
 
 __all__ = [
+    "FAST_PATHS",
     "AUTOBAHN_CLIENT_STATE",
     "AUTOBAHN_SERVER_STATE",
     "AUTOBAHN_STATE",
     "READ_SIZE",
     "autobahn_receive",
     "dispatch_directly",
+    "adopt_port",
     "hand_over",
     "quiet_pool",
+    "raise_listen_errors",
     "read_more",
     "release_connector",
     "release_leg",
     "send_data",
     "write_eagerly",
 ]
+
+# Whether the fast paths are on (module docstring); read at each call, so tests can switch it.
+FAST_PATHS = os.environ.get("WSGATE_FAST_PATHS", "1") != "0"
 
 # The instance attributes Autobahn's WebSocket protocols (24.4 to 26.x) set on every connection,
 # none of them a class attribute anywhere in the protocol's classes.  The legs declare them as
@@ -125,9 +142,9 @@ def dispatch_directly(reactor: Any) -> bool:
 
     Relies on EPollReactor's ``_poller``, ``_selectables`` and ``_doReadOrWrite`` and on
     ``mainLoop`` calling ``self.doIteration``.  Returns False (and changes nothing) for any other
-    reactor.
+    reactor, or with the fast paths off.
     """
-    if type(reactor) is not EPollReactor:
+    if not FAST_PATHS or type(reactor) is not EPollReactor:
         return False
     poll = reactor._poller.poll
     selectables = reactor._selectables
@@ -151,9 +168,17 @@ def dispatch_directly(reactor: Any) -> bool:
 
 # -- the legs: Autobahn until both 101s, the relay afterwards ------------------------------------
 
-# Autobahn's own reading of a connection's bytes, which its ``dataReceived`` wraps with per-read
-# debug-log arguments the gate does not want to pay for: the legs call this one directly.
-autobahn_receive = WebSocketProtocol._dataReceived
+
+def autobahn_receive(leg: Any, data: bytes) -> None:
+    """
+    Autobahn's own reading of a connection's bytes (``_dataReceived``), which its
+    ``dataReceived`` wraps with per-read debug-log arguments the gate does not want to pay for.
+    """
+    if FAST_PATHS:
+        WebSocketProtocol._dataReceived(leg, data)
+    else:
+        WebSocketAdapterProtocol.dataReceived(leg, data)
+
 
 # Twisted reads at most this much from a TCP connection at a time (``Connection.bufferSize``).
 READ_SIZE = tcp.Connection.bufferSize
@@ -168,7 +193,11 @@ def read_more(transport: Any) -> None:
     ``recv`` allocates the whole buffer on every call, which small messages would pay for.
     Relies on ``doRead`` reading ``self.bufferSize`` bytes on each call.
     """
-    if isinstance(transport, tcp.Connection) and transport.bufferSize < _LARGE_READ_SIZE:
+    if (
+        FAST_PATHS
+        and isinstance(transport, tcp.Connection)
+        and transport.bufferSize < _LARGE_READ_SIZE
+    ):
         transport.bufferSize = _LARGE_READ_SIZE
 
 
@@ -184,7 +213,7 @@ def write_eagerly(transport: Any) -> None:
     it.  Both modes write once per read now (the frame engine's output), so both use it.  Relies
     on FileDescriptor's queue (``_tempDataLen``, ``offset``, ``dataBuffer``) and ``socket``.
     """
-    if not isinstance(transport, tcp.Connection):
+    if not FAST_PATHS or not isinstance(transport, tcp.Connection):
         return  # TLS and other transports keep their own write path
     queue = transport.write
     send = transport.socket.send
@@ -209,7 +238,7 @@ def send_data(leg: Any, data: bytes, sync: bool = False, chopsize: int | None = 
     computes on every write even with debug logging off (the gate keeps its own counters).
     Queued writes (sync, chopped) keep Autobahn's path.  Relies on Autobahn's ``send_queue``.
     """
-    if sync or chopsize or leg.send_queue:
+    if sync or chopsize or leg.send_queue or not FAST_PATHS:
         WebSocketProtocol.sendData(leg, data, sync, chopsize)
     else:
         leg.transport.write(data)
@@ -254,3 +283,25 @@ def release_connector(transport: Any) -> None:
     connector = getattr(transport, "connector", None)
     if connector is not None:
         connector.transport = connector.factory = None
+
+
+# -- listeners --------------------------------------------------------------------------------
+
+
+def raise_listen_errors(listener: StreamServerEndpointService) -> StreamServerEndpointService:
+    """
+    Make a listener's service raise a failed bind (a busy port) from its start, as
+    ``strports.service`` does, instead of logging it and running without the port.  Relies on
+    ``StreamServerEndpointService._raiseSynchronously``.
+    """
+    listener._raiseSynchronously = True
+    return listener
+
+
+def adopt_port(port_class: type[tcp.Port], reactor: Any, fd: int, family: int, factory: Any) -> Any:
+    """
+    A ``port_class`` (a ``tcp.Port`` subclass) on an inherited listening socket: what
+    ``reactor.adoptStreamPort`` does for Twisted's own Port, which it cannot be told to replace.
+    The caller starts it.  Relies on ``tcp.Port._fromListeningDescriptor``.
+    """
+    return port_class._fromListeningDescriptor(reactor, fd, family, factory)

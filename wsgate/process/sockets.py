@@ -18,6 +18,8 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IStreamServerEndpoint
 from zope.interface import implementer
 
+from wsgate.dataplane._compat import adopt_port
+
 __all__ = ["SharedSocketEndpoint", "RefuseConnections", "address_family"]
 
 
@@ -54,9 +56,7 @@ class SharedSocketEndpoint:
             if self.family == socket.AF_UNIX:
                 port = self.reactor.adoptStreamPort(self.fd, self.family, factory)
             else:
-                port = _TakeTurnsPort._fromListeningDescriptor(
-                    self.reactor, self.fd, self.family, factory
-                )
+                port = adopt_port(_TakeTurnsPort, self.reactor, self.fd, self.family, factory)
                 port.startListening()
             os.close(self.fd)
         except Exception:  # noqa: BLE001  a Deferred's failure, as endpoints report it
