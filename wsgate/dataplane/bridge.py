@@ -104,6 +104,9 @@ than GET) on a route with ``http = true`` is handed to ``httpproxy.start_http`` 
 
 This module must not choose servers (``upstream.py`` does) or build TLS contexts (``tls.py`` does:
 the ``connect`` callable it receives opens backend connections).
+
+A little over 500 lines, a fifth of them this theory of operation, which is the data plane's
+map and belongs with the legs it describes.
 """
 
 from __future__ import annotations
