@@ -22,6 +22,7 @@ from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import CLIENT_ADDRESS, BackendFactory, Network, Terminal, get, upgrade_request
+from tests.procs import REPO
 from wsgate import config as configmod
 from wsgate.core.redact import (
     logfmt_value,
@@ -714,9 +715,7 @@ class ConfigTests(SynchronousTestCase):
             }
         ).log
         self.assertEqual(spec, configmod.LogSpec("error", "json", False, ("page",)))
-        example = configmod.load(
-            os.path.join(os.path.dirname(__file__), "..", "etc", "wsgate-console.toml")
-        )
+        example = configmod.load(str(REPO / "etc" / "wsgate-console.toml"))
         self.assertEqual(example.log, configmod.LogSpec("info", "json", True, ("page",)))
         e = self.assertRaises(
             configmod.ConfigError,
