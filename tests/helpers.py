@@ -1,7 +1,8 @@
 """
 Shared builders and fakes for in-memory tests: a gate, its backends and its clients wired with
 ``twisted.test.iosim`` on one ``task.Clock`` (no sockets, no sleeps); a client frame, a GET on the
-admin resource tree, a console terminal, and a parent's Aggregate over two in-memory workers.
+admin resource tree, a console terminal, a parent's Aggregate over two in-memory workers, JSON Web
+Tokens signed with keys made at import, and the request and session row a connect webhook reads.
 Tests import these from here, never from another test module.
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jwt
 import txaio
 from autobahn.twisted.websocket import (
     WebSocketClientFactory,
@@ -22,6 +24,7 @@ from autobahn.twisted.websocket import (
     WebSocketServerProtocol,
 )
 from autobahn.websocket.types import ConnectionDeny
+from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.conch.insults import insults
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
@@ -399,3 +402,52 @@ def write_config(
     lines.append(f"servers = {_toml(servers or [{'url': 'ws://127.0.0.1:9'}])}")
     Path(path).write_text("\n".join(lines) + "\n")
     return path
+
+
+# Signing keys made at import, their JWK and JWKS forms, and a signed token (claims to override).
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+RSA_KEY_2 = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def jwk(key: Any, kid: str, alg: str | None = None) -> dict[str, Any]:
+    if isinstance(key, bytes):
+        item: dict[str, Any] = json.loads(jwt.algorithms.HMACAlgorithm.to_jwk(key))
+    elif isinstance(key, rsa.RSAPrivateKey):
+        item = jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    else:
+        item = jwt.algorithms.ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    item["kid"] = kid
+    if alg:
+        item["alg"] = alg
+    return item
+
+
+def jwks(*keys: dict[str, Any]) -> bytes:
+    return json.dumps({"keys": list(keys)}).encode()
+
+
+def token(key: Any = RSA_KEY, alg: str = "RS256", kid: str | None = "k1", **claims: Any) -> str:
+    body = {"sub": "alice", "iss": "https://id.test", "aud": "chat", "exp": 1000, **claims}
+    return jwt.encode(body, key, algorithm=alg, headers={"kid": kid} if kid else None)
+
+
+class HandshakeRequest:
+    """A client's handshake request, as the connect webhook's facts read it."""
+
+    host = "chat.example"
+    path = "/chat"
+    origin = "https://app.example"
+    protocols = ["v1"]
+    headers = {"authorization": "Bearer t", "cookie": "c=1", "user-agent": "ua"}
+
+
+# A session's row, the facts both webhooks send about it.
+SESSION_ROW = {
+    "session_id": 7,
+    "request_id": "r7",
+    "client": "127.0.0.5",
+    "client_port": 40000,
+    "route": "/chat",
+    "upstream": "u",
+    "tls": False,
+}

@@ -1,7 +1,7 @@
 """
 The config schema: frozen dataclasses, one per table of the file, and the value sets keys may
 take.  Each default is declared here and only here (the reader takes it from the field with
-:meth:`wsgate.config.table.Table.field`; ``tests/test_config_defaults.py`` fails on a second copy).
+:meth:`wsgate.config.table.Table.field`; ``tests/config/test_schema.py`` fails on a second copy).
 Values are already converted ("30s" -> 30.0, "16MiB" -> int) and checked when a record is made
 by the reader; this module reads no file, converts nothing and imports nothing else of wsgate.
 """

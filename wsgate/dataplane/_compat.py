@@ -1,6 +1,6 @@
 """
 Reach-ins into Twisted's and Autobahn's private names, each with the reason and a test
-(``tests/test_compat.py``) that fails when an upstream release changes the assumption.
+(``tests/dataplane/test_compat.py``) that fails when an upstream release changes the assumption.
 
 This module must not hold policy: it only adapts a library object, and says what it relies on.
 Every reach-in of the package is here.
@@ -55,7 +55,7 @@ FAST_PATHS = os.environ.get("WSGATE_FAST_PATHS", "1") != "0"
 # of two instance dicts of about 60 keys (1,584 bytes each): a held session measured 11.2 KiB of
 # traced allocations before and 8.9 after (tracemalloc, 1,000 sessions).  A name Autobahn adds
 # later lands in the instance dict as before (nothing breaks, the saving shrinks);
-# tests/test_compat.py fails then, so the list is kept whole.
+# tests/dataplane/test_compat.py fails then, so the list is kept whole.
 AUTOBAHN_STATE = (
     "_perMessageCompress",
     "_transport_details",

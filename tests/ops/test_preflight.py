@@ -17,11 +17,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh import keys
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.procs import REPO
 from wsgate import cli
 from wsgate import config as configmod
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted(glob.glob(str(ROOT / "etc" / "*.toml")))
+EXAMPLES = sorted(glob.glob(str(REPO / "etc" / "*.toml")))
 
 ROUTE = """
 [[route]]
@@ -77,7 +77,7 @@ class CheckTests(SynchronousTestCase):
 
     def test_console_example_with_a_key(self) -> None:
         """etc/wsgate-console.toml with its [console] table uncommented and a key added passes."""
-        text = (ROOT / "etc" / "wsgate-console.toml").read_text()
+        text = (REPO / "etc" / "wsgate-console.toml").read_text()
         for line in ("[console]", 'endpoint = "tcp:2222', 'authorized_keys = "', 'host_key = "'):
             self.assertIn(f"# {line}", text)
             text = text.replace(f"# {line}", line, 1)

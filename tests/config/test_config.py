@@ -11,22 +11,21 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.procs import REPO
 from wsgate import config
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class ExampleTests(SynchronousTestCase):
     def test_every_etc_file_parses(self) -> None:
         """Every TOML file in etc/ is a valid config."""
-        files = glob.glob(str(ROOT / "etc" / "*.toml"))
+        files = glob.glob(str(REPO / "etc" / "*.toml"))
         self.assertTrue(files)
         for path in files:
             config.load(path)
 
     def test_default_is_the_seed_scenario(self) -> None:
         """etc/wsgate.toml listens on 8020 and sends everything to 127.0.0.1:8010."""
-        c = config.load(str(ROOT / "etc" / "wsgate.toml"))
+        c = config.load(str(REPO / "etc" / "wsgate.toml"))
         self.assertEqual([li.endpoint for li in c.listeners], ["tcp:8020"])
         self.assertEqual(c.routes[0].path, "/")
         self.assertEqual(c.upstreams[c.routes[0].upstream].servers[0].url, "ws://127.0.0.1:8010")
@@ -135,7 +134,7 @@ class ErrorTests(SynchronousTestCase):
     def test_check_command(self) -> None:
         """`python -m wsgate check` prints ok / the problems with exit status 0 / 1."""
         good = subprocess.run(
-            [sys.executable, "-m", "wsgate", "check", str(ROOT / "etc" / "wsgate.toml")],
+            [sys.executable, "-m", "wsgate", "check", str(REPO / "etc" / "wsgate.toml")],
             capture_output=True,
             text=True,
             timeout=60,

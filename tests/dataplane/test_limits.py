@@ -1,6 +1,7 @@
 """
-Hardening in memory: admission limits, request limits, bad frames, rate limits, trusted proxies,
-rate-limited warnings, reload and graceful shutdown.
+Hardening in memory, the limits as a gate enforces them: admission limits, request limits, bad
+frames, rate limits, trusted proxies, reload and graceful shutdown.  Admission, the message budget
+and rate-limited warnings on their own are in ``tests/core/test_limits.py``.
 """
 
 from __future__ import annotations
@@ -10,13 +11,12 @@ from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
-from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import BackendFactory, Network, frame, make_config, upgrade_request
 from wsgate import config as configmod
 from wsgate.config import Limits
-from wsgate.core.limits import Admission, MessageRate, WarningLimiter, client_address
+from wsgate.core.limits import client_address
 
 A = "ws://a.test:1"
 B = "ws://b.test:2"
@@ -32,44 +32,6 @@ def limited(limits: dict[str, Any], servers: list[str] = [A], **route: Any) -> c
         },
         "test.toml",
     )
-
-
-class AdmissionTests(SynchronousTestCase):
-    def test_limits(self) -> None:
-        """Per-address and total session limits refuse with 429 and 503; release frees a place."""
-        admission = Admission(Limits(max_sessions=3, max_sessions_per_ip=2), lambda: 0.0)
-        self.assertIsNone(admission.admit("10.0.0.1"))
-        self.assertIsNone(admission.admit("10.0.0.1"))
-        self.assertEqual(admission.admit("10.0.0.1")[0], 429)  # type: ignore[index]
-        self.assertIsNone(admission.admit("10.0.0.2"))
-        self.assertEqual(admission.admit("10.0.0.3")[0], 503)  # type: ignore[index]
-        admission.release("10.0.0.1")
-        self.assertIsNone(admission.admit("10.0.0.3"))
-        self.assertEqual(admission.total, 3)
-
-    def test_token_bucket(self) -> None:
-        """Handshakes per second per address: a burst, then the rate; other addresses unaffected."""
-        now = [0.0]
-        admission = Admission(Limits(handshake_rate=2.0, handshake_burst=3), lambda: now[0])
-        results = [admission.admit("a") is None for _ in range(4)]
-        self.assertEqual(results, [True, True, True, False])
-        self.assertIsNone(admission.admit("b"))
-        now[0] = 0.5  # one token back
-        self.assertIsNone(admission.admit("a"))
-        self.assertIsNotNone(admission.admit("a"))
-
-
-class MessageRateTests(SynchronousTestCase):
-    def test_budget(self) -> None:
-        """Over the per-second budget, spend says how long until the window ends."""
-        now = [10.0]
-        rate = MessageRate(3, 0, lambda: now[0])
-        self.assertEqual([rate.spend(1) for _ in range(3)], [0.0, 0.0, 0.0])
-        now[0] = 10.25
-        self.assertAlmostEqual(rate.spend(1), 0.75)
-        now[0] = 11.0
-        self.assertEqual(rate.spend(1), 0.0)
-        self.assertAlmostEqual(MessageRate(0, 100, lambda: 0.0).spend(101), 1.0)
 
 
 class ClientAddressTests(SynchronousTestCase):
@@ -93,23 +55,6 @@ class ClientAddressTests(SynchronousTestCase):
         headers = backend.requests[0].headers
         self.assertEqual(headers["x-real-ip"], "198.51.100.7")
         self.assertEqual(headers["x-forwarded-for"], "198.51.100.7, 127.0.0.5")
-
-
-class WarningLimiterTests(SynchronousTestCase):
-    def test_flood(self) -> None:
-        """After the burst a kind of warning is counted, and the count reported later."""
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        now = [0.0]
-        limiter = WarningLimiter(lambda: now[0], burst=3, interval=60)
-        for i in range(100):
-            limiter.warn("handshake_400", "client={client}", client=i)
-        now[0] = 61
-        limiter.warn("handshake_400", "client={client}", client="last")
-        mine = [e for e in events if e.get("log_format", "").startswith("handshake_400 ")]
-        self.assertEqual(len(mine), 4)
-        self.assertEqual(mine[-1]["suppressed"], 97)
 
 
 class RequestLimitTests(SynchronousTestCase):

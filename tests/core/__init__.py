@@ -1,0 +1,1 @@
+"""Tests of ``wsgate.core``, the decisions without I/O: tables and hypothesis, no sockets."""

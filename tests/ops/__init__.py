@@ -1,0 +1,1 @@
+"""Tests of ``wsgate.ops`` in memory: the operations view, console, admin, control API and logs."""
