@@ -161,3 +161,15 @@ def test_the_cycle_check_sees_a_cycle(tmp_path: Path) -> None:
         ["wsgate.ops.a", "wsgate.ops.b", "wsgate.ops.a"],
         ["wsgate.ops.c", "wsgate.ops.d", "wsgate.ops.c"],
     ]
+
+
+def test_tests_import_helpers_not_tests() -> None:
+    """A test module imports shared helpers (tests/helpers.py and the like), never another test
+    module, whose tests would then run twice."""
+    tests = Path(__file__).parent
+    found = []
+    for path in sorted(tests.rglob("*.py")):
+        for name in imports(path):
+            if name.split(".")[0] == "tests" and name.split(".")[-1].startswith("test_"):
+                found.append(f"{path.relative_to(tests)} imports {name}")
+    assert found == []
