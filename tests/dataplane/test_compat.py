@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import socket
 import subprocess
 import sys
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketAdapterProtocol, WebSocketServerProtocol
+from autobahn.websocket import protocol as protocol_module
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import base, defer, epollreactor, protocol, tcp
@@ -206,6 +208,13 @@ class ConnectionReachInTests(FastPathTestCase):
         write_eagerly(connection)
         connection.write(b"now")
         self.assertEqual(peer.recv(100), b"now")
+        # A subclass of the connection's own class, shared, and nothing on the instance.
+        other, _, _ = _tcp_pair(self)
+        write_eagerly(other)
+        write_eagerly(other)
+        self.assertIs(type(other), type(connection))
+        self.assertIs(type(connection).__mro__[2], tcp.Connection)
+        self.assertNotIn("write", vars(connection))
         connection._tempDataLen = 1  # as if something were queued
         connection._tempDataBuffer = [b"1"]
         connection.write(b"2")
@@ -277,23 +286,36 @@ class AutobahnReachInTests(FastPathTestCase):
         leg.dataReceived(b"x")
         self.assertEqual(received, [b"x"])
 
-    def test_is_closed_resolves_with_the_leg(self) -> None:
-        """Autobahn resolves a protocol's ``is_closed`` with the protocol itself (a cycle that
-        release_leg cuts, with the relay's reader)."""
+    def test_open_close_futures_only_resolved(self) -> None:
+        """Autobahn only creates and resolves ``is_open``/``is_closed`` (never chains on them),
+        so a leg's shared stand-in takes the whole life of a session, and a closed leg keeps no
+        Deferred (and no cycle through one)."""
+        uses = [
+            line
+            for line in inspect.getsource(protocol_module).splitlines()
+            if re.search(r"\.is_(open|closed)\b", line)
+        ]
+        self.assertGreaterEqual(len(uses), 4)  # made twice, resolved at the open and the close
+        for line in uses:
+            self.assertRegex(
+                line.strip(),
+                r"^(self\.is_(open|closed) = txaio\.create_future\(\)"
+                r"|txaio\.resolve\(self\.is_(open|closed), (self|None)\))$",
+            )
         net = Network(make_config(["ws://a.test:1"]), {"ws://a.test:1": BackendFactory()})
         client = net.client("/")
         net.flush()
         session = next(iter(net.gateway.sessions.values()))
-        leg = session.client
-        results: list[object] = []
-        leg.is_closed.addCallback(results.append)
+        legs = (session.client, session.backend)
         client.proto.sendClose(1000)
         net.flush()
         net.clock.advance(1)
-        self.assertEqual(results, [leg])
-        release_leg(leg)
-        self.assertIsNone(leg.is_closed)
-        self.assertNotIn("dataReceived", vars(leg))
+        self.assertEqual(net.gateway.sessions, {})
+        for leg in legs:
+            self.assertFalse(isinstance(leg.is_open, defer.Deferred))
+            self.assertIs(leg.is_closed, leg.is_open)
+            release_leg(leg)
+            self.assertNotIn("dataReceived", vars(leg))
 
 
 class FastPathSwitchTests(SynchronousTestCase):

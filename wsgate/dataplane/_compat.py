@@ -11,7 +11,7 @@ Some of them only make the gate faster: the *fast paths* (:func:`dispatch_direct
 and Autobahn's own code paths, slower and otherwise the same: a way to tell whether a fault seen
 after upgrading either library comes from one of them.  The in-memory test suite runs both ways
 (``scripts/test.sh``).  The rest are needed either way (the legs' hand-over to the relay, and
-the cycles cut when a session ends) or only change what is logged.
+the cycles cut when a session ends), only save memory, or only change what is logged.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ __all__ = [
     "dispatch_directly",
     "adopt_port",
     "hand_over",
+    "no_open_close_futures",
     "quiet_pool",
     "raise_listen_errors",
     "read_more",
@@ -201,6 +202,26 @@ def read_more(transport: Any) -> None:
         transport.bufferSize = _LARGE_READ_SIZE
 
 
+class _EagerWrite(tcp.Connection):
+    """What :func:`write_eagerly` mixes into a TCP connection's class: its ``write``."""
+
+    __slots__ = ()
+
+    def write(self, data: bytes) -> None:
+        if self._tempDataLen or self.offset != len(self.dataBuffer):
+            super().write(data)  # keep order behind what is already queued
+            return
+        try:
+            sent = self.socket.send(data)
+        except OSError:
+            sent = 0  # EAGAIN, or an error the queued write will report as connection loss
+        if sent < len(data):
+            super().write(data[sent:])
+
+
+_EAGER_CLASSES: dict[type, type] = {}
+
+
 def write_eagerly(transport: Any) -> None:
     """
     Make a plain TCP transport send at once when nothing is queued, instead of queueing every
@@ -210,26 +231,22 @@ def write_eagerly(transport: Any) -> None:
     so buffering, backpressure (producer pausing) and error handling stay Twisted's.
 
     Measured (64 B echo, 64 connections, gate on one core): tunnel mode 33.5k -> 52k msg/s with
-    it.  Both modes write once per read now (the frame engine's output), so both use it.  Relies
-    on FileDescriptor's queue (``_tempDataLen``, ``offset``, ``dataBuffer``) and ``socket``.
+    it.  Both modes write once per read now (the frame engine's output), so both use it.  The
+    transport's class becomes a subclass of its own with :class:`_EagerWrite`'s ``write`` (one
+    per class, made once), so that a held connection carries nothing more (a closure per
+    transport cost 216 bytes and a reference cycle).  Relies on FileDescriptor's queue
+    (``_tempDataLen``, ``offset``, ``dataBuffer``) and ``socket``, and on a Twisted connection
+    class taking a subclass of itself as its ``__class__``.
     """
     if not FAST_PATHS or not isinstance(transport, tcp.Connection):
         return  # TLS and other transports keep their own write path
-    queue = transport.write
-    send = transport.socket.send
-
-    def write(data: bytes) -> None:
-        if transport._tempDataLen or transport.offset != len(transport.dataBuffer):
-            queue(data)  # keep order behind what is already queued
-            return
-        try:
-            sent = send(data)
-        except OSError:
-            sent = 0  # EAGAIN, or an error the queued write will report as connection loss
-        if sent < len(data):
-            queue(data[sent:])
-
-    transport.write = write  # type: ignore[method-assign]
+    cls = type(transport)
+    if issubclass(cls, _EagerWrite):
+        return
+    eager = _EAGER_CLASSES.get(cls)
+    if eager is None:
+        eager = _EAGER_CLASSES[cls] = type(cls.__name__, (_EagerWrite, cls), {"__slots__": ()})
+    transport.__class__ = eager
 
 
 def send_data(leg: Any, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
@@ -242,6 +259,29 @@ def send_data(leg: Any, data: bytes, sync: bool = False, chopsize: int | None = 
         WebSocketProtocol.sendData(leg, data, sync, chopsize)
     else:
         leg.transport.write(data)
+
+
+class _Unwatched:
+    """A Deferred nobody waits for, already fired: ``txaio.resolve`` calls its ``callback``."""
+
+    __slots__ = ()
+    called = True
+
+    def callback(self, result: object) -> None:
+        pass
+
+
+_UNWATCHED = _Unwatched()
+
+
+def no_open_close_futures(leg: Any) -> None:
+    """
+    Replace the ``is_open`` and ``is_closed`` Deferreds Autobahn makes for every connection (in
+    ``_connectionMade``) by one shared stand-in: only Autobahn's client agent waits on them, the
+    legs never do, and a held session kept four of them (512 bytes), ``is_closed`` in a cycle
+    with its leg.  Relies on Autobahn touching them only through ``txaio.resolve``.
+    """
+    leg.is_open = leg.is_closed = _UNWATCHED
 
 
 def hand_over(leg: Any, receive: Any) -> None:
@@ -261,15 +301,9 @@ def hand_over(leg: Any, receive: Any) -> None:
 
 def release_leg(leg: Any) -> None:
     """
-    Break the cycles a finished leg is in: the relay's bound method (:func:`hand_over`),
-    Autobahn's ``is_closed`` Deferred (resolved with the leg itself) and the transport's
-    ``write`` closure (:func:`write_eagerly`).
+    Break the cycle a finished leg is in: the relay's bound method (:func:`hand_over`).
     """
     leg.__dict__.pop("dataReceived", None)
-    if leg.is_closed is not None and leg.is_closed.called:
-        leg.is_closed = None
-    if leg.transport is not None:
-        leg.transport.__dict__.pop("write", None)
 
 
 def release_connector(transport: Any) -> None:

@@ -140,6 +140,7 @@ from wsgate.dataplane._compat import (
     AUTOBAHN_STATE,
     READ_SIZE,
     autobahn_receive,
+    no_open_close_futures,
     read_more,
     send_data,
 )
@@ -222,6 +223,7 @@ class ClientLeg(WebSocketServerProtocol):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        no_open_close_futures(self)
         # The request must be complete within handshake_timeout.  Timed on the reactor's clock,
         # not Autobahn's openHandshakeTimeout: txaio batches its timers into whole seconds, so
         # they fire up to a second early.
@@ -448,6 +450,7 @@ class BackendLeg(WebSocketClientProtocol):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        no_open_close_futures(self)
         # The upstream's handshake_timeout, on the reactor's clock (see ClientLeg.connectionMade).
         session = self.factory.session
         timeout = session.upstream.spec.handshake_timeout

@@ -726,6 +726,7 @@ class _BackendRequest:
     """
 
     isServer = False
+    __slots__ = ("_shared", "session", "server", "protocols")
 
     def __init__(self, shared: _LegMaker, session: Session, server: Server) -> None:
         self._shared = shared
