@@ -219,14 +219,22 @@ class _Reload(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        reload = self.reload if self.listening is None else self.listening.reloading(self.reload)
-        self._restore_sighup = reload_on_sighup(self.reactor, reload, self.log)
+        self._restore_sighup = reload_on_sighup(self.reactor, self.announced_reload, self.log)
 
     def stopService(self) -> Any:
         if self._restore_sighup is not None:
             self._restore_sighup()
             self._restore_sighup = None
         return super().stopService()
+
+    def announced_reload(self) -> list[str]:
+        """
+        :meth:`reload` as an operator asks for it (SIGHUP, the control API, the console):
+        systemd hears ``RELOADING=1`` ... ``READY=1`` around it.
+        """
+        if self.listening is None:
+            return self.reload()
+        return self.listening.reloading(self.reload)()
 
     def reload(self) -> list[str]:
         """Reload now; returns what changed, or raises ConfigError naming every problem."""
@@ -486,7 +494,7 @@ def _parent_service(
     pool.setServiceParent(top)
     top.workers = pool  # type: ignore[attr-defined]
     top.reload = pool.reload  # type: ignore[attr-defined]
-    listening = _ready_marker(config, notify_address)
+    listening = pool.listening = _ready_marker(config, notify_address)
     _add_monitoring(config, pool.aggregate, top, reactor, listening)
     for redirect in config.redirects:
         StreamServerEndpointService(
@@ -599,7 +607,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
             listening,
         )
         reloader.setServiceParent(top)
-        top.reload = reloader.reload  # type: ignore[attr-defined]
+        top.reload = reloader.announced_reload  # type: ignore[attr-defined]
     top.tls_listeners = tls_listeners  # type: ignore[attr-defined]
     listening.setServiceParent(top)  # after the listeners: started last, stopped first
     top.listening = listening  # type: ignore[attr-defined]

@@ -1,8 +1,9 @@
 """
 systemd's readiness protocol (``Type=notify``) from real gate processes (``wsgate run``, one process
 and ``workers = 2``) started with ``NOTIFY_SOCKET`` set, as systemd starts them: ``READY=1`` once
-listening, ``RELOADING=1``/``READY=1`` around a SIGHUP reload, ``STOPPING=1`` on SIGTERM, every
-datagram from the main process (systemd's default ``NotifyAccess=main`` drops the others).
+listening, ``RELOADING=1``/``READY=1`` around a reload (SIGHUP, or ``wsgate reload`` through the
+control API), ``STOPPING=1`` on SIGTERM, every datagram from the main process (systemd's default
+``NotifyAccess=main`` drops the others).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 import urllib.error
@@ -29,14 +31,19 @@ from tests.procs import (
     wait_exit,
 )
 
+WSGATE = Path(sys.executable).with_name("wsgate")
 
-def _config(gate_port: int, admin_port: int, backend_port: int, workers: int = 1) -> str:
+
+def _config(
+    gate_port: int, admin_port: int, backend_port: int, control: Path, workers: int = 1
+) -> str:
     return (
         f"workers = {workers}\n"
         f'[[listen]]\nendpoint = "tcp:{gate_port}:interface={LOOPBACK}"\n'
         '[[route]]\npath = "/"\nupstream = "echo"\n'
         f'[upstream.echo]\nservers = [{{ url = "ws://{LOOPBACK}:{backend_port}" }}]\n'
         f'[admin]\nendpoint = "tcp:{admin_port}:interface={LOOPBACK}"\n'
+        f'[control]\nendpoint = "unix:{control}"\n'
     )
 
 
@@ -56,9 +63,19 @@ class GateProcessTests(TestCase):
         path.write_text(config)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env.update(PYTHONUNBUFFERED="1", NOTIFY_SOCKET=listener.address)
-        wsgate = Path(sys.executable).with_name("wsgate")
-        argv = [str(wsgate), "run", "--config", str(path.resolve())]
+        argv = [str(WSGATE), "run", "--config", str(path.resolve())]
         return start_process(self, argv, env=env), path
+
+    def control_reload(self, listener: NotifySocket, gate: Process, path: Path) -> None:
+        """``wsgate reload`` (the control API) is announced like SIGHUP, by the main process."""
+        done = subprocess.run(
+            [str(WSGATE), "reload", "--config", str(path)], capture_output=True, timeout=30
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        pid, fields = listener.receive()
+        self.assertEqual((pid, fields["RELOADING"]), (gate.pid, "1"))
+        pid, fields = listener.receive()
+        self.assertEqual((pid, fields["READY"]), (gate.pid, "1"))
 
     def test_ready_reload_stop(self) -> None:
         """
@@ -70,7 +87,8 @@ class GateProcessTests(TestCase):
         gate_port, admin_port = free_ports(2)
         backend = start_node_backend(self)
         assert backend.port is not None
-        gate, path = self.start(listener, _config(gate_port, admin_port, backend.port))
+        control = Path(self.mktemp()) / "control.sock"
+        gate, path = self.start(listener, _config(gate_port, admin_port, backend.port, control))
         pid, fields = listener.receive()
         self.assertEqual(pid, gate.pid, gate.describe())
         self.assertEqual(fields["READY"], "1")
@@ -89,6 +107,8 @@ class GateProcessTests(TestCase):
             pid, fields = listener.receive()
             self.assertEqual((pid, fields["READY"]), (gate.pid, "1"))
         gate.wait_for_output("config_reload_refused", 5)
+        path.write_text(_config(gate_port, admin_port, backend.port, control))
+        self.control_reload(listener, gate, path)
 
         os.kill(gate.pid, signal.SIGTERM)
         pid, fields = listener.receive()
@@ -105,7 +125,9 @@ class GateProcessTests(TestCase):
         gate_port, admin_port = free_ports(2)
         backend = start_node_backend(self)
         assert backend.port is not None
-        gate, _ = self.start(listener, _config(gate_port, admin_port, backend.port, workers=2))
+        control = Path(self.mktemp()) / "control.sock"
+        config = _config(gate_port, admin_port, backend.port, control, workers=2)
+        gate, path = self.start(listener, config)
         pid, fields = listener.receive()
         self.assertEqual((pid, fields["READY"]), (gate.pid, "1"), gate.describe())
         output = gate.wait_for_output("worker_started 2", 10)
@@ -118,6 +140,7 @@ class GateProcessTests(TestCase):
         while _ready(admin_port)[0] != 200 and time.monotonic() < deadline:
             time.sleep(0.1)  # the parent knows its workers' servers from their first poll
         self.assertEqual(_ready(admin_port), (200, "ready\n"))
+        self.control_reload(listener, gate, path)
         os.kill(gate.pid, signal.SIGTERM)
         pid, fields = listener.receive()
         self.assertEqual((pid, fields["STOPPING"]), (gate.pid, "1"))

@@ -37,6 +37,7 @@ from wsgate.dataplane.gateway import config_changes
 from wsgate.ops.rows import qualified_id
 from wsgate.process.aggregate import Aggregate
 from wsgate.process.channel import Channel
+from wsgate.process.sdnotify import Listening
 from wsgate.process.sockets import RefuseConnections, address_family
 
 __all__ = ["WorkerPool"]
@@ -129,6 +130,7 @@ class WorkerPool(service.Service):
         self._restarts: dict[int, Any] = {}
         self._poll: task.LoopingCall | None = None
         self._restore_sighup: Any = None
+        self.listening: Listening | None = None  # systemd hears of reloads through it
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -288,6 +290,12 @@ class WorkerPool(service.Service):
         return answers.addCallback(merged)
 
     def _reload(self) -> tuple[list[str], defer.Deferred]:
+        """Validate the file and send it to the workers (announced to systemd as a reload)."""
+        if self.listening is None:
+            return self._reload_workers()
+        return self.listening.reloading(self._reload_workers)()
+
+    def _reload_workers(self) -> tuple[list[str], defer.Deferred]:
         try:
             new = configmod.load(self.path)
         except configmod.ConfigError:
