@@ -97,13 +97,24 @@ class ViewContract:
         self.failure(self.view.kick("1:999", 4000, "", "test"), LookupError)
 
     def test_push(self) -> None:
-        """push sends the client text and binary messages; bad ones are ValueErrors."""
+        """push sends the client text and binary messages, counted among the messages and bytes
+        down; bad ones are ValueErrors."""
         client = self.open()
         sid = self.only_id()
+        before = self.view.session_rows()[0]
         answer = self.result(self.view.push(sid, b"from the gate", False))
         self.assertEqual((answer["size"], answer["queued"]), (13, False))  # type: ignore[attr-defined]
         self.result(self.view.push(sid, b"\x00\xff", True))
         self.assertEqual(client.received[-2:], [(b"from the gate", False), (b"\x00\xff", True)])  # type: ignore[attr-defined]
+        self.settle()
+        after = self.view.session_rows()[0]
+        self.assertEqual(
+            (
+                after["messages_down"] - before["messages_down"],
+                after["bytes_down"] - before["bytes_down"],
+            ),
+            (2, 15),
+        )
         self.failure(self.view.push(sid, b"\xff", False), ValueError)
         self.failure(self.view.push(sid, b"x" * (MAX_PUSH + 1), True), ValueError)
         self.failure(self.view.push("1:999", b"x", False), LookupError)

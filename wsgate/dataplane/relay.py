@@ -29,6 +29,10 @@ PUSH_QUEUE = 64
 PUSH_QUEUE_BYTES = 4 * 1024 * 1024
 
 
+# A relay that pushed nothing shares this count (a slot, not two ints per relay).
+_NONE_OWN = (0, 0)
+
+
 class RelayOwner(Protocol):
     """What a relay tells the session that owns it."""
 
@@ -108,7 +112,7 @@ class Relay:
 
     __slots__ = (
         "engine", "source", "sink", "session", "partner", "last", "rate", "_clock", "_now",
-        "_tap", "_masked", "_pinged", "close_sent", "_pushed", "__weakref__",
+        "_tap", "_masked", "_pinged", "close_sent", "_pushed", "_own", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -138,6 +142,7 @@ class Relay:
         self._pinged = False  # the gate pinged this relay's source and awaits its pong
         # Pushed messages waiting for the end of the message in flight (see push); None: none.
         self._pushed: deque[bytes] | None = None
+        self._own = _NONE_OWN  # (messages, payload bytes) of the gate's own pushed to the sink
 
     @property
     def tap(self) -> Callable[[bool, int, bytes], None] | None:
@@ -236,6 +241,8 @@ class Relay:
         if not self.engine.sink_open:
             raise ValueError("the session is closing")
         frame = message_frame(payload, binary, self._masked)
+        messages, size = self._own
+        self._own = (messages + 1, size + len(payload))
         if self._pushed is None and not self.engine.in_message:
             self.sink.write(frame)
             return True
@@ -271,8 +278,9 @@ class Relay:
 
     @property
     def messages(self) -> int:
-        return self.engine.messages
+        """Data messages sent on to the sink: relayed, and the gate's own (pushed)."""
+        return self.engine.messages + self._own[0]
 
     @property
     def bytes(self) -> int:  # last in the class: the name would shadow the type in annotations
-        return self.engine.bytes
+        return self.engine.bytes + self._own[1]
