@@ -303,11 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, nofile)
     signal.signal(signal.SIGTERM, _terminate)
     os.environ.pop("PYTHONPATH", None)  # each side's wsgate comes from its own venv, nowhere else
+    try:
+        revs = [resolve(x, name) for x, name in zip(LABELS, (args.rev_a, args.rev_b), strict=True)]
+    except RuntimeError as e:
+        raise SystemExit(f"python -m bench.ab: {e}") from None
     tools.ensure_packages(set(), log)
     bins = tools.build_tools(log)
     stamp = datetime.now(UTC)
     ab_dir = new_run_dir("ab", stamp)
-    revs = [resolve(x, name) for x, name in zip(LABELS, (args.rev_a, args.rev_b), strict=True)]
     run = Run(
         revs,
         args.modes,
