@@ -93,6 +93,11 @@ def cpu_per_million(d: dict[str, Any]) -> float | None:
     return d["proxy_cpu_s"] / d["messages"] * 1e6
 
 
+def cpu_ms_per_handshake(d: dict[str, Any]) -> float | None:
+    """Proxy CPU milliseconds per opened session, over the opening phase (W5: the handshakes)."""
+    return d["proxy_cpu_s"] * 1e3 / d["opened"] if d.get("opened") else None
+
+
 def pct(cpu_s: float, window: float) -> float | None:
     return cpu_s / window * 100 if window > 0 else None
 
@@ -405,7 +410,6 @@ def _details(run: Run, w: Workload) -> list[str]:
         vs_ref = fratio(_ratio(run, t, w, w.reference))
         vs_direct = fratio(_ratio(run, t, w, "direct"))
         if w.mode == "handshake":
-            opened = d["opened"] or 1
             rows.append(
                 [
                     f"`{t.name}`",
@@ -417,7 +421,7 @@ def _details(run: Run, w: Workload) -> list[str]:
                     "—" if t.kind == "direct" else fnum(d["rss_before_kb"] / 1024, 1),
                     "—" if t.kind == "direct" else fnum(d["rss_held_kb"] / 1024, 1),
                     "—" if t.kind == "direct" else fnum(rss_per_session_kib(d), 1),
-                    "—" if t.kind == "direct" else fnum(d["proxy_cpu_s"] * 1e3 / opened, 3),
+                    "—" if t.kind == "direct" else fnum(cpu_ms_per_handshake(d), 3),
                     fnum(d["close_s"], 2),
                     fnum(core0_pct(d)),
                     fnum(outside_pct(d)),

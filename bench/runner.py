@@ -24,7 +24,7 @@ from bench.procs import Proc, free_port, raise_nofile, wait_port
 from bench.targets import LOAD_CPUS, TARGETS, Env, Running, Target, start
 from bench.workloads import FULL_W5_SESSIONS, Workload, runs_on, workloads
 
-__all__ = ["main"]
+__all__ = ["Measurer", "log", "main", "new_run_dir", "select", "start_backend"]
 
 OUT_DIR = tools.BENCH_DIR / "out"
 RESULTS = tools.BENCH_DIR / "RESULTS.md"
@@ -195,6 +195,32 @@ def groups(t: Target, wls: list[Workload], quick: bool) -> list[list[Workload]]:
     return [g for g in (first, w5) if g]
 
 
+def new_run_dir(prefix: str, stamp: datetime) -> Path:
+    """``bench/out/<prefix>-<time>/`` for a run's logs; older ones beyond KEEP_RUNS are removed."""
+    run_dir = OUT_DIR / f"{prefix}-{stamp.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for old in sorted(OUT_DIR.glob(f"{prefix}-*"))[:-KEEP_RUNS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return run_dir
+
+
+def start_backend(wsecho: Path, run_dir: Path, nofile: int) -> tuple[Proc, Env]:
+    """The run's one echo backend (plain and TLS, on the load side's core), started and
+    listening, and the Env that every target of the run shares."""
+    cert, key, cert_and_key = tools.ensure_cert()
+    bport, btls = free_port(), free_port()
+    argv = [str(wsecho), "--port", str(bport), "--tls-port", str(btls)]
+    argv += ["--cert", str(cert), "--key", str(key)]
+    backend = Proc("wsecho", argv, LOAD_CPUS, run_dir / "wsecho.log")
+    try:
+        wait_port(bport, backend)
+        wait_port(btls, backend)
+    except Exception:
+        backend.stop()
+        raise
+    return backend, Env(run_dir, bport, btls, cert, key, cert_and_key, nofile)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     targets: list[Target] = select(args.only, list(TARGETS), "target", lambda t: t.name)
@@ -209,13 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     kinds = {t.kind for t in targets}
     tools.ensure_packages(kinds, log)
     bins = tools.build_tools(log)
-    cert, key, cert_and_key = tools.ensure_cert()
 
     stamp = datetime.now(UTC)
-    run_dir = OUT_DIR / ("run-" + stamp.strftime("%Y%m%d-%H%M%S"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for old in sorted(OUT_DIR.glob("run-*"))[:-KEEP_RUNS]:
-        shutil.rmtree(old, ignore_errors=True)
+    run_dir = new_run_dir("run", stamp)
     run = report.Run(
         quick=args.quick,
         date=stamp.strftime("%Y-%m-%d %H:%M UTC"),
@@ -235,14 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             "two descriptors per session (client and backend side)."
         )
 
-    bport, btls = free_port(), free_port()
-    backend_argv = [str(bins["wsecho"]), "--port", str(bport), "--tls-port", str(btls)]
-    backend_argv += ["--cert", str(cert), "--key", str(key)]
-    backend = Proc("wsecho", backend_argv, LOAD_CPUS, run_dir / "wsecho.log")
-    env = Env(run_dir, bport, btls, cert, key, cert_and_key, nofile)
+    backend, env = start_backend(bins["wsecho"], run_dir, nofile)
     try:
-        wait_port(bport, backend)
-        wait_port(btls, backend)
         measurer = Measurer(env, bins, backend, not args.quick, RETRY_BUDGET)
         for t in targets:
             run.results[t.name] = {}

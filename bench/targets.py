@@ -137,6 +137,7 @@ class Env:
     key: Path
     cert_and_key: Path
     nofile: int
+    python: Path = Path(sys.executable)  # the venv whose twistd starts wsgate (A/B: a revision's)
 
 
 @dataclass
@@ -241,9 +242,9 @@ backend echo
 """
 
 
-def _twistd() -> list[str]:
-    twistd = Path(sys.executable).with_name("twistd")
-    return [str(twistd)] if twistd.exists() else [sys.executable, "-m", "twisted"]
+def _twistd(python: Path) -> list[str]:
+    twistd = python.with_name("twistd")
+    return [str(twistd)] if twistd.exists() else [str(python), "-m", "twisted"]
 
 
 def start(t: Target, env: Env) -> Running:
@@ -278,7 +279,7 @@ def start(t: Target, env: Env) -> Running:
             args = ["--config", str(conf)]
         else:
             args = [_fill(a, values) for a in t.wsgate_argv]
-        argv = [*_twistd(), "-n", "--pidfile=", "wsgate", *args]
+        argv = [*_twistd(env.python), "-n", "--pidfile=", "wsgate", *args]
     else:
         raise ValueError(f"unknown target kind {t.kind!r}")
     proc = Proc(t.name, argv, t.cpus, log, cwd=d)
