@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import gc
 import os
-import pprint
 import sys
 from typing import Any, NoReturn
 
 import txaio
-from autobahn.websocket import protocol as autobahn_protocol
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import serverFromString
@@ -32,7 +30,7 @@ from wsgate.control.discovery import DnsDiscovery
 from wsgate.control.health import AutoRebalance, HealthChecker, Probes
 from wsgate.control.sighup import reload_on_sighup
 from wsgate.core.redact import redact_target
-from wsgate.dataplane._compat import dispatch_directly, raise_listen_errors
+from wsgate.dataplane._compat import dispatch_directly, lazy_debug_arguments, raise_listen_errors
 from wsgate.dataplane.bridge import ClientLegFactory
 from wsgate.dataplane.gateway import Gateway
 from wsgate.dataplane.webhooks import Webhooks
@@ -304,22 +302,6 @@ class _WebhookStop(service.Service):
         return self.webhooks.drain(lambda: not self.gateway.sessions, grace)
 
 
-class _LazyFormat:
-    """
-    Stands in for ``pprint.pformat`` in Autobahn's protocol module, whose only uses are debug log
-    arguments: formats when (if ever) the log line is written, not on every connection (it was a
-    quarter of a handshake's CPU with debug logging off).
-    """
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: object) -> None:
-        self.value = value
-
-    def __str__(self) -> str:
-        return pprint.pformat(self.value)
-
-
 def tune_gc() -> None:
     """
     Set the cycle collector for a process that holds many long-lived sessions.  Sessions free
@@ -536,8 +518,7 @@ def makeService(options: Options | dict[str, Any], reactor: Any = None) -> servi
     config: configmod.Config = options["gate_config"]
     # Autobahn logs every frame at debug level through txaio; twistd would format them all.
     txaio.set_global_log_level("info")  # type: ignore[attr-defined]
-    # ... but builds two of them with pprint on every connection all the same.
-    autobahn_protocol.pformat = _LazyFormat  # type: ignore[assignment]
+    lazy_debug_arguments()  # ... and formats their arguments all the same
     adopted: dict[str, Any] | None = options.get("adopted")
     if config.workers > 1 and adopted is None:
         return _parent_service(options, config, reactor, notify_address)

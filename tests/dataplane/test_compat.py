@@ -6,6 +6,7 @@ release changes what it relies on.  The fast paths' own tests switch them on, wh
 
 from __future__ import annotations
 
+import ast
 import inspect
 import os
 import re
@@ -14,11 +15,13 @@ import subprocess
 import sys
 from typing import Any
 
+from autobahn import util as autobahn_util
+from autobahn.twisted import websocket as twisted_module
 from autobahn.twisted.websocket import WebSocketAdapterProtocol, WebSocketServerProtocol
 from autobahn.websocket import protocol as protocol_module
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import base, defer, epollreactor, protocol, tcp
+from twisted.internet import base, defer, endpoints, epollreactor, protocol, tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -31,11 +34,13 @@ from wsgate.dataplane._compat import (
     autobahn_receive,
     dispatch_directly,
     hand_over,
+    lazy_debug_arguments,
     raise_listen_errors,
     read_more,
     release_connector,
     release_leg,
     send_data,
+    unwrap_endpoint,
     write_eagerly,
 )
 from wsgate.dataplane.bridge import BackendLeg, ClientLeg
@@ -238,6 +243,79 @@ class ConnectionReachInTests(FastPathTestCase):
         release_connector(transport)
         self.assertIsNone(connector.factory)
         self.assertIsNone(connector.transport)
+
+
+class LazyDebugArgumentTests(FastPathTestCase):
+    NAMES = ("pformat", "hltype", "hlval")
+    MODULES = (protocol_module, twisted_module)
+
+    def test_only_log_arguments(self) -> None:
+        """In Autobahn's protocol modules, pformat, hltype and hlval are only ever arguments of
+        a log call (but Timings.__str__'s pformat: timings are never tracked by the gate)."""
+        found = 0
+        for module in self.MODULES:
+            tree = ast.parse(inspect.getsource(module))
+            in_log = {
+                id(inner)
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Call) and ".log." in ast.unparse(node.func) + "."
+                for inner in ast.walk(node)
+            }
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call) and ast.unparse(node.func) in self.NAMES:
+                    found += 1
+                    if id(node) not in in_log:
+                        self.assertEqual(ast.unparse(node), "pformat(self._timings)")
+        self.assertGreater(found, 20)
+
+    def test_formatted_when_written(self) -> None:
+        """After lazy_debug_arguments the modules' names give objects whose text is the same,
+        computed only when asked (twice is harmless)."""
+        for module in self.MODULES:
+            for name in self.NAMES:
+                if name in vars(module):
+                    self.patch(module, name, vars(module)[name])  # restored after the test
+        lazy_debug_arguments()
+        lazy_debug_arguments()
+        self.assertEqual(
+            str(protocol_module.hltype(self.test_formatted_when_written)),
+            autobahn_util.hltype(self.test_formatted_when_written),
+        )
+        self.assertEqual(str(twisted_module.hlval(17)), autobahn_util.hlval(17))
+        self.assertEqual(str(protocol_module.pformat({"a": 1})), "{'a': 1}")
+        self.assertNotIsInstance(protocol_module.hltype(self), str)  # not formatted yet
+
+
+class EndpointReachInTests(FastPathTestCase):
+    def test_unwrap_endpoint(self) -> None:
+        """A connection made through a client endpoint reaches its protocol through the
+        endpoint's wrapper, and its connector holds the wrapping factory; unwrap_endpoint makes
+        both point at the leg and its factory.  The connector, once connected, only calls its
+        factory's clientConnectionLost and doStop."""
+        reactor = MemoryReactorClock()
+        leg = protocol.Protocol()
+        leg.factory = protocol.ClientFactory()
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", 1)
+        endpoint.connect(protocol.Factory.forProtocol(lambda: leg))
+        wrapping = reactor.tcpClients[0][2]
+        wrapper = wrapping.buildProtocol(None)
+        self.assertIs(wrapper._wrappedProtocol, leg)
+
+        class Transport:
+            pass
+
+        transport: Any = Transport()
+        transport.protocol = wrapper
+        transport.connector = tcp.Connector("127.0.0.1", 1, wrapping, 30, None, reactor)
+        unwrap_endpoint(transport, protocol.Protocol())  # another protocol: left alone
+        self.assertIs(transport.protocol, wrapper)
+        unwrap_endpoint(transport, leg)
+        self.assertIs(transport.protocol, leg)
+        self.assertIs(transport.connector.factory, leg.factory)
+        calls = re.findall(
+            r"self\.factory\.(\w+)", inspect.getsource(base.BaseConnector.connectionLost)
+        )
+        self.assertEqual(sorted(set(calls)), ["clientConnectionLost", "doStop"])
 
 
 class AutobahnReachInTests(FastPathTestCase):

@@ -76,7 +76,13 @@ from wsgate.core.session import (
     WarnFailed,
 )
 from wsgate.core.upstream import Server
-from wsgate.dataplane._compat import hand_over, release_connector, release_leg, write_eagerly
+from wsgate.dataplane._compat import (
+    hand_over,
+    release_connector,
+    release_leg,
+    unwrap_endpoint,
+    write_eagerly,
+)
 from wsgate.dataplane.auth import Lifetime, authenticate, start_lifetime
 from wsgate.dataplane.backend_failures import connect_failure_reason, handshake_failure_reason
 from wsgate.dataplane.gateway import Gateway
@@ -463,6 +469,7 @@ class Session:
         backend.transport.registerProducer(self.throttles[1], True)
         write_eagerly(client.transport)
         write_eagerly(backend.transport)
+        unwrap_endpoint(backend.transport, backend)
         for leg, relay in ((client, up), (backend, down)):
             hand_over(leg, relay.dataReceived)
         cast(Any, backend).http_headers = None  # the backend's parsed response headers
