@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from wsgate.core.frames import PING, FrameEngine, close_frame, control_frame, message_frame
 from wsgate.core.limits import MessageRate
+from wsgate.core.session import Side
 from wsgate.dataplane._compat import READ_SIZE, read_more
 
 __all__ = ["PUSH_QUEUE", "PUSH_QUEUE_BYTES", "ReadThrottle", "Relay", "RelayOwner"]
@@ -42,6 +43,9 @@ class RelayOwner(Protocol):
     def pong_received(self, relay: Relay) -> None:
         """The source answered the gate's ping."""
 
+    def stuck(self, side: Side) -> None:
+        """``side``'s peer has not taken what the gate sends it for ``send_timeout`` seconds."""
+
 
 @implementer(IPushProducer)
 class ReadThrottle:
@@ -51,20 +55,31 @@ class ReadThrottle:
     goes away, reading resumes instead of the other connection being closed (Twisted would call
     ``stopProducing``): the Session closes it properly, with a Close frame, and it must be able to
     read its peer's answer.  A leg whose buffer stays over the bound for ``send_timeout`` seconds
-    is a slow consumer: ``stuck()`` is called (NGINX's ``proxy_send_timeout``).
+    is a slow consumer: the owner's ``stuck(side)`` is called (NGINX's ``proxy_send_timeout``).
     """
 
-    __slots__ = ("_transport", "_stuck", "_clock", "_timeout", "_timer", "paused", "pauses")
+    __slots__ = (
+        "_transport",
+        "_owner",
+        "_side",
+        "_clock",
+        "_timeout",
+        "_timer",
+        "paused",
+        "pauses",
+    )
 
     def __init__(
         self,
         transport: Any,
-        stuck: Callable[[], None] | None = None,
+        owner: RelayOwner | None = None,
+        side: Side = "client",
         clock: Any = None,
         timeout: float = 0.0,
     ) -> None:
         self._transport = transport
-        self._stuck = stuck
+        self._owner = owner  # told stuck(side); not a bound method, which a held session would keep
+        self._side = side
         self._clock = clock
         self._timeout = timeout
         self._timer: Any = None
@@ -76,8 +91,8 @@ class ReadThrottle:
             self.paused = True
             self.pauses += 1
             self._transport.pauseProducing()
-            if self._timeout > 0 and self._stuck is not None:
-                self._timer = self._clock.callLater(self._timeout, self._stuck)
+            if self._timeout > 0 and self._owner is not None:
+                self._timer = self._clock.callLater(self._timeout, self._owner.stuck, self._side)
 
     def resumeProducing(self) -> None:
         if self.paused:
@@ -92,7 +107,7 @@ class ReadThrottle:
 
     def cancel(self) -> None:
         """No more slow-consumer checks: the session is over (and must not be kept alive)."""
-        self._stuck = None
+        self._owner = None
         timer, self._timer = self._timer, None
         if timer is not None and timer.active():
             timer.cancel()

@@ -462,8 +462,8 @@ class Session:
             up.limit_rate(route, self.gateway.clock)
         clock, send_timeout = self.gateway.clock, self.gateway.config.limits.send_timeout
         self.throttles = (
-            ReadThrottle(backend.transport, self._client_stuck, clock, send_timeout),
-            ReadThrottle(client.transport, self._backend_stuck, clock, send_timeout),
+            ReadThrottle(backend.transport, self, "client", clock, send_timeout),
+            ReadThrottle(client.transport, self, "backend", clock, send_timeout),
         )
         client.transport.registerProducer(self.throttles[0], True)
         backend.transport.registerProducer(self.throttles[1], True)
@@ -494,11 +494,9 @@ class Session:
             relay.close_sent = 1005 if engine.closed[0] is None else engine.closed[0]
         self._feed(CloseReceived(side, *engine.closed, engine.forwarded_close))
 
-    def _client_stuck(self) -> None:
-        self._feed(Stuck("client"))
-
-    def _backend_stuck(self) -> None:
-        self._feed(Stuck("backend"))
+    def stuck(self, side: Side) -> None:
+        """``side``'s peer takes nothing (its read throttle's ``send_timeout``)."""
+        self._feed(Stuck(side))
 
     def _relay_toward(self, side: Side) -> Relay | None:
         """The relay that writes to ``side``'s peer."""
