@@ -6,14 +6,13 @@ This module must not hold policy: it only adapts a library object, and says what
 Every reach-in of the package is here.
 
 Some of them only make the gate faster: the *fast paths* (:func:`lazy_debug_arguments`,
-:func:`dispatch_directly`,
-:func:`read_more`, :func:`write_eagerly`, :func:`send_data`, :func:`autobahn_receive`,
-:func:`unwrap_endpoint`).
-``WSGATE_FAST_PATHS=0`` in the gate's environment switches them off, so the gate runs on Twisted's
-and Autobahn's own code paths, slower and otherwise the same: a way to tell whether a fault seen
-after upgrading either library comes from one of them.  The in-memory test suite runs both ways
-(``scripts/test.sh``).  The rest are needed either way (the legs' hand-over to the relay, and
-the cycles cut when a session ends), only save memory, or only change what is logged.
+:func:`dispatch_directly`, :func:`read_more`, :func:`write_eagerly`, :func:`send_data`,
+:func:`autobahn_receive`, :func:`unwrap_endpoint`).  ``WSGATE_FAST_PATHS=0`` in the gate's
+environment switches them off, so the gate runs on Twisted's and Autobahn's own code paths, slower
+and otherwise the same: a way to tell whether a fault seen after upgrading either library comes
+from one of them.  The in-memory test suite runs both ways (``scripts/test.sh``).  The rest are
+needed either way (the legs' hand-over to the relay, and the cycles cut when a session ends), only
+save memory, or only change what is logged.
 """
 
 from __future__ import annotations
@@ -35,14 +34,14 @@ from twisted.internet.epollreactor import EPollReactor
 from twisted.web.client import HTTPConnectionPool
 
 __all__ = [
-    "FAST_PATHS",
     "AUTOBAHN_CLIENT_STATE",
     "AUTOBAHN_SERVER_STATE",
     "AUTOBAHN_STATE",
+    "FAST_PATHS",
     "READ_SIZE",
+    "adopt_port",
     "autobahn_receive",
     "dispatch_directly",
-    "adopt_port",
     "hand_over",
     "lazy_debug_arguments",
     "no_open_close_futures",
