@@ -21,9 +21,10 @@ from autobahn.twisted.websocket import WebSocketAdapterProtocol, WebSocketServer
 from autobahn.websocket import protocol as protocol_module
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import base, defer, endpoints, epollreactor, protocol, tcp
+from twisted.internet import base, defer, endpoints, epollreactor, error, protocol, tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import BackendFactory, Network, make_config
@@ -224,6 +225,13 @@ class ConnectionReachInTests(FastPathTestCase):
         connection._tempDataBuffer = [b"1"]
         connection.write(b"2")
         self.assertEqual(connection._tempDataBuffer, [b"1", b"2"])
+        # Once the connection is lost Twisted deletes its socket: a late write is dropped, as
+        # Twisted's own write drops it.
+        connection._tempDataLen, connection._tempDataBuffer = 0, []
+        connection.connectionLost(Failure(error.ConnectionDone()))
+        self.assertFalse(hasattr(connection, "socket"))
+        connection.write(b"late")
+        self.assertEqual(connection._tempDataBuffer, [])
 
     def test_connector_fields(self) -> None:
         """A client connection keeps its ``connector``; the connector its ``factory`` and

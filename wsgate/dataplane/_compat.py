@@ -254,8 +254,10 @@ class _EagerWrite(tcp.Connection):
     __slots__ = ()
 
     def write(self, data: bytes) -> None:
-        if self._tempDataLen or self.offset != len(self.dataBuffer):
-            super().write(data)  # keep order behind what is already queued
+        if not self.connected or self._tempDataLen or self.offset != len(self.dataBuffer):
+            # Gone (its socket too: Twisted drops nothing silently there), or queued bytes to
+            # keep the order behind: Twisted's own write.
+            super().write(data)
             return
         try:
             sent = self.socket.send(data)
@@ -280,9 +282,10 @@ def write_eagerly(transport: Any) -> None:
     it.  Both modes write once per read now (the frame engine's output), so both use it.  The
     transport's class becomes a subclass of its own with :class:`_EagerWrite`'s ``write`` (one
     per class, made once), so that a held connection carries nothing more (a closure per
-    transport cost 216 bytes and a reference cycle).  Relies on FileDescriptor's queue
-    (``_tempDataLen``, ``offset``, ``dataBuffer``) and ``socket``, and on a Twisted connection
-    class taking a subclass of itself as its ``__class__``.
+    transport cost 216 bytes and a reference cycle).  Relies on FileDescriptor's ``connected`` and
+    queue (``_tempDataLen``, ``offset``, ``dataBuffer``), on ``socket`` while connected (Twisted
+    deletes it when the connection is lost), and on a Twisted connection class taking a subclass
+    of itself as its ``__class__``.
     """
     if not FAST_PATHS or not isinstance(transport, tcp.Connection):
         return  # TLS and other transports keep their own write path
