@@ -20,4 +20,4 @@ if [ $# -gt 0 ]; then
     exec .venv/bin/pytest "$@"
 fi
 .venv/bin/pytest
-exec env WSGATE_FAST_PATHS=0 .venv/bin/pytest -q -m "not e2e"
+exec env WSGATE_FAST_PATHS=0 .venv/bin/pytest -m "not e2e"
