@@ -280,9 +280,9 @@ class LazyDebugArgumentTests(FastPathTestCase):
         """After lazy_debug_arguments the modules' names give objects whose text is the same,
         computed only when asked (twice is harmless)."""
         for module in self.MODULES:
-            for name in self.NAMES:
-                if name in vars(module):
-                    self.patch(module, name, vars(module)[name])  # restored after the test
+            for name, original in _compat._DEBUG_ARGUMENTS.items():
+                if name in vars(module):  # as imported (a gate may have run); restored after
+                    self.patch(module, name, original)
         lazy_debug_arguments()
         lazy_debug_arguments()
         self.assertEqual(
@@ -444,6 +444,23 @@ class FastPathSwitchTests(SynchronousTestCase):
         autobahn_receive(leg, b"GET")
         send_data(leg, b"frame")
         self.assertEqual((reads, writes, leg.transport.value()), ([b"GET"], [b"frame"], b""))
+
+    def test_autobahn_and_endpoints_keep_their_own(self) -> None:
+        """Autobahn's debug arguments stay eager and an endpoint's wrapper stays in place."""
+        for name, original in _compat._DEBUG_ARGUMENTS.items():
+            self.patch(protocol_module, name, original)  # as imported (a gate may have run)
+        lazy_debug_arguments()
+        self.assertIsInstance(protocol_module.hltype(self), str)
+
+        class Transport:
+            pass
+
+        leg = protocol.Protocol()
+        wrapper = endpoints._WrappingProtocol(defer.Deferred(), leg)
+        transport: Any = Transport()
+        transport.protocol = wrapper
+        unwrap_endpoint(transport, leg)
+        self.assertIs(transport.protocol, wrapper)
 
 
 class ListenerReachInTests(SynchronousTestCase):
