@@ -87,8 +87,9 @@ CLIENT_REASONS = {
 
 class Guarded(Protocol):
     """
-    What authentication reads of a session and calls back (:class:`wsgate.dataplane.session.
-    Session` is one): an interface rather than the class, because the session drives this module.
+    What authentication reads of a session and calls back (the driver,
+    :class:`~wsgate.dataplane.session.Session`, is one): an interface rather than the class,
+    because the session drives this module.
     """
 
     id: int
