@@ -66,6 +66,15 @@ class GateProcessTests(TestCase):
         argv = [str(WSGATE), "run", "--config", str(path.resolve())]
         return start_process(self, argv, env=env), path
 
+    def sigterm_stops(self, listener: NotifySocket, gate: Process) -> None:
+        """SIGTERM: STOPPING=1 from the main process, which then ends by the signal; nothing
+        more is said."""
+        os.kill(gate.pid, signal.SIGTERM)
+        pid, fields = listener.receive()
+        self.assertEqual((pid, fields["STOPPING"]), (gate.pid, "1"))
+        self.assertEqual(wait_exit(gate), -signal.SIGTERM, gate.describe())
+        self.assertTrue(listener.nothing_within(0.2))
+
     def control_reload(self, listener: NotifySocket, gate: Process, path: Path) -> None:
         """``wsgate reload`` (the control API) is announced like SIGHUP, by the main process."""
         done = subprocess.run(
@@ -110,11 +119,7 @@ class GateProcessTests(TestCase):
         path.write_text(_config(gate_port, admin_port, backend.port, control))
         self.control_reload(listener, gate, path)
 
-        os.kill(gate.pid, signal.SIGTERM)
-        pid, fields = listener.receive()
-        self.assertEqual((pid, fields["STOPPING"]), (gate.pid, "1"))
-        self.assertEqual(wait_exit(gate), -signal.SIGTERM, gate.describe())
-        self.assertTrue(listener.nothing_within(0.2))
+        self.sigterm_stops(listener, gate)
 
     def test_workers(self) -> None:
         """
@@ -141,8 +146,4 @@ class GateProcessTests(TestCase):
             time.sleep(0.1)  # the parent knows its workers' servers from their first poll
         self.assertEqual(_ready(admin_port), (200, "ready\n"))
         self.control_reload(listener, gate, path)
-        os.kill(gate.pid, signal.SIGTERM)
-        pid, fields = listener.receive()
-        self.assertEqual((pid, fields["STOPPING"]), (gate.pid, "1"))
-        self.assertEqual(wait_exit(gate), -signal.SIGTERM, gate.describe())
-        self.assertTrue(listener.nothing_within(0.2))
+        self.sigterm_stops(listener, gate)
