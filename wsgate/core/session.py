@@ -413,7 +413,8 @@ class SessionMachine:
     ``backend_close``, ``tried``, ``server``) are read by the driver.
 
     Slotted, and its sets are frozensets replaced on change: a held session shares the empty one
-    instead of owning five empty sets (1 KiB a session; they change only at the open and close).
+    instead of owning five empty sets (1 KiB a session; they change at the open, the close and
+    the timers' firings, never per message).
     """
 
     state: SessionState = SessionState.CONNECTING
