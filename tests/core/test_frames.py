@@ -56,6 +56,46 @@ def test_c_twin_built_where_a_compiler_is() -> None:
     from wsgate.core import _utf8  # noqa: F401
 
 
+@st.composite
+def scan_inputs(draw: st.DrawFn) -> tuple[bytes, bool, bool, int, int, bool]:
+    """Bytes for the engine's fast-path scan, mostly frames it takes, some it must stop at."""
+    payloads = st.one_of(
+        st.binary(max_size=300),
+        st.text(max_size=100).map(str.encode),
+        st.sampled_from([b"\xed\xa0\x80", b"a\xc3", b"\xf4\x90\x80\x80", b"\xe2\x82\xac" * 50]),
+    )
+    frame = st.builds(
+        F,
+        op=st.sampled_from([1, 1, 2, 2, 0, 8, 9, 3]),
+        payload=payloads,
+        fin=st.booleans() | st.just(True),
+        rsv=st.sampled_from([0, 0, 0, 0x40, 0x20, 0x10]),
+        wrong_mask=st.integers(0, 9).map(lambda k: k == 0),
+        wide=st.booleans(),
+        key=st.binary(min_size=4, max_size=4),
+    )
+    masked = draw(st.booleans())
+    frames_ = draw(st.lists(frame, max_size=6))
+    wire = build_all(frames_, masked)
+    wire = wire[: draw(st.integers(0, len(wire)))] if draw(st.booleans()) else wire
+    # no limit, or one at a frame's own size (taken) or just below it (the scan stops there)
+    sizes = [len(f.payload) for f in frames_]
+    limit = draw(st.sampled_from([1 << 63, *sizes, *(size - 1 for size in sizes if size)]))
+    return wire, masked, draw(st.booleans()), limit, draw(st.integers(0, 8)), draw(st.booleans())
+
+
+@pytest.mark.skipif(frames.CUtf8 not in frames.UTF8_CHECKS, reason="the C twin was not built")
+@settings(max_examples=400, deadline=None)
+@given(args=scan_inputs())
+def test_twins_scan_alike(args: tuple[bytes, bool, bool, int, int, bool]) -> None:
+    """The fast path's walk over whole messages stops at the same byte with the same counts in C
+    as in Python, whatever it is given (cut frames, limits, quotas, bad UTF-8, RSV bits)."""
+    c, py = frames.CUtf8().scan(*args), frames.PyUtf8().scan(*args)
+    assert c == py
+    end, count, total = py
+    assert 0 <= end <= len(args[0]) and count <= args[4] and (count == 0) == (end == 0)
+
+
 # -- an independent frame builder and decoder -----------------------------------------------------
 
 

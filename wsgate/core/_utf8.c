@@ -1,5 +1,6 @@
 /*
- * wsgate.core._utf8: the frame engine's UTF-8 check of (masked) text payloads, in C.
+ * wsgate.core._utf8: the frame engine's UTF-8 check of (masked) text payloads, and its fast
+ * path's walk over whole messages, in C.
  *
  * check(data, start, end, key, offset, state) -> state: feeds the bytes data[start:end],
  * unmasked with the 4-byte `key` (None: not masked) rotated by `offset`, to an incremental UTF-8
@@ -24,6 +25,10 @@
  *
  * wsgate/core/frames.py has the pure-Python twin (CPython's incremental decoder) with the same
  * verdicts at the same bytes; the tests run the engine both ways.
+ *
+ * scan(data, masked, deflate, limit, quota, check) -> (end, messages, payload bytes) is the
+ * engine's fast path, which calls check()'s machinery on whole text messages: the walk over the
+ * leading run of whole single-frame messages of a read (PyUtf8.scan is its twin).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -493,6 +498,75 @@ utf8_check_using(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return NULL;
 }
 
+/* scan(data, masked, deflate, limit, quota, check) -> (end, messages, payload bytes): the frame
+   engine's fast path (FrameEngine._whole_messages, whose pure-Python twin is PyUtf8.scan in
+   frames.py): walk the leading run of complete single-frame text and binary messages (fin set, no
+   RSV bit but RSV1 with deflate, masked exactly when `masked`, payload at most `limit` bytes,
+   text valid UTF-8 when `check`), at most `quota` of them, and say where it stopped. */
+static PyObject *
+frames_scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer data;
+    const unsigned char *p;
+    unsigned long long limit, length;
+    Py_ssize_t n, i = 0, quota, count = 0, start, key;
+    long long total = 0;
+    int masked, deflate, check;
+    unsigned char b0, b1;
+    const struct path *path = &paths[n_usable - 1];
+
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "scan(data, masked, deflate, limit, quota, check)");
+        return NULL;
+    }
+    masked = PyObject_IsTrue(args[1]);
+    deflate = PyObject_IsTrue(args[2]);
+    limit = PyLong_AsUnsignedLongLong(args[3]);
+    quota = PyLong_AsSsize_t(args[4]);
+    check = PyObject_IsTrue(args[5]);
+    if (masked < 0 || deflate < 0 || check < 0 || PyErr_Occurred())
+        return NULL;
+    if (PyObject_GetBuffer(args[0], &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    p = data.buf;
+    n = data.len;
+    key = masked ? 4 : 0;
+    while (n - i >= 2 && count < quota) {
+        b0 = p[i];
+        b1 = p[i + 1];
+        if (!(b0 == 0x81 || b0 == 0x82 || (deflate && (b0 == 0xC1 || b0 == 0xC2))))
+            break;
+        if ((b1 & 0x80) != (masked ? 0x80 : 0))
+            break;
+        length = b1 & 0x7F;
+        start = i + 2;
+        if (length == 126) {
+            if (n - i < 4)
+                break;
+            length = (unsigned long long)p[i + 2] << 8 | p[i + 3];
+            start += 2;
+        } else if (length == 127) {
+            int j;
+            if (n - i < 10 || p[i + 2] & 0x80)
+                break;
+            for (length = 0, j = 2; j < 10; j++)
+                length = length << 8 | p[i + j];
+            start += 8;
+        }
+        if (n - start < key || length > (unsigned long long)(n - start - key) || length > limit)
+            break;
+        if (check && b0 == 0x81 &&
+            check_bytes(p + start + key, (Py_ssize_t)length, masked ? p + start : NULL, 0, ACCEPT,
+                        path) != ACCEPT)
+            break;
+        count++;
+        total += (long long)length;
+        i = start + key + (Py_ssize_t)length;
+    }
+    PyBuffer_Release(&data);
+    return Py_BuildValue("(nnL)", i, count, total);
+}
+
 static PyMethodDef methods[] = {
     {"check", (PyCFunction)(void (*)(void))utf8_check, METH_FASTCALL,
      "check(data, start, end, key, offset, state) -> state: feed data[start:end], unmasked with "
@@ -500,6 +574,9 @@ static PyMethodDef methods[] = {
     {"check_using", (PyCFunction)(void (*)(void))utf8_check_using, METH_FASTCALL,
      "check_using(path, data, start, end, key, offset, state) -> state: check() by the given "
      "path, one of PATHS."},
+    {"scan", (PyCFunction)(void (*)(void))frames_scan, METH_FASTCALL,
+     "scan(data, masked, deflate, limit, quota, check) -> (end, messages, payload bytes): the "
+     "frame engine's run of whole single-frame messages at the start of data."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -72,6 +72,10 @@ not be built, which unmasks and feeds CPython's incremental UTF-8 decoder (itsel
 Autobahn's NVX validator here: 64 KiB in 26 us against 129 us) and checks at once the one rule
 that decoder leaves pending (a surrogate's first two bytes, ``ED A0``-``ED BF``), so invalid text
 fails as early as an endpoint fails it.
+The same twins walk the engine's fast path (:meth:`Utf8Check.scan`): the leading run of whole
+single-frame messages of a read, which is what an open session's reads nearly always are.  In C
+that walk costs 0.4 us for a read of four 1 KiB messages against 1.7 us in Python; the tests
+check that both stop at the same byte with the same counts.
 Compressed (RSV1) text is not inflated: validating it would cost each session two zlib streams
 with their 32 KiB windows (context takeover), several times what a whole session costs today; the
 endpoints inflate it and check it themselves.
@@ -166,7 +170,20 @@ def close_frame(code: int | None, reason: str, masked: bool) -> bytes:
 
 
 class Utf8Check(Protocol):
-    """An incremental UTF-8 check of one message's (possibly masked) text at a time."""
+    """
+    An incremental UTF-8 check of one message's (possibly masked) text at a time, and the
+    engine's fast path, which checks whole text messages on its way (:meth:`scan`).
+    """
+
+    def scan(
+        self, data: bytes, masked: bool, deflate: bool, limit: int, quota: int, check: bool
+    ) -> tuple[int, int, int]:
+        """
+        Walk the leading run of complete single-frame text and binary messages of ``data``: fin
+        set, no RSV bit (RSV1 allowed with ``deflate``), masked exactly when ``masked``, payload
+        at most ``limit`` bytes, text valid UTF-8 when ``check``; at most ``quota`` of them.
+        Return where the run ends, its messages and their payload bytes.
+        """
 
     def whole(self, data: bytes, start: int, end: int, key: bytes | None) -> bool:
         """Whether ``data[start:end]`` (unmasked with ``key``) is a whole valid text."""
@@ -189,6 +206,42 @@ class PyUtf8:
 
     def __init__(self) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")()
+
+    def scan(
+        self, data: bytes, masked: bool, deflate: bool, limit: int, quota: int, check: bool
+    ) -> tuple[int, int, int]:
+        n = len(data)
+        bit, key = (0x80, 4) if masked else (0, 0)
+        first_bytes = (0x81, 0x82, 0xC1, 0xC2) if deflate else (0x81, 0x82)
+        whole = self.whole
+        i = count = total = 0
+        while n - i >= 2 and count < quota:
+            b0, b1 = data[i], data[i + 1]
+            if b0 not in first_bytes or b1 & 0x80 != bit:
+                break
+            length = b1 & 0x7F
+            start = i + 2
+            if length == 126:
+                if n - i < 4:
+                    break
+                length = data[i + 2] << 8 | data[i + 3]
+                start += 2
+            elif length == 127:
+                if n - i < 10 or data[i + 2] & 0x80:
+                    break
+                length = int.from_bytes(data[i + 2 : i + 10], "big")
+                start += 8
+            end = start + key + length
+            if end > n or length > limit:
+                break
+            if check and b0 == 0x81:
+                mask = data[start : start + 4] if key else None
+                if not whole(data, start + key, end, mask):
+                    break
+            count += 1
+            total += length
+            i = end
+        return i, count, total
 
     def whole(self, data: bytes, start: int, end: int, key: bytes | None) -> bool:
         text = data[start:end] if key is None else xor_mask(data[start:end], key)
@@ -231,6 +284,11 @@ class CUtf8:
 
     def __init__(self) -> None:
         self._state = 0  # 0: between characters; 8: invalid; else inside a character
+
+    def scan(
+        self, data: bytes, masked: bool, deflate: bool, limit: int, quota: int, check: bool
+    ) -> tuple[int, int, int]:
+        return _utf8.scan(data, masked, deflate, limit, quota, check)  # type: ignore[no-any-return]
 
     def whole(self, data: bytes, start: int, end: int, key: bytes | None) -> bool:
         return _utf8.check(data, start, end, key, 0, 0) == 0  # type: ignore[no-any-return]
@@ -278,7 +336,7 @@ class FrameEngine:
         "from_client", "validate_utf8", "deflate", "max_message", "max_frame", "messages",
         "bytes", "controls", "done", "closed", "failed", "sink_open", "expect_pong", "tap",
         "forwarded_close", "quota", "hold", "held",
-        "_limit", "_first_bytes", "_head", "_remaining", "_control", "_key", "_offset", "_b0",
+        "_limit", "_head", "_remaining", "_control", "_key", "_offset", "_b0",
         "_fresh", "_fin", "_in_message", "_binary", "_check", "_utf8", "_size", "_preview",
         "_frame_head", "_control_size",
     )  # fmt: skip
@@ -316,8 +374,6 @@ class FrameEngine:
         self.held = False
         # the largest single-frame message the fast path may pass: both limits apply to it
         self._limit = min((x for x in (max_message, max_frame) if x > 0), default=1 << 63)
-        # first bytes of a whole unfragmented message the fast path takes (fin, no RSV)
-        self._first_bytes = (0x81, 0x82, 0xC1, 0xC2) if deflate else (0x81, 0x82)
         self._head = b""  # a frame header (or control frame) not complete yet
         self._remaining = 0  # payload bytes of the current data frame still to come
         self._control: bytearray | None = None  # the control frame being collected
@@ -385,40 +441,11 @@ class FrameEngine:
         The fast path: skip the leading run of complete single-frame text and binary messages
         within the limits (text checked when the mode asks), counting them; return where the
         general parser takes over.  Anything else stops the run, to be handled in full there.
+        The walk is the UTF-8 twin's :meth:`~Utf8Check.scan` (in C with the C twin).
         """
-        n = len(data)
-        masked, key = (0x80, 4) if self.from_client else (0, 0)
-        limit, first_bytes = self._limit, self._first_bytes
-        check = self.validate_utf8
-        whole = self._utf8.whole
-        quota = self.quota
-        i = count = total = 0
-        while n - i >= 2 and count < quota:
-            b0, b1 = data[i], data[i + 1]
-            if b0 not in first_bytes or b1 & 0x80 != masked:
-                break
-            length = b1 & 0x7F
-            start = i + 2
-            if length == 126:
-                if n - i < 4:
-                    break
-                length = data[i + 2] << 8 | data[i + 3]
-                start += 2
-            elif length == 127:
-                if n - i < 10 or data[i + 2] & 0x80:
-                    break
-                length = int.from_bytes(data[i + 2 : i + 10], "big")
-                start += 8
-            end = start + key + length
-            if end > n or length > limit:
-                break
-            if check and b0 == 0x81:
-                mask = data[start : start + 4] if key else None
-                if not whole(data, start + key, end, mask):
-                    break
-            count += 1
-            total += length
-            i = end
+        i, count, total = self._utf8.scan(
+            data, self.from_client, self.deflate, self._limit, self.quota, self.validate_utf8
+        )
         if count:
             self.messages += count
             self.bytes += total
