@@ -52,17 +52,19 @@ class _Reader(FileDescriptor):
         super().__init__(reactor)
         self.sock = sock
         self.fail = fail
+        self.closed = False  # its descriptor reads as -1
         self.reads = 0
         self.lost: list[object] = []
 
     def fileno(self) -> int:
-        return self.sock.fileno()
+        return -1 if self.closed else self.sock.fileno()
 
-    def doRead(self) -> None:
+    def doRead(self) -> object:
         self.reads += 1
-        self.sock.recv(100)
+        data = self.sock.recv(100)
         if self.fail:
             raise ValueError("boom")
+        return None if data else error.ConnectionDone()
 
     def connectionLost(self, reason: object) -> None:
         self.lost.append(reason)
@@ -111,6 +113,46 @@ class DispatchDirectlyTests(FastPathTestCase):
     def test_other_reactors_untouched(self) -> None:
         """Only an EPollReactor is changed."""
         self.assertFalse(dispatch_directly(object()))
+
+    def outcome(
+        self, patched: bool, send: bytes, close: bool, fail: bool = False, gone: bool = False
+    ) -> tuple:
+        """What one iteration does to a reader, on a reactor with or without the patch."""
+        reactor = epollreactor.EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        left, right = socket.socketpair()
+        self.addCleanup(left.close)
+        self.addCleanup(right.close)
+        if patched:
+            dispatch_directly(reactor)
+        r = _Reader(left, reactor, fail)
+        reactor.addReader(r)
+        r.closed = gone
+        right.send(send)
+        if close:
+            right.close()
+        reactor.doIteration(0)
+        errors = len(self.flushLoggedErrors(ValueError))
+        lost = [type(reason.value) for reason in r.lost]  # type: ignore[attr-defined]
+        return r.reads, lost, r in reactor.getReaders(), errors
+
+    def test_reads_end_as_twisted_ends_them(self) -> None:
+        """The inline read path does what Twisted's _doReadOrWrite does: data read and kept;
+        the peer gone (a read of nothing: ConnectionDone); doRead raising (logged, and lost
+        with that exception); a descriptor of -1 (never read, lost)."""
+        cases = {
+            "data": dict(send=b"x", close=False),
+            "peer closed after data": dict(send=b"x", close=True),
+            "peer closed": dict(send=b"", close=True),
+            "raises": dict(send=b"x", close=False, fail=True),
+            "no descriptor": dict(send=b"x", close=False, gone=True),
+        }
+        for name, case in cases.items():
+            with self.subTest(name):
+                twisted = self.outcome(False, **case)
+                self.assertEqual(self.outcome(True, **case), twisted)
+        self.assertEqual(self.outcome(True, **cases["data"]), (1, [], True, 0))
+        self.assertEqual(self.outcome(True, **cases["raises"]), (1, [ValueError], False, 1))
 
 
 class LegSlotsTests(SynchronousTestCase):
