@@ -221,6 +221,7 @@ def dispatch_directly(reactor: Any) -> bool:
                 ready(selectable, fd, event)
                 continue
             reading = False
+            why: BaseException | None
             try:
                 if selectable.fileno() == -1:
                     why = _NO_FILEDESC
