@@ -499,7 +499,7 @@ utf8_check_using(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /* scan(data, masked, deflate, limit, quota, check) -> (end, messages, payload bytes): the frame
-   engine's fast path (FrameEngine._whole_messages, whose pure-Python twin is PyUtf8.scan in
+   engine's fast path (in FrameEngine.receive; its pure-Python twin is PyUtf8.scan in
    frames.py): walk the leading run of complete single-frame text and binary messages (fin set, no
    RSV bit but RSV1 with deflate, masked exactly when `masked`, payload at most `limit` bytes,
    text valid UTF-8 when `check`), at most `quota` of them, and say where it stopped. */

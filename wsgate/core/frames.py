@@ -413,7 +413,16 @@ class FrameEngine:
             and self._control is None  # not inside a control frame cut by the last read
             and self.sink_open
         ):
-            i = self._whole_messages(data)
+            # The fast path: the leading run of complete single-frame text and binary messages
+            # within the limits (text checked when the mode asks), walked by the UTF-8 twin
+            # (in C with the C twin) and counted; the general parser takes over where it ends.
+            i, count, total = self._utf8.scan(
+                data, self.from_client, self.deflate, self._limit, self.quota, self.validate_utf8
+            )
+            if count:
+                self.messages += count
+                self.bytes += total
+                self.quota -= count
             if i == n:
                 return data  # the common case: whole messages only, nothing to copy or change
         view = memoryview(data)
@@ -435,22 +444,6 @@ class FrameEngine:
             if i < 0:  # an incomplete header: kept for the next read
                 break
         return b"".join(out)  # one bytes piece comes back as itself
-
-    def _whole_messages(self, data: bytes) -> int:
-        """
-        The fast path: skip the leading run of complete single-frame text and binary messages
-        within the limits (text checked when the mode asks), counting them; return where the
-        general parser takes over.  Anything else stops the run, to be handled in full there.
-        The walk is the UTF-8 twin's :meth:`~Utf8Check.scan` (in C with the C twin).
-        """
-        i, count, total = self._utf8.scan(
-            data, self.from_client, self.deflate, self._limit, self.quota, self.validate_utf8
-        )
-        if count:
-            self.messages += count
-            self.bytes += total
-            self.quota -= count
-        return i
 
     def _frame_header(self, data: bytes, i: int, out: list[_Piece]) -> int:
         """Parse the frame header at ``i``; return the offset after it, or -1 if incomplete."""
