@@ -143,6 +143,7 @@ from wsgate.dataplane._compat import (
     no_open_close_futures,
     read_more,
     send_data,
+    write_eagerly,
 )
 from wsgate.dataplane.auth import Authenticator
 from wsgate.dataplane.gateway import Gateway
@@ -222,6 +223,7 @@ class ClientLeg(WebSocketServerProtocol):
     handshake_timer: Any = None
 
     def connectionMade(self) -> None:
+        write_eagerly(self.transport)  # the 101 too
         super().connectionMade()
         no_open_close_futures(self)
         # The request must be complete within handshake_timeout.  Timed on the reactor's clock,
@@ -449,6 +451,7 @@ class BackendLeg(WebSocketClientProtocol):
         self.refusal: str | None = None
 
     def connectionMade(self) -> None:
+        write_eagerly(self.transport)  # the upgrade request, which Autobahn writes in super()'s
         super().connectionMade()
         no_open_close_futures(self)
         # The upstream's handshake_timeout, on the reactor's clock (see ClientLeg.connectionMade).

@@ -81,7 +81,6 @@ from wsgate.dataplane._compat import (
     release_connector,
     release_leg,
     unwrap_endpoint,
-    write_eagerly,
 )
 from wsgate.dataplane.auth import Lifetime, authenticate, start_lifetime
 from wsgate.dataplane.backend_failures import connect_failure_reason, handshake_failure_reason
@@ -467,8 +466,6 @@ class Session:
         )
         client.transport.registerProducer(self.throttles[0], True)
         backend.transport.registerProducer(self.throttles[1], True)
-        write_eagerly(client.transport)
-        write_eagerly(backend.transport)
         unwrap_endpoint(backend.transport, backend)
         for leg, relay in ((client, up), (backend, down)):
             hand_over(leg, relay.dataReceived)
