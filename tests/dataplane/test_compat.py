@@ -414,6 +414,18 @@ class AutobahnReachInTests(FastPathTestCase):
         leg.dataReceived(b"x")
         self.assertEqual(received, [b"x"])
 
+    def test_hand_over_empties_the_negotiation_lists(self) -> None:
+        """What Autobahn parsed and negotiated into lists becomes the shared empty tuple on
+        both legs; the backend leg, which has no request fields, gets none added."""
+        server, client = ClientLeg(), BackendLeg()
+        server.websocket_protocols, server.websocket_extensions = ["chat"], [("x", {})]
+        for leg in (server, client):
+            leg.websocket_extensions_in_use = [object()]
+            hand_over(leg, lambda data: None)
+            self.assertEqual(leg.websocket_extensions_in_use, ())
+        self.assertEqual((server.websocket_protocols, server.websocket_extensions), ((), ()))
+        self.assertFalse({"websocket_protocols", "websocket_extensions"} & set(vars(client)))
+
     def test_open_close_futures_only_resolved(self) -> None:
         """Autobahn only creates and resolves ``is_open``/``is_closed`` (never chains on them),
         so a leg's shared stand-in takes the whole life of a session, and a closed leg keeps no

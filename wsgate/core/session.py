@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 __all__ = [
@@ -414,12 +414,12 @@ class SessionMachine:
 
     Slotted, and its sets are frozensets replaced on change: a held session shares the empty one
     instead of owning five empty sets (1 KiB a session; they change at the open, the close and
-    the timers' firings, never per message).
+    the timers' firings, never per message).  ``tried`` is a tuple for the same reason.
     """
 
     state: SessionState = SessionState.CONNECTING
     policy: SessionPolicy = SessionPolicy()
-    tried: list[Any] = field(default_factory=list)
+    tried: tuple[Any, ...] = ()  # grows once a try, so a tuple: nothing for the collector to visit
     server: Any = None  # the server that accepted
     closed_by: str | None = None
     client_close: str | None = None
@@ -489,7 +489,7 @@ class SessionMachine:
             server = self._pick(self.tried)
         if server is None:
             return self._refuse(failure or (503, "No backend server available"))
-        self.tried.append(server)
+        self.tried = (*self.tried, server)
         self._attempting = server
         self._attempt = "connecting"
         return [StartAttempt(server)]

@@ -27,7 +27,7 @@ from autobahn import util as autobahn_util
 from autobahn.twisted import websocket as autobahn_twisted
 from autobahn.twisted.websocket import WebSocketAdapterProtocol
 from autobahn.websocket import protocol as autobahn_protocol
-from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.protocol import WebSocketProtocol, WebSocketServerProtocol
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints, tcp
 from twisted.internet.epollreactor import EPOLLIN, EPollReactor
@@ -390,9 +390,13 @@ def hand_over(leg: Any, receive: Any) -> None:
     instance attribute, which the transport's ``protocol.dataReceived`` finds first.  Autobahn
     neither decodes, sends nor fires events on the leg any more, so its handshake buffers,
     message state and observer tables (``_results``, ``_valid_events``: txaio's ObservableMixin)
-    are freed: a few KiB a session.
+    are freed: a few KiB a session; and the negotiated extensions' and offered subprotocols' lists
+    become an empty tuple (four lists a session fewer for the cycle collector to visit).
     """
     leg.dataReceived = receive
+    leg.websocket_extensions_in_use = ()
+    if isinstance(leg, WebSocketServerProtocol):  # what it parsed of the request
+        leg.websocket_extensions = leg.websocket_protocols = ()
     leg.http_request_data = leg.http_response_data = None
     leg.utf8validator = leg.trafficStats = leg.send_queue = None
     leg._results = leg._valid_events = leg._transport_details = None
