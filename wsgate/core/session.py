@@ -143,7 +143,7 @@ class Routed:
     """The request has a route and was admitted; ``pick(tried)`` chooses the next server or None."""
 
     policy: SessionPolicy
-    pick: Callable[[list[Any]], Any]
+    pick: Callable[[tuple[Any, ...]], Any]
 
 
 @dataclass(frozen=True)
@@ -426,7 +426,7 @@ class SessionMachine:
     backend_close: str | None = None
     timers: frozenset[Timer] = frozenset()
     recorded: bool = False
-    _pick: Callable[[list[Any]], Any] | None = None
+    _pick: Callable[[tuple[Any, ...]], Any] | None = None
     _attempting: Any = None  # the server of the attempt in progress
     _attempt: str | None = None  # what the opening waits for: "auth", "hook", "connecting", ...
     _relaying: bool = False

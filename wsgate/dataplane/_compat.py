@@ -394,9 +394,10 @@ def hand_over(leg: Any, receive: Any) -> None:
     become an empty tuple (four lists a session fewer for the cycle collector to visit).
     """
     leg.dataReceived = receive
-    leg.websocket_extensions_in_use = ()
+    empty: Any = ()  # Autobahn annotates them as lists; nothing iterates them any more
+    leg.websocket_extensions_in_use = empty
     if isinstance(leg, WebSocketServerProtocol):  # what it parsed of the request
-        leg.websocket_extensions = leg.websocket_protocols = ()
+        leg.websocket_extensions = leg.websocket_protocols = empty
     leg.http_request_data = leg.http_response_data = None
     leg.utf8validator = leg.trafficStats = leg.send_queue = None
     leg._results = leg._valid_events = leg._transport_details = None

@@ -274,7 +274,7 @@ class Session:
             authenticate(self, self.client.factory.auth)
         return handshake
 
-    def _pick(self, tried: list[Server]) -> Server | None:
+    def _pick(self, tried: tuple[Server, ...]) -> Server | None:
         request = self.request
         return self.upstream.pick(
             tried, client=self.client_address, headers=request.headers, params=request.params
