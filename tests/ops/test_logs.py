@@ -189,6 +189,31 @@ class FormatTests(SynchronousTestCase):
             },
         )
 
+    def test_text_line_is_twisteds_classic_line(self) -> None:
+        """The gate's own lines, put together without Twisted's formatter, are exactly the line
+        ``formatEventAsClassicLogText`` makes of them: no level, no namespace, a message over
+        several lines, an empty message, one that does not format, a time of None."""
+        from twisted.logger import formatEventAsClassicLogText
+
+        from wsgate.ops.logs import _format_time, message
+
+        full = dict(id=7, by="a b", reason="r", none=None, ok=True, items=[1], took=1.5)
+        events = [
+            self.event(**full, prose="one line"),
+            self.event(**full, prose="two\nlines"),
+            {k: v for k, v in self.event(**full, prose="p").items() if k != "log_level"},
+            {k: v for k, v in self.event(**full, prose="p").items() if k != "log_namespace"},
+            {**self.event(**full, prose="p"), "log_time": None},
+            {**self.event(), "log_format": ""},
+            self.event(),  # fields missing: Twisted's "Unable to format event" line
+        ]
+        for event in events:
+            classic = formatEventAsClassicLogText(
+                {**event, "log_format": "{log_wsgate_text}", "log_wsgate_text": message(event)},
+                formatTime=_format_time,
+            )
+            self.assertEqual(text_line(event), classic, event)
+
     def test_json_line(self) -> None:
         """A JSON line has the envelope and the event's own fields with their types."""
         record = json.loads(
