@@ -193,9 +193,7 @@ class FormatTests(SynchronousTestCase):
         """The gate's own lines, put together without Twisted's formatter, are exactly the line
         ``formatEventAsClassicLogText`` makes of them: no level, no namespace, a message over
         several lines, an empty message, one that does not format, a time of None."""
-        from twisted.logger import formatEventAsClassicLogText
-
-        from wsgate.ops.logs import _format_time, message
+        from wsgate.ops.logs import _classic_line
 
         full = dict(id=7, by="a b", reason="r", none=None, ok=True, items=[1], took=1.5)
         events = [
@@ -208,11 +206,7 @@ class FormatTests(SynchronousTestCase):
             self.event(),  # fields missing: Twisted's "Unable to format event" line
         ]
         for event in events:
-            classic = formatEventAsClassicLogText(
-                {**event, "log_format": "{log_wsgate_text}", "log_wsgate_text": message(event)},
-                formatTime=_format_time,
-            )
-            self.assertEqual(text_line(event), classic, event)
+            self.assertEqual(text_line(event), _classic_line(event), event)
 
     def test_json_line(self) -> None:
         """A JSON line has the envelope and the event's own fields with their types."""
