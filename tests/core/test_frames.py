@@ -18,6 +18,7 @@ hide.  Four parts:
 from __future__ import annotations
 
 import random
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -955,6 +956,145 @@ def test_valid_stream_any_chunking(s: Stream) -> None:
     if s.tap:
         msgs = [ev for ev in s.events if ev[0] == "msg"]
         assert e.tap == [(op == BINARY, len(p), p[:64]) for _, op, _, p in msgs]
+
+
+def pumped(e: FrameEngine, chunks: list[bytes], direct: bool) -> tuple[bytes, int]:
+    """
+    Drive ``e`` as a relay reading one socket and writing another (``Relay.read``): each chunk
+    arrives on a socket the engine pumps (or, when it declines, reads and ``receive``s); what it
+    sends the sink directly (``direct``) and what it hands back are put together in order.
+    Returns what reached the sink and how many reads the engine pumped.
+    """
+    source_in, source = socket.socketpair()
+    sink, sink_out = socket.socketpair()
+    with source_in, source, sink, sink_out:
+        source.setblocking(False)
+        sink.setblocking(False)
+        sink_out.setblocking(False)
+        arrived, pumps = b"", 0
+
+        def drain() -> bytes:
+            got = b""
+            while True:
+                try:
+                    more = sink_out.recv(1 << 20)
+                except BlockingIOError:
+                    return got
+                got += more
+
+        for chunk in filter(None, chunks):
+            source_in.sendall(chunk)
+            got = e.pump(source.fileno(), sink.fileno() if direct else -1, len(chunk))
+            if got is None:
+                out = e.receive(source.recv(len(chunk)))
+            else:
+                pumps += 1
+                n, out = got
+                assert n == len(chunk)
+            arrived += drain() + out
+        return arrived, pumps
+
+
+@SETTINGS
+@given(s=valid_streams(), direct=st.booleans())
+def test_valid_stream_pumped(s: Stream, direct: bool) -> None:
+    """A valid stream read through ``pump`` where the engine takes it, in any reads, reaches the
+    sink as the same messages and control frames, counted the same, as through ``receive``."""
+    e = s.engine()
+    arrived, pumps = pumped(e, s.chunks, direct)
+    assert e.failed is None
+    dec = Decoder(s.from_client)
+    dec.feed(arrived)
+    assert dec.buf == b"" and dec.open is None
+    assert dec.events == s.events
+    assert (e.messages, e.bytes, e.controls) == s.counts
+    assert e.closed == s.closed and e.done == (s.closed is not None)
+    if s.chunks and not s.tap and s.wire:
+        assert pumps, "the first read starts between messages: the engine pumps it"
+
+
+def test_pump_io(utf8_twin: type[frames.Utf8Check]) -> None:
+    """What ``pump`` reports of its socket I/O, the same in both twins: nothing to read, whole
+    messages sent on at once or handed back, a walk cut short (nothing sent), a dead sink (nothing
+    sent, all handed back) and the source's end."""
+    twin = utf8_twin()
+    two = build(binary(b"ab"), False) + build(text("é".encode()), False)
+    args = (False, False, 1 << 63, 1 << 62, True)
+    source_in, source = socket.socketpair()
+    sink, sink_out = socket.socketpair()
+    with source_in, source, sink, sink_out:
+        source.setblocking(False)
+        sink.setblocking(False)
+        assert twin.pump(source.fileno(), sink.fileno(), 100, *args) == (-1, 0, 0, 0, b"")
+        source_in.sendall(two)
+        assert twin.pump(source.fileno(), sink.fileno(), 100, *args) == (
+            len(two),
+            len(two),
+            2,
+            4,
+            b"",
+        )
+        assert sink_out.recv(100) == two
+        source_in.sendall(two)
+        assert twin.pump(source.fileno(), -1, 100, *args) == (len(two), len(two), 2, 4, two)
+        ping = build(F(PING, b"p"), False)
+        source_in.sendall(two + ping)
+        assert twin.pump(source.fileno(), sink.fileno(), 100, *args) == (
+            len(two) + len(ping),
+            len(two),
+            2,
+            4,
+            two + ping,
+        )
+        source_in.sendall(two)
+        assert twin.pump(source.fileno(), sink.fileno(), 3, *args) == (3, 0, 0, 0, two[:3])
+        assert twin.pump(source.fileno(), sink.fileno(), 100, *args)[1:] == (0, 0, 0, two[3:])
+        sink_out.close()
+        source_in.sendall(two)
+        assert twin.pump(source.fileno(), sink.fileno(), 100, *args) == (
+            len(two),
+            len(two),
+            2,
+            4,
+            two,
+        )
+        source_in.close()
+        assert twin.pump(source.fileno(), sink.fileno(), 100, *args) == (0, 0, 0, 0, b"")
+
+
+def tcp_pair(buffer: int = 0) -> tuple[socket.socket, socket.socket]:
+    """Two ends of a loopback TCP connection, the second non-blocking; with ``buffer``, both
+    ends' kernel buffers that small (so that a large send is taken only in part)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        near = socket.socket()
+        if buffer:
+            near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
+        near.connect(listener.getsockname())
+        far, _ = listener.accept()
+    if buffer:
+        far.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+    near.setblocking(False)
+    return far, near
+
+
+def test_pump_partial_send(utf8_twin: type[frames.Utf8Check]) -> None:
+    """A sink that takes part of a read of whole messages: the rest is handed back, in order."""
+    twin = utf8_twin()
+    wire = build(binary(bytes(range(256)) * 4), False) * 64  # 64 KiB and a bit
+    source_in, source = socket.socketpair()
+    sink_out, sink = tcp_pair(buffer=4096)
+    with source_in, source, sink, sink_out:
+        source.setblocking(False)
+        source_in.sendall(wire)
+        flags = (False, False, 1 << 63, 1 << 62, False)
+        n, end, count, _, rest = twin.pump(source.fileno(), sink.fileno(), 1 << 20, *flags)
+        assert (n, end, count) == (len(wire), len(wire), 64)
+        assert 0 < len(rest) < n, "a 4 KiB send buffer takes some of 64 KiB, not all of it"
+        sink_out.settimeout(5)
+        arrived = b""
+        while len(arrived) < n - len(rest):
+            arrived += sink_out.recv(1 << 20)
+        assert arrived + rest == wire
 
 
 # -- 4. a valid prefix and one offending frame, any chunking --------------------------------------

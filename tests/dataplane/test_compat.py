@@ -21,7 +21,16 @@ from autobahn.twisted.websocket import WebSocketAdapterProtocol, WebSocketServer
 from autobahn.websocket import protocol as protocol_module
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import base, defer, endpoints, epollreactor, error, protocol, tcp
+from twisted.internet import (
+    base,
+    defer,
+    endpoints,
+    epollreactor,
+    error,
+    posixbase,
+    protocol,
+    tcp,
+)
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -36,11 +45,14 @@ from wsgate.dataplane._compat import (
     dispatch_directly,
     hand_over,
     lazy_debug_arguments,
+    plain_read,
     raise_listen_errors,
     read_more,
+    read_through,
     release_connector,
     release_leg,
     send_data,
+    send_fd,
     unwrap_endpoint,
     write_eagerly,
 )
@@ -275,6 +287,52 @@ class ConnectionReachInTests(FastPathTestCase):
         connection.write(b"late")
         self.assertEqual(connection._tempDataBuffer, [])
 
+    def test_send_fd(self) -> None:
+        """A relay may send straight to a connection's socket only while its eager write would:
+        connected, writing, nothing queued (``_writeDisconnected``: Twisted drops writes after
+        ``loseWriteConnection``)."""
+        connection, peer, _ = _tcp_pair(self)
+        connection.connected = True
+        self.assertEqual(send_fd(connection), -1)  # Twisted's own write
+        write_eagerly(connection)
+        self.assertEqual(send_fd(connection), connection.socket.fileno())
+        connection._writeDisconnected = True
+        self.assertEqual(send_fd(connection), -1)
+        connection.write(b"dropped")
+        connection._writeDisconnected = False
+        connection._tempDataLen, connection._tempDataBuffer = 1, [b"1"]
+        self.assertEqual(send_fd(connection), -1)
+        connection._tempDataLen, connection._tempDataBuffer = 0, []
+        connection.connected = False
+        self.assertEqual(send_fd(connection), -1)
+        self.assertEqual(send_fd(StringTransport()), -1)
+        peer.setblocking(False)
+        self.assertRaises(BlockingIOError, peer.recv, 100)
+
+    def test_read_through(self) -> None:
+        """The reactor reads a connection by calling its ``doRead`` attribute (the epoll
+        reactor's own dispatch and :func:`dispatch_directly`'s): read_through puts the relay's
+        read there, plain_read still reaches Twisted's, release_leg takes it away."""
+        self.assertIn("selectable.doRead()", inspect.getsource(posixbase._PollLikeMixin))
+        connection, peer, collect = _tcp_pair(self)
+        reads: list[str] = []
+        read_through(connection, lambda: reads.append("relay"))
+        connection.doRead()
+        self.assertEqual(reads, ["relay"])
+        peer.sendall(b"abc")
+        self.assertIsNone(plain_read(connection))
+        self.assertEqual(collect.received, [b"abc"])
+        leg: Any = type("Leg", (), {})()
+        leg.transport = connection
+        release_leg(leg)
+        self.assertNotIn("doRead", vars(connection))
+        release_leg(leg)  # twice, and a leg without a transport: nothing to do
+        release_leg(type("Leg", (), {})())
+        # TLS and other transports keep their own read.
+        other: Any = StringTransport()
+        read_through(other, lambda: None)
+        self.assertNotIn("doRead", vars(other))
+
     def test_connector_fields(self) -> None:
         """A client connection keeps its ``connector``; the connector its ``factory`` and
         ``transport``: release_connector cuts the connector's side of the cycle."""
@@ -479,7 +537,9 @@ class FastPathSwitchTests(SynchronousTestCase):
         connection, peer, _ = _tcp_pair(self)
         write_eagerly(connection)
         read_more(connection)
+        read_through(connection, lambda: None)
         self.assertNotIn("write", vars(connection))
+        self.assertNotIn("doRead", vars(connection))
         self.assertEqual(connection.bufferSize, READ_SIZE)
         reactor = epollreactor.EPollReactor()
         self.addCleanup(reactor._poller.close)

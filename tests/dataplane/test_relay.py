@@ -7,7 +7,9 @@ a peer that stops reading is bounded and eventually closed.
 from __future__ import annotations
 
 import dataclasses
+import socket
 import struct
+from collections import deque
 from typing import Any
 
 from autobahn.websocket.compress import (
@@ -15,7 +17,9 @@ from autobahn.websocket.compress import (
     PerMessageDeflateOfferAccept,
     PerMessageDeflateResponseAccept,
 )
+from twisted.internet import tcp
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import (
@@ -27,6 +31,10 @@ from tests.helpers import (
     upgrade_request,
 )
 from wsgate import config as configmod
+from wsgate.core.frames import UTF8_CHECKS, FrameEngine
+from wsgate.dataplane import _compat
+from wsgate.dataplane._compat import CONNECTION_DONE, CONNECTION_LOST, read_through, write_eagerly
+from wsgate.dataplane.relay import Relay
 
 A = "ws://a.test:1"
 MODES = ("message", "tunnel")
@@ -282,3 +290,113 @@ class IdleTests(SynchronousTestCase):
             for _ in range(2):
                 net.advance(5)
             self.assertEqual(client.close, (1001, "idle timeout"), mode)
+
+
+class _Owner:
+    """The session's side of a relay, recorded."""
+
+    def __init__(self) -> None:
+        self.done: list[Relay] = []
+
+    def relay_done(self, relay: Relay) -> None:
+        self.done.append(relay)
+
+    def pong_received(self, relay: Relay) -> None:
+        pass
+
+    def stuck(self, side: str) -> None:
+        pass
+
+
+class _Legs(Protocol):
+    """What a leg does with its connection's bytes once relaying: hands them to the relay."""
+
+    relay: Relay
+
+    def dataReceived(self, data: bytes) -> None:
+        self.relay.dataReceived(data)
+
+
+class ReadTests(SynchronousTestCase):
+    """
+    ``Relay.read``, the source connection's ``doRead`` over plain TCP, on real sockets: whole
+    messages go from one socket to the other in one call, everything else the usual way, in
+    both UTF-8 twins.  A fast path: on here, whatever the environment says.
+    """
+
+    def setUp(self) -> None:
+        self.patch(_compat, "FAST_PATHS", True)
+
+    def relay(self, utf8: type) -> tuple[Relay, socket.socket, socket.socket, _Owner]:
+        pairs = [socket.socketpair() for _ in range(2)]
+        for ours, theirs in pairs:
+            ours.setblocking(False)
+            theirs.settimeout(5)
+            self.addCleanup(ours.close)
+            self.addCleanup(theirs.close)
+        legs = _Legs()
+        source = tcp.Connection(pairs[0][0], legs, MemoryReactorClock())
+        sink = tcp.Connection(pairs[1][0], _Legs(), MemoryReactorClock())
+        source.connected = sink.connected = True
+        write_eagerly(sink)
+        owner = _Owner()
+        clock = [100.0]
+        engine = FrameEngine(True, validate_utf8=True, utf8=utf8)
+        relay = Relay(engine, source, sink, owner, lambda: clock[0])
+        legs.relay = relay
+        read_through(source, relay.read)
+        clock[0] = 200.0
+        return relay, pairs[0][1], pairs[1][1], owner
+
+    def test_whole_messages_straight_through(self) -> None:
+        for utf8 in UTF8_CHECKS:
+            relay, client, backend, owner = self.relay(utf8)
+            source = relay.source
+            self.assertIsNone(source.doRead(), "nothing to read yet")
+            two = frame(1, "é".encode()) + frame(2, b"\0" * 300)
+            client.sendall(two)
+            self.assertIsNone(source.doRead())
+            self.assertEqual(backend.recv(1000), two)
+            self.assertEqual((relay.engine.messages, relay.bytes, relay.last), (2, 302, 200.0))
+            # A ping among messages: the rest of the read goes through the general parser.
+            client.sendall(frame(2, b"a") + frame(9, b"p") + frame(2, b"b"))
+            self.assertIsNone(source.doRead())
+            self.assertEqual(backend.recv(1000), frame(2, b"a") + frame(9, b"p") + frame(2, b"b"))
+            self.assertEqual((relay.engine.messages, relay.engine.controls), (4, 1))
+            # Bad UTF-8 is not passed: the direction fails with 1007, nothing of it forwarded.
+            client.sendall(frame(1, b"ok") + frame(1, b"\xff"))
+            self.assertIsNone(source.doRead())
+            self.assertEqual(backend.recv(1000), frame(1, b"ok"))
+            self.assertEqual(relay.engine.failed, (1007, "invalid UTF-8 in a text message"))
+            self.assertEqual(owner.done, [relay], utf8)
+
+    def test_the_usual_way_when_the_engine_or_relay_asks(self) -> None:
+        for utf8 in UTF8_CHECKS:
+            relay, client, backend, _ = self.relay(utf8)
+            # A message cut by the read: its rest arrives mid-frame, which only receive takes
+            # (the engine forwards what came of it as a fragment of its own).
+            whole = frame(2, b"x" * 200)
+            client.sendall(whole[:50])
+            relay.source.doRead()
+            client.sendall(whole[50:])
+            relay.source.doRead()
+            received = b""
+            while received.count(b"x") < 200:  # in two frames: what came, then the rest
+                received += backend.recv(1000)
+            self.assertEqual(received.count(b"x"), 200)
+            self.assertEqual((relay.engine.messages, relay.bytes), (1, 200))
+            # Pushed messages waiting: Twisted's read, then dataReceived.
+            relay._pushed = deque()
+            client.sendall(frame(2, b"y"))
+            relay.source.doRead()
+            self.assertEqual(backend.recv(1000), frame(2, b"y"))
+            self.assertEqual(relay.engine.messages, 2)
+
+    def test_end_and_errors(self) -> None:
+        for utf8 in UTF8_CHECKS:
+            relay, client, _, _ = self.relay(utf8)
+            client.close()
+            self.assertIs(relay.source.doRead(), CONNECTION_DONE)
+            relay, client, _, _ = self.relay(utf8)
+            relay.source.socket.close()  # a read that fails: EBADF
+            self.assertIs(relay.source.doRead(), CONNECTION_LOST)

@@ -32,8 +32,10 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define UTF8_SIMD 1
@@ -498,40 +500,20 @@ utf8_check_using(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return NULL;
 }
 
-/* scan(data, masked, deflate, limit, quota, check) -> (end, messages, payload bytes): the frame
-   engine's fast path (in FrameEngine.receive; its pure-Python twin is PyUtf8.scan in
-   frames.py): walk the leading run of complete single-frame text and binary messages (fin set, no
-   RSV bit but RSV1 with deflate, masked exactly when `masked`, payload at most `limit` bytes,
-   text valid UTF-8 when `check`), at most `quota` of them, and say where it stopped. */
-static PyObject *
-frames_scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* The walk behind scan() and pump(): the leading run of complete single-frame text and binary
+   messages of p[0:n] (fin set, no RSV bit but RSV1 with deflate, masked exactly when `masked`,
+   payload at most `limit` bytes, text valid UTF-8 when `check`), at most `quota` of them.
+   Returns where the run ends; adds its messages and payload bytes to *count and *total. */
+static Py_ssize_t
+walk(const unsigned char *p, Py_ssize_t n, int masked, int deflate, unsigned long long limit,
+     Py_ssize_t quota, int check, Py_ssize_t *count, long long *total)
 {
-    Py_buffer data;
-    const unsigned char *p;
-    unsigned long long limit, length;
-    Py_ssize_t n, i = 0, quota, count = 0, start, key;
-    long long total = 0;
-    int masked, deflate, check;
+    unsigned long long length;
+    Py_ssize_t i = 0, start, key = masked ? 4 : 0;
     unsigned char b0, b1;
     const struct path *path = &paths[n_usable - 1];
 
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "scan(data, masked, deflate, limit, quota, check)");
-        return NULL;
-    }
-    masked = PyObject_IsTrue(args[1]);
-    deflate = PyObject_IsTrue(args[2]);
-    limit = PyLong_AsUnsignedLongLong(args[3]);
-    quota = PyLong_AsSsize_t(args[4]);
-    check = PyObject_IsTrue(args[5]);
-    if (masked < 0 || deflate < 0 || check < 0 || PyErr_Occurred())
-        return NULL;
-    if (PyObject_GetBuffer(args[0], &data, PyBUF_SIMPLE) < 0)
-        return NULL;
-    p = data.buf;
-    n = data.len;
-    key = masked ? 4 : 0;
-    while (n - i >= 2 && count < quota) {
+    while (n - i >= 2 && *count < quota) {
         b0 = p[i];
         b1 = p[i + 1];
         if (!(b0 == 0x81 || b0 == 0x82 || (deflate && (b0 == 0xC1 || b0 == 0xC2))))
@@ -559,12 +541,119 @@ frames_scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             check_bytes(p + start + key, (Py_ssize_t)length, masked ? p + start : NULL, 0, ACCEPT,
                         path) != ACCEPT)
             break;
-        count++;
-        total += (long long)length;
+        (*count)++;
+        *total += (long long)length;
         i = start + key + (Py_ssize_t)length;
     }
+    return i;
+}
+
+/* The flags scan() and pump() share, after their first arguments: masked, deflate, limit, quota,
+   check.  Returns -1 with an exception set. */
+static int
+walk_flags(PyObject *const *args, int *masked, int *deflate, unsigned long long *limit,
+           Py_ssize_t *quota, int *check)
+{
+    *masked = PyObject_IsTrue(args[0]);
+    *deflate = PyObject_IsTrue(args[1]);
+    *limit = PyLong_AsUnsignedLongLong(args[2]);
+    *quota = PyLong_AsSsize_t(args[3]);
+    *check = PyObject_IsTrue(args[4]);
+    if (*masked < 0 || *deflate < 0 || *check < 0 || PyErr_Occurred())
+        return -1;
+    return 0;
+}
+
+/* scan(data, masked, deflate, limit, quota, check) -> (end, messages, payload bytes): the frame
+   engine's fast path (in FrameEngine.receive; its pure-Python twin is PyUtf8.scan in
+   frames.py): walk()'s run over data, and where it stopped. */
+static PyObject *
+frames_scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer data;
+    unsigned long long limit;
+    Py_ssize_t i, quota, count = 0;
+    long long total = 0;
+    int masked, deflate, check;
+
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "scan(data, masked, deflate, limit, quota, check)");
+        return NULL;
+    }
+    if (walk_flags(args + 1, &masked, &deflate, &limit, &quota, &check) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[0], &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    i = walk(data.buf, data.len, masked, deflate, limit, quota, check, &count, &total);
     PyBuffer_Release(&data);
     return Py_BuildValue("(nnL)", i, count, total);
+}
+
+/* pump()'s buffer: reads land here, and only what the sink did not take becomes a bytes object.
+   The GIL is held from the read to the copy (both calls are non-blocking), so one buffer
+   serves every thread. */
+static unsigned char *pump_buffer;
+static Py_ssize_t pump_capacity;
+
+/* pump(source, sink, size, masked, deflate, limit, quota, check)
+       -> (read, end, messages, payload bytes, rest): the frame engine's fast path with its I/O
+   (FrameEngine.pump; its pure-Python twin is PyUtf8.pump in frames.py).  Reads at most `size`
+   bytes from the socket `source` (read: -1 when nothing is there, 0 at its end), walks them as
+   scan() does and, when the read is whole messages only and `sink` is a socket (not -1), sends
+   them to it at once.  `rest` is what is left for the caller: the bytes the sink did not take, or
+   the whole read when the walk stopped short of its end (`end` < `read`).  A failed read raises
+   OSError; a failed send sends nothing (the caller's queued write meets the error again). */
+static PyObject *
+frames_pump(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    int source, sink, masked, deflate, check;
+    Py_ssize_t size, n, i, quota, count = 0, sent = 0;
+    unsigned long long limit;
+    long long total = 0;
+    PyObject *rest;
+
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError,
+                        "pump(source, sink, size, masked, deflate, limit, quota, check)");
+        return NULL;
+    }
+    source = (int)PyLong_AsLong(args[0]);
+    sink = (int)PyLong_AsLong(args[1]);
+    size = PyLong_AsSsize_t(args[2]);
+    if (PyErr_Occurred() || walk_flags(args + 3, &masked, &deflate, &limit, &quota, &check) < 0)
+        return NULL;
+    if (size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "size must be positive");
+        return NULL;
+    }
+    if (size > pump_capacity) {
+        unsigned char *grown = PyMem_Realloc(pump_buffer, (size_t)size);
+        if (grown == NULL)
+            return PyErr_NoMemory();
+        pump_buffer = grown;
+        pump_capacity = size;
+    }
+    do
+        n = recv(source, pump_buffer, (size_t)size, 0);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return Py_BuildValue("(nnnLy#)", (Py_ssize_t)-1, (Py_ssize_t)0, (Py_ssize_t)0,
+                                 (long long)0, "", (Py_ssize_t)0);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    i = walk(pump_buffer, n, masked, deflate, limit, quota, check, &count, &total);
+    if (i == n && n > 0 && sink >= 0) {
+        do
+            sent = send(sink, pump_buffer, (size_t)n, MSG_NOSIGNAL);
+        while (sent < 0 && errno == EINTR);
+        if (sent < 0)
+            sent = 0;
+    }
+    rest = PyBytes_FromStringAndSize((const char *)pump_buffer + sent, n - sent);
+    if (rest == NULL)
+        return NULL;
+    return Py_BuildValue("(nnnLN)", n, i, count, total, rest);
 }
 
 static PyMethodDef methods[] = {
@@ -577,6 +666,9 @@ static PyMethodDef methods[] = {
     {"scan", (PyCFunction)(void (*)(void))frames_scan, METH_FASTCALL,
      "scan(data, masked, deflate, limit, quota, check) -> (end, messages, payload bytes): the "
      "frame engine's run of whole single-frame messages at the start of data."},
+    {"pump", (PyCFunction)(void (*)(void))frames_pump, METH_FASTCALL,
+     "pump(source, sink, size, masked, deflate, limit, quota, check) -> (read, end, messages, "
+     "payload bytes, rest): read from the socket source, scan, send whole messages to sink."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -185,6 +185,27 @@ class Utf8Check(Protocol):
         Return where the run ends, its messages and their payload bytes.
         """
 
+    def pump(
+        self,
+        source: int,
+        sink: int,
+        size: int,
+        masked: bool,
+        deflate: bool,
+        limit: int,
+        quota: int,
+        check: bool,
+    ) -> tuple[int, int, int, int, bytes]:
+        """
+        Read at most ``size`` bytes from the socket ``source``, walk them as :meth:`scan` does
+        and, when they are whole messages only and ``sink`` is a socket (not -1), send them to it
+        at once.  Return what was read (-1: nothing was there; 0: the stream's end), where the
+        walk ended, its messages and payload bytes, and what is left for the caller: the bytes
+        the sink did not take, or the whole read when the walk stopped short of its end.  A
+        failed read raises :class:`OSError`; a failed send sends nothing (the caller's queued
+        write meets the error again).
+        """
+
     def whole(self, data: bytes, start: int, end: int, key: bytes | None) -> bool:
         """Whether ``data[start:end]`` (unmasked with ``key``) is a whole valid text."""
 
@@ -243,6 +264,31 @@ class PyUtf8:
             i = end
         return i, count, total
 
+    def pump(
+        self,
+        source: int,
+        sink: int,
+        size: int,
+        masked: bool,
+        deflate: bool,
+        limit: int,
+        quota: int,
+        check: bool,
+    ) -> tuple[int, int, int, int, bytes]:
+        try:
+            data = os.read(source, size)  # a socket's read(2) is its recv(2) without flags
+        except BlockingIOError:
+            return -1, 0, 0, 0, b""
+        n = len(data)
+        i, count, total = self.scan(data, masked, deflate, limit, quota, check)
+        sent = 0
+        if i == n and n and sink >= 0:
+            try:
+                sent = os.write(sink, data)
+            except OSError:
+                sent = 0
+        return n, i, count, total, data[sent:]
+
     def whole(self, data: bytes, start: int, end: int, key: bytes | None) -> bool:
         text = data[start:end] if key is None else xor_mask(data[start:end], key)
         if text.isascii():
@@ -289,6 +335,19 @@ class CUtf8:
         self, data: bytes, masked: bool, deflate: bool, limit: int, quota: int, check: bool
     ) -> tuple[int, int, int]:
         return _utf8.scan(data, masked, deflate, limit, quota, check)  # type: ignore[no-any-return]
+
+    def pump(
+        self,
+        source: int,
+        sink: int,
+        size: int,
+        masked: bool,
+        deflate: bool,
+        limit: int,
+        quota: int,
+        check: bool,
+    ) -> tuple[int, int, int, int, bytes]:
+        return _utf8.pump(source, sink, size, masked, deflate, limit, quota, check)  # type: ignore[no-any-return]
 
     def whole(self, data: bytes, start: int, end: int, key: bytes | None) -> bool:
         return _utf8.check(data, start, end, key, 0, 0) == 0  # type: ignore[no-any-return]
@@ -406,13 +465,8 @@ class FrameEngine:
         self.held = False
         if self._head:
             data, self._head = self._head + data, b""
-        n = len(data)
         i = 0
-        if (
-            not (self._remaining or self._in_message or self.tap is not None)
-            and self._control is None  # not inside a control frame cut by the last read
-            and self.sink_open
-        ):
+        if self._between_messages():
             # The fast path: the leading run of complete single-frame text and binary messages
             # within the limits (text checked when the mode asks), walked by the UTF-8 twin
             # (in C with the C twin) and counted; the general parser takes over where it ends.
@@ -420,11 +474,56 @@ class FrameEngine:
                 data, self.from_client, self.deflate, self._limit, self.quota, self.validate_utf8
             )
             if count:
-                self.messages += count
-                self.bytes += total
-                self.quota -= count
-            if i == n:
+                self._count(count, total)
+            if i == len(data):
                 return data  # the common case: whole messages only, nothing to copy or change
+        return self._parse(data, i)
+
+    def pump(self, source: int, sink: int, size: int) -> tuple[int, bytes] | None:
+        """
+        :meth:`receive` with its I/O, for a driver reading one socket and writing another:
+        read at most ``size`` bytes from the socket ``source`` and, when they are whole messages
+        only (the fast path's), send them to the socket ``sink`` (-1: none may be written to
+        directly) without a copy.  Returns what was read (-1: nothing was there; 0: the stream's
+        end) and what the driver still writes to the sink; None, reading nothing, when the
+        engine is not between messages (the driver then reads and calls :meth:`receive`).  A
+        failed read raises :class:`OSError`.
+        """
+        if self.done or self._head or not self._between_messages():
+            return None
+        n, i, count, total, rest = self._utf8.pump(
+            source,
+            sink,
+            size,
+            self.from_client,
+            self.deflate,
+            self._limit,
+            self.quota,
+            self.validate_utf8,
+        )
+        if count:
+            self._count(count, total)
+        if i < n:
+            return n, self._parse(rest, i)  # nothing was sent: rest is the whole read
+        return n, rest
+
+    def _between_messages(self) -> bool:
+        """Whether the next byte starts a frame of a new message, which the fast path may take."""
+        return (
+            not (self._remaining or self._in_message or self.tap is not None)
+            and self._control is None  # not inside a control frame cut by the last read
+            and self.sink_open
+        )
+
+    def _count(self, messages: int, size: int) -> None:
+        self.messages += messages
+        self.bytes += size
+        self.quota -= messages
+
+    def _parse(self, data: bytes, i: int) -> bytes:
+        """The general parser, from ``data[i]``: what goes to the sink of ``data`` (``data[:i]``,
+        whole messages the fast path counted, included)."""
+        n = len(data)
         view = memoryview(data)
         out: list[_Piece] = [view[:i]] if i else []
         while i < n and not self.done:

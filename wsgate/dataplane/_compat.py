@@ -6,13 +6,13 @@ This module must not hold policy: it only adapts a library object, and says what
 Every reach-in of the package is here.
 
 Some of them only make the gate faster: the *fast paths* (:func:`lazy_debug_arguments`,
-:func:`dispatch_directly`, :func:`read_more`, :func:`write_eagerly`, :func:`send_data`,
-:func:`autobahn_receive`, :func:`unwrap_endpoint`).  ``WSGATE_FAST_PATHS=0`` in the gate's
-environment switches them off, so the gate runs on Twisted's and Autobahn's own code paths, slower
-and otherwise the same: a way to tell whether a fault seen after upgrading either library comes
-from one of them.  The in-memory test suite runs both ways (``scripts/test.sh``).  The rest are
-needed either way (the legs' hand-over to the relay, and the cycles cut when a session ends), only
-save memory, or only change what is logged.
+:func:`dispatch_directly`, :func:`read_more`, :func:`write_eagerly`, :func:`read_through`,
+:func:`send_data`, :func:`autobahn_receive`, :func:`unwrap_endpoint`).  ``WSGATE_FAST_PATHS=0``
+in the gate's environment switches them off, so the gate runs on Twisted's and Autobahn's own code
+paths, slower and otherwise the same: a way to tell whether a fault seen after upgrading either
+library comes from one of them.  The in-memory test suite runs both ways (``scripts/test.sh``).
+The rest are needed either way (the legs' hand-over to the relay, and the cycles cut when a
+session ends), only save memory, or only change what is logged.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import errno
 import functools
 import os
 import pprint
+from collections.abc import Callable
 from typing import Any
 
 from autobahn import util as autobahn_util
@@ -29,7 +30,7 @@ from autobahn.twisted.websocket import WebSocketAdapterProtocol
 from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.protocol import WebSocketProtocol, WebSocketServerProtocol
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import endpoints, tcp
+from twisted.internet import endpoints, main, tcp
 from twisted.internet.epollreactor import EPOLLIN, EPollReactor
 from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.python import log as legacy_log
@@ -39,6 +40,8 @@ __all__ = [
     "AUTOBAHN_CLIENT_STATE",
     "AUTOBAHN_SERVER_STATE",
     "AUTOBAHN_STATE",
+    "CONNECTION_DONE",
+    "CONNECTION_LOST",
     "FAST_PATHS",
     "READ_SIZE",
     "adopt_port",
@@ -47,12 +50,15 @@ __all__ = [
     "hand_over",
     "lazy_debug_arguments",
     "no_open_close_futures",
+    "plain_read",
     "quiet_pool",
     "raise_listen_errors",
     "read_more",
+    "read_through",
     "release_connector",
     "release_leg",
     "send_data",
+    "send_fd",
     "unwrap_endpoint",
     "write_eagerly",
 ]
@@ -279,7 +285,7 @@ class _EagerWrite(tcp.Connection):
     __slots__ = ()
 
     def write(self, data: bytes) -> None:
-        if not self.connected or self._tempDataLen or self.offset != len(self.dataBuffer):
+        if not self._idle():
             # Gone (its socket too: Twisted drops nothing silently there), or queued bytes to
             # keep the order behind: Twisted's own write.
             super().write(data)
@@ -290,6 +296,26 @@ class _EagerWrite(tcp.Connection):
             sent = 0  # EAGAIN, or an error the queued write will report as connection loss
         if sent < len(data):
             super().write(data[sent:])
+
+    def _idle(self) -> bool:
+        """Whether bytes may go to the socket at once: connected, writing, nothing queued."""
+        return bool(
+            self.connected
+            and not self._writeDisconnected
+            and not self._tempDataLen
+            and self.offset == len(self.dataBuffer)
+        )
+
+
+def send_fd(transport: Any) -> int:
+    """
+    The socket a relay may send to directly, bypassing ``transport.write`` (:meth:`Relay.read`):
+    a TCP transport with :func:`write_eagerly`'s ``write``, as long as that would send at once;
+    -1 otherwise.
+    """
+    if isinstance(transport, _EagerWrite) and transport._idle():
+        return transport.socket.fileno()  # type: ignore[no-any-return]
+    return -1
 
 
 _EAGER_CLASSES: dict[type, type] = {}
@@ -324,6 +350,27 @@ def write_eagerly(transport: Any) -> None:
     if eager is None:
         eager = _EAGER_CLASSES[cls] = type(cls.__name__, (_EagerWrite, cls), {"__slots__": ()})
     transport.__class__ = eager
+
+
+CONNECTION_DONE = main.CONNECTION_DONE
+CONNECTION_LOST = main.CONNECTION_LOST
+
+
+def plain_read(transport: Any) -> BaseException | None:
+    """Twisted's own ``doRead`` of ``transport``, whatever :func:`read_through` put in its place."""
+    return type(transport).doRead(transport)  # type: ignore[no-any-return]
+
+
+def read_through(transport: Any, read: Callable[[], BaseException | None]) -> None:
+    """
+    Make ``read`` (a relay's :meth:`~wsgate.dataplane.relay.Relay.read`) the ``doRead`` of a
+    plain TCP transport, which the reactor calls when the socket is readable: an instance
+    attribute, found before the class's method, removed by :func:`release_leg`.  Relies on the
+    reactor calling ``doRead`` by attribute and on ``doRead``'s return value (None, or the reason
+    the connection is over).  TLS and other transports keep reading the usual way.
+    """
+    if FAST_PATHS and isinstance(transport, tcp.Connection):
+        transport.doRead = read  # type: ignore[method-assign, assignment]
 
 
 def unwrap_endpoint(transport: Any, leg: Any) -> None:
@@ -406,9 +453,11 @@ def hand_over(leg: Any, receive: Any) -> None:
 
 def release_leg(leg: Any) -> None:
     """
-    Break the cycle a finished leg is in: the relay's bound method (:func:`hand_over`).
+    Break the cycles a finished leg is in: the relay's bound methods (:func:`hand_over`,
+    :func:`read_through`).
     """
     leg.__dict__.pop("dataReceived", None)
+    getattr(getattr(leg, "transport", None), "__dict__", {}).pop("doRead", None)
 
 
 def release_connector(transport: Any) -> None:

@@ -3,8 +3,9 @@ One direction of an open session: a :class:`Relay` feeds the source leg's bytes 
 engine and writes what it returns to the sink leg; a :class:`ReadThrottle` pauses reading on one
 leg while the other's send buffer is full.
 
-Owns the hot path of the data plane (every relayed byte goes through ``Relay.dataReceived``) and
-the gate's own frames toward a peer (Close, Ping, pushed messages), written at frame boundaries.
+Owns the hot path of the data plane (every relayed byte goes through ``Relay.read`` or
+``Relay.dataReceived``) and the gate's own frames toward a peer (Close, Ping, pushed messages),
+written at frame boundaries.
 Must not decide how a session closes: it reports to its :class:`RelayOwner` (the session), which
 does.
 """
@@ -21,7 +22,14 @@ from zope.interface import implementer
 from wsgate.core.frames import PING, FrameEngine, close_frame, control_frame, message_frame
 from wsgate.core.limits import MessageRate
 from wsgate.core.session import Side
-from wsgate.dataplane._compat import READ_SIZE, read_more
+from wsgate.dataplane._compat import (
+    CONNECTION_DONE,
+    CONNECTION_LOST,
+    READ_SIZE,
+    plain_read,
+    read_more,
+    send_fd,
+)
 
 __all__ = ["PUSH_QUEUE", "PUSH_QUEUE_BYTES", "ReadThrottle", "Relay", "RelayOwner"]
 
@@ -192,6 +200,42 @@ class Relay:
             self.sink.write(out)
         if self._pushed is not None and not engine.in_message:
             self._write_pushed()
+        self._settle(messages, controls, spent)
+
+    def read(self) -> BaseException | None:
+        """
+        The source transport's ``doRead`` while relaying over plain TCP (:func:`read_through`):
+        between messages, the engine reads the socket and sends whole messages on to the sink's
+        socket itself, in C with the C twin (one call a read, nothing copied); otherwise, and
+        with a rate limit or pushed messages waiting, Twisted's own read, which calls
+        :meth:`dataReceived`.  Returns what ``doRead`` returns: None, or why the connection is
+        over.
+        """
+        source = self.source
+        if self.rate is None and self._pushed is None:
+            engine = self.engine
+            messages, controls = engine.messages, engine.controls
+            try:
+                got = engine.pump(source.fileno(), send_fd(self.sink), source.bufferSize)
+            except OSError:
+                return CONNECTION_LOST
+            if got is not None:
+                n, out = got
+                if n <= 0:
+                    return None if n else CONNECTION_DONE
+                if out:
+                    self.sink.write(out)
+                if n == READ_SIZE:
+                    read_more(source)
+                self._settle(messages, controls, engine.bytes)
+                return None
+        return plain_read(source)
+
+    def _settle(self, messages: int, controls: int, spent: int) -> None:
+        """After a read: what the engine's counters and state changed from ``messages`` and
+        ``controls`` (and ``spent`` payload bytes) ask of the relay and the session."""
+        engine = self.engine
+        rate = self.rate
         count = engine.messages - messages + engine.controls - controls
         if count:
             if engine.messages != messages:  # idle means no message: pings do not count

@@ -78,6 +78,7 @@ from wsgate.core.session import (
 from wsgate.core.upstream import Server
 from wsgate.dataplane._compat import (
     hand_over,
+    read_through,
     release_connector,
     release_leg,
     unwrap_endpoint,
@@ -469,6 +470,7 @@ class Session:
         unwrap_endpoint(backend.transport, backend)
         for leg, relay in ((client, up), (backend, down)):
             hand_over(leg, relay.dataReceived)
+            read_through(relay.source, relay.read)
         cast(Any, backend).http_headers = None  # the backend's parsed response headers
         self.gateway.handshake_result("ok")
         self.gateway.session_opened(self)
