@@ -331,23 +331,9 @@ class CUtf8:
     def __init__(self) -> None:
         self._state = 0  # 0: between characters; 8: invalid; else inside a character
 
-    def scan(
-        self, data: bytes, masked: bool, deflate: bool, limit: int, quota: int, check: bool
-    ) -> tuple[int, int, int]:
-        return _utf8.scan(data, masked, deflate, limit, quota, check)  # type: ignore[no-any-return]
-
-    def pump(
-        self,
-        source: int,
-        sink: int,
-        size: int,
-        masked: bool,
-        deflate: bool,
-        limit: int,
-        quota: int,
-        check: bool,
-    ) -> tuple[int, int, int, int, bytes]:
-        return _utf8.pump(source, sink, size, masked, deflate, limit, quota, check)  # type: ignore[no-any-return]
+    if _utf8 is not None:  # the walks are the C functions themselves: no Python call before them
+        scan = staticmethod(_utf8.scan)
+        pump = staticmethod(_utf8.pump)
 
     def whole(self, data: bytes, start: int, end: int, key: bytes | None) -> bool:
         return _utf8.check(data, start, end, key, 0, 0) == 0  # type: ignore[no-any-return]
@@ -474,7 +460,9 @@ class FrameEngine:
                 data, self.from_client, self.deflate, self._limit, self.quota, self.validate_utf8
             )
             if count:
-                self._count(count, total)
+                self.messages += count
+                self.bytes += total
+                self.quota -= count
             if i == len(data):
                 return data  # the common case: whole messages only, nothing to copy or change
         return self._parse(data, i)
@@ -502,7 +490,9 @@ class FrameEngine:
             self.validate_utf8,
         )
         if count:
-            self._count(count, total)
+            self.messages += count
+            self.bytes += total
+            self.quota -= count
         if i < n:
             return n, self._parse(rest, i)  # nothing was sent: rest is the whole read
         return n, rest
@@ -514,11 +504,6 @@ class FrameEngine:
             and self._control is None  # not inside a control frame cut by the last read
             and self.sink_open
         )
-
-    def _count(self, messages: int, size: int) -> None:
-        self.messages += messages
-        self.bytes += size
-        self.quota -= messages
 
     def _parse(self, data: bytes, i: int) -> bytes:
         """The general parser, from ``data[i]``: what goes to the sink of ``data`` (``data[:i]``,

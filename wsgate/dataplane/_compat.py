@@ -285,7 +285,7 @@ class _EagerWrite(tcp.Connection):
     __slots__ = ()
 
     def write(self, data: bytes) -> None:
-        if not self._idle():
+        if send_fd(self) < 0:
             # Gone (its socket too: Twisted drops nothing silently there), or queued bytes to
             # keep the order behind: Twisted's own write.
             super().write(data)
@@ -297,23 +297,21 @@ class _EagerWrite(tcp.Connection):
         if sent < len(data):
             super().write(data[sent:])
 
-    def _idle(self) -> bool:
-        """Whether bytes may go to the socket at once: connected, writing, nothing queued."""
-        return bool(
-            self.connected
-            and not self._writeDisconnected
-            and not self._tempDataLen
-            and self.offset == len(self.dataBuffer)
-        )
-
 
 def send_fd(transport: Any) -> int:
     """
-    The socket a relay may send to directly, bypassing ``transport.write`` (:meth:`Relay.read`):
-    a TCP transport with :func:`write_eagerly`'s ``write``, as long as that would send at once;
-    -1 otherwise.
+    The socket bytes may go to at once, bypassing Twisted's queue (:class:`_EagerWrite`'s
+    ``write``, :meth:`Relay.read`): a TCP transport with :func:`write_eagerly`'s ``write`` that is
+    connected, still writing (Twisted drops writes after ``loseWriteConnection``) and has nothing
+    queued; -1 otherwise.
     """
-    if isinstance(transport, _EagerWrite) and transport._idle():
+    if (
+        isinstance(transport, _EagerWrite)
+        and transport.connected
+        and not transport._writeDisconnected
+        and not transport._tempDataLen
+        and transport.offset == len(transport.dataBuffer)
+    ):
         return transport.socket.fileno()  # type: ignore[no-any-return]
     return -1
 
