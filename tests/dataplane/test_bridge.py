@@ -11,7 +11,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import BackendFactory, Network, make_config, upgrade_request
-from wsgate.dataplane.bridge import Session, partner_close
+from wsgate.dataplane.bridge import ClientLeg, Session, partner_close
 from wsgate.dataplane.relay import ReadThrottle as _ReadThrottle
 
 A = "ws://a.test:1"
@@ -390,3 +390,18 @@ class TLSReasonTests(SynchronousTestCase):
             _tls_reason(SSL.SysCallError(-1, "Unexpected EOF")), "(-1, 'Unexpected EOF')"
         )
         self.assertEqual(_tls_reason(SSL.Error()), "Error")
+
+
+class QuietLogTests(SynchronousTestCase):
+    def test_only_errors_reach_the_log(self) -> None:
+        """Autobahn's log calls on a leg: below error nothing is logged (nor formatted), errors
+        are, and a name Autobahn may add later is ignored rather than raising."""
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        log = ClientLeg.log
+        for level in ("trace", "debug", "info", "warn", "emit_later"):
+            getattr(log, level)("{x} happened", x=object())
+        self.assertEqual(events, [])
+        log.error("{x} failed", x="handshake")
+        self.assertEqual([e["log_format"] for e in events], ["{x} failed"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from ipaddress import IPv4Network, IPv6Network
 from urllib.parse import urlsplit
 
@@ -149,11 +150,12 @@ class ServerSpec:
     def secure(self) -> bool:
         return self.url.startswith("wss://")
 
-    @property
+    # Read for every backend connection: the URL is parsed once.
+    @cached_property
     def host(self) -> str:
         return urlsplit(self.url).hostname or ""
 
-    @property
+    @cached_property
     def port(self) -> int:
         parts = urlsplit(self.url)
         return parts.port or (443 if parts.scheme == "wss" else 80)

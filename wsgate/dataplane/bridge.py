@@ -180,12 +180,20 @@ def _cancel_handshake_timer(leg: Any) -> None:
         timer.cancel()
 
 
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    pass
+
+
 class _QuietLog:
     """
     The legs' Autobahn log: only errors pass.  Autobahn logs every failed handshake and failed
     connection at info/warn level, which a flood of bad clients would turn into a flood of log
-    lines; wsgate logs those events itself, rate limited (``Gateway.warnings``).
+    lines; wsgate logs those events itself, rate limited (``Gateway.warnings``).  The levels
+    below error are attributes of the class (Autobahn calls them about 20 times a handshake); any
+    other name is ignored too.
     """
+
+    trace = debug = info = warn = staticmethod(_ignore)
 
     def __init__(self) -> None:
         self._log = txaio.make_logger()  # type: ignore[attr-defined]
@@ -194,10 +202,6 @@ class _QuietLog:
         if level in ("error", "critical", "failure"):
             return getattr(self._log, level)
         return _ignore
-
-
-def _ignore(*args: Any, **kwargs: Any) -> None:
-    pass
 
 
 def _tls_reason(error: SSL.Error) -> str:
