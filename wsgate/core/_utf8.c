@@ -29,6 +29,11 @@
  * scan(data, masked, deflate, limit, quota, check) -> (end, messages, payload bytes) is the
  * engine's fast path, which calls check()'s machinery on whole text messages: the walk over the
  * leading run of whole single-frame messages of a read (PyUtf8.scan is its twin).
+ *
+ * pump(source, sink, size, masked, deflate, limit, quota, check) is that walk with its I/O: a
+ * non-blocking read of the socket `source` into one reused buffer, the walk there, and a send of
+ * the read to the socket `sink` when it is whole messages; only what is left for the caller
+ * becomes a bytes object (PyUtf8.pump is its twin).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

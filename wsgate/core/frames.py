@@ -75,7 +75,11 @@ fails as early as an endpoint fails it.
 The same twins walk the engine's fast path (:meth:`Utf8Check.scan`): the leading run of whole
 single-frame messages of a read, which is what an open session's reads nearly always are.  In C
 that walk costs 0.4 us for a read of four 1 KiB messages against 1.7 us in Python; the tests
-check that both stop at the same byte with the same counts.
+check that both stop at the same byte with the same counts.  A driver that reads one socket and
+writes another can let the engine do both (:meth:`FrameEngine.pump`, :meth:`Utf8Check.pump`):
+in C the read lands in one reused buffer, is walked there and sent on when it is whole messages,
+and only what is left becomes a bytes object; the pure-Python twin does the same with
+``os.read`` and ``os.write``.
 Compressed (RSV1) text is not inflated: validating it would cost each session two zlib streams
 with their 32 KiB windows (context takeover), several times what a whole session costs today; the
 endpoints inflate it and check it themselves.
