@@ -263,7 +263,7 @@ class ConnectionReachInTests(FastPathTestCase):
         them, in order."""
         connection, peer, _ = _tcp_pair(self)
         connection.connected = True
-        for name in ("_tempDataLen", "offset", "dataBuffer", "socket"):
+        for name in ("_tempDataLen", "offset", "dataBuffer", "socket", "_writeDisconnected"):
             self.assertTrue(hasattr(connection, name), name)
         write_eagerly(connection)
         connection.write(b"now")

@@ -227,7 +227,7 @@ class Relay:
                     self.sink.write(out)
                 if n == READ_SIZE:
                     read_more(source)
-                self._settle(messages, controls, engine.bytes)
+                self._settle(messages, controls, engine.bytes)  # no rate: bytes spent unused
                 return None
         return plain_read(source)
 
