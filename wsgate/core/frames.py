@@ -455,7 +455,6 @@ class FrameEngine:
         self.held = False
         if self._head:
             data, self._head = self._head + data, b""
-        i = 0
         if self._between_messages():
             # The fast path: the leading run of complete single-frame text and binary messages
             # within the limits (text checked when the mode asks), walked by the UTF-8 twin
@@ -463,13 +462,8 @@ class FrameEngine:
             i, count, total = self._utf8.scan(
                 data, self.from_client, self.deflate, self._limit, self.quota, self.validate_utf8
             )
-            if count:
-                self.messages += count
-                self.bytes += total
-                self.quota -= count
-            if i == len(data):
-                return data  # the common case: whole messages only, nothing to copy or change
-        return self._parse(data, i)
+            return self._walked(data, i, len(data), count, total)
+        return self._parse(data, 0)
 
     def pump(self, source: int, sink: int, size: int) -> tuple[int, bytes] | None:
         """
@@ -493,13 +487,23 @@ class FrameEngine:
             self.quota,
             self.validate_utf8,
         )
+        if n <= 0:  # nothing to read, or the stream's end
+            return n, b""
+        return n, self._walked(rest, i, n, count, total)
+
+    def _walked(self, data: bytes, i: int, n: int, count: int, total: int) -> bytes:
+        """
+        After the fast path's walk over a read of ``n`` bytes: count its ``count`` messages of
+        ``total`` payload bytes, and return what goes to the sink: ``data`` itself when the walk
+        reached the end (the common case: whole messages only, nothing to copy or change; for
+        :meth:`pump`, what the sink did not take of them), else ``data`` (then the whole read)
+        through the general parser from ``i``.
+        """
         if count:
             self.messages += count
             self.bytes += total
             self.quota -= count
-        if i < n:
-            return n, self._parse(rest, i)  # nothing was sent: rest is the whole read
-        return n, rest
+        return data if i == n else self._parse(data, i)
 
     def _between_messages(self) -> bool:
         """Whether the next byte starts a frame of a new message, which the fast path may take."""

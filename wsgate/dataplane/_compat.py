@@ -331,10 +331,9 @@ def write_eagerly(transport: Any) -> None:
     it.  Both modes write once per read now (the frame engine's output), so both use it.  Each
     leg takes it in ``connectionMade``, so that the handshake's writes (the upgrade request, the
     101) go at once too: 14 -> 10 ``epoll_ctl`` calls per session (``perf stat`` of the gate
-    over 5,000 handshakes).  The
-    transport's class becomes a subclass of its own with :class:`_EagerWrite`'s ``write`` (one
-    per class, made once), so that a held connection carries nothing more (a closure per
-    transport cost 216 bytes and a reference cycle).  Relies on FileDescriptor's ``connected`` and
+    over 5,000 handshakes).  The transport's class becomes a subclass of its own with
+    :class:`_EagerWrite`'s ``write`` (one per class, made once), so that a held connection
+    carries nothing more (a closure per transport cost 216 bytes and a reference cycle).  Relies on FileDescriptor's ``connected`` and
     queue (``_tempDataLen``, ``offset``, ``dataBuffer``), on ``socket`` while connected (Twisted
     deletes it when the connection is lost), and on a Twisted connection class taking a subclass
     of itself as its ``__class__``.
